@@ -1,0 +1,13 @@
+"""tritonbn: Apache MXNet's BatchNorm operator as Triton kernels on torch tensors.
+
+Public API: ``batch_norm`` (SPEC.md), ``trace`` (which path ran, which kernels launched),
+``KernelConfig``.  Importing tritonbn needs neither a GPU nor Triton; the kernels are imported
+on first use.
+"""
+
+from . import trace
+from .autotune import KernelConfig
+from .ops import batch_norm
+
+__all__ = ["batch_norm", "trace", "KernelConfig"]
+__version__ = "0.1.0"

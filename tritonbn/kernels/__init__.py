@@ -1,0 +1,14 @@
+"""@triton.jit code only, one module per phase.
+
+- ``stats``: training statistics partials + finalize (mean, invstd, moving-stat update)
+- ``elementwise``: normalisation (forward, inference) and dx
+- ``backward``: S/D partials + finalize (dgamma, dbeta, dx coefficients)
+- ``common``: helpers shared by the phases (Welford, Chan merge, offsets)
+
+Whether these are compiled kernels or interpreted ones is decided when this package is first
+imported (Triton reads TRITON_INTERPRET then).
+"""
+
+from . import backward, elementwise, stats
+
+__all__ = ["stats", "elementwise", "backward"]

@@ -1,0 +1,143 @@
+"""Backward reductions: per-channel S = sum(dy) and D = sum((x - mean) * dy), then a finalize.
+
+Phase 1 (``*_backward_reduce_kernel``): partial S and D of one split, like the statistics
+kernels (same split geometry), into ``partial[2, C, P]``.
+Phase 2 (``finalize_backward_kernel``): sums each channel's partials in a fixed order, writes
+dgamma = D * invstd (0 with fix_gamma), dbeta = S, and the dx coefficients of the elementwise
+kernel (see ``elementwise.py``):
+
+    batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * D * invstd^2 / m)
+    moving statistics: dx = g*invstd * dy
+"""
+
+import triton
+import triton.language as tl
+
+from .common import channel_major_offsets, channel_minor_offsets, scalar_offset
+
+
+@triton.jit
+def channel_major_backward_reduce_kernel(
+    x_ptr, dy_ptr,  # (outer, C, inner) views
+    mean_ptr,  # [C] the mean the forward normalised with (accumulation dtype)
+    partial_ptr,  # [2, C, P] out: partial S and D
+    C, outer, inner,
+    stride_xo, stride_xc, stride_xi,
+    stride_dyo, stride_dyc, stride_dyi,
+    rows_per_split, cols_per_split, SPLIT_O, SPLIT_I,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+):
+    """Partial S and D of one (channel, split): grid = (C * SPLIT_O * SPLIT_I,)."""
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    num_splits = SPLIT_O * SPLIT_I
+    pid = tl.program_id(0)
+    c = pid // num_splits
+    split = pid % num_splits
+    o_begin = (split // SPLIT_I) * rows_per_split
+    i_begin = (split % SPLIT_I) * cols_per_split
+    o_end = tl.minimum(o_begin + rows_per_split, outer)
+    i_end = tl.minimum(i_begin + cols_per_split, inner)
+    x_base = x_ptr + scalar_offset(c, stride_xc, INT64)
+    dy_base = dy_ptr + scalar_offset(c, stride_dyc, INT64)
+    mean = tl.load(mean_ptr + c)
+
+    sum_dy = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    for o0 in range(o_begin, o_end, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        for i0 in range(i_begin, i_end, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            mask = (o < o_end)[:, None] & (i < i_end)[None, :]
+            x = tl.load(x_base + channel_major_offsets(o, i, stride_xo, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_base + channel_major_offsets(o, i, stride_dyo, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+            sum_dy += dy
+            sum_dy_xmu += tl.where(mask, (x - mean) * dy, 0.0)
+
+    slot = scalar_offset(c, num_splits, INT64) + split
+    tl.store(partial_ptr + slot, tl.sum(tl.sum(sum_dy, 1), 0))
+    tl.store(partial_ptr + C * num_splits + slot, tl.sum(tl.sum(sum_dy_xmu, 1), 0))
+
+
+@triton.jit
+def channel_minor_backward_reduce_kernel(
+    x_ptr, dy_ptr,  # rows x C matrices: row r = o * inner + i
+    mean_ptr,  # [C] accumulation dtype
+    partial_ptr,  # [2, C, P] out: partial S and D; P = SPLIT
+    C, inner, rows,
+    stride_xo, stride_xc, stride_xi,
+    stride_dyo, stride_dyc, stride_dyi,
+    rows_per_split, SPLIT,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    """Partial S and D of BLOCK_C channels over one row split: grid = (cdiv(C, BLOCK_C) * SPLIT,)."""
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    c = (pid // SPLIT) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = pid % SPLIT
+    r_begin = split * rows_per_split
+    r_end = tl.minimum(r_begin + rows_per_split, rows)
+    c_mask = c < C
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+
+    sum_dy = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < r_end)[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, stride_xo, stride_xc, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+        sum_dy += dy
+        sum_dy_xmu += tl.where(mask, (x - mean[None, :]) * dy, 0.0)
+
+    slot = scalar_offset(c, SPLIT, INT64) + split
+    tl.store(partial_ptr + slot, tl.sum(sum_dy, 0), mask=c_mask)
+    tl.store(partial_ptr + C * SPLIT + slot, tl.sum(sum_dy_xmu, 0), mask=c_mask)
+
+
+@triton.jit
+def finalize_backward_kernel(
+    partial_ptr,  # [2, C, P] partial S and D (accumulation dtype)
+    mean_ptr, invstd_ptr,  # [C] what the forward normalised with (accumulation dtype)
+    gamma_ptr,  # [C]
+    dgamma_ptr, dbeta_ptr,  # [C] out, in gamma's / beta's dtype
+    coef_ptr,  # [4, C] out: dx coefficients (mean, x_coef, dy_coef, const)
+    C, P, m,
+    FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Sum the partials of each channel; dgamma, dbeta and the dx coefficients.
+
+    grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.
+    """
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, BLOCK_P)
+    c_mask = c < C
+    mask = (p < P)[:, None] & c_mask[None, :]
+    slots = c[None, :] * P + p[:, None]
+    sum_dy = tl.sum(tl.load(partial_ptr + slots, mask=mask, other=0.0), 0)
+    sum_dy_xmu = tl.sum(tl.load(partial_ptr + C * P + slots, mask=mask, other=0.0), 0)
+
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    if FIX_GAMMA:
+        g = tl.full([BLOCK_C], 1.0, ACC)
+        dgamma = tl.zeros([BLOCK_C], ACC)
+    else:
+        g = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        dgamma = sum_dy_xmu * invstd
+    tl.store(dgamma_ptr + c, dgamma.to(dgamma_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dbeta_ptr + c, sum_dy.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
+
+    dy_coef = g * invstd
+    if BATCH_STATS:
+        inv_m = 1.0 / tl.cast(m, ACC)
+        x_coef = -dy_coef * invstd * invstd * sum_dy_xmu * inv_m
+        const = -dy_coef * sum_dy * inv_m
+    else:
+        x_coef = tl.zeros([BLOCK_C], ACC)
+        const = tl.zeros([BLOCK_C], ACC)
+    tl.store(coef_ptr + c, mean, mask=c_mask)
+    tl.store(coef_ptr + C + c, x_coef, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, dy_coef, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, const, mask=c_mask)

@@ -1,0 +1,173 @@
+"""Training-forward statistics: per-channel (mean, M2, count) partials, then a finalize.
+
+Phase 1 (``*_stats_kernel``): each program reduces one channel (channel-major) or a block of
+channels (channel-minor) over one split of the reduced range, and writes a Welford partial.
+Splitting lets C * splits programs fill the GPU when C alone cannot.
+Phase 2 (``finalize_stats_kernel``): merges the partials of each channel in a fixed order
+(deterministic), writes mean/invstd, the coefficients of the apply kernel and the moving-stat
+update.
+
+Partials live in one buffer ``partial[3, C, P]``: rows 0, 1, 2 hold mean, M2 and count of split
+p of channel c at ``k * C * P + c * P + p``; P = number of splits.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    chan_merge_rows,
+    channel_major_offsets,
+    channel_minor_offsets,
+    safe_invstd,
+    scalar_offset,
+    split_f64,
+    welford_update,
+)
+
+
+@triton.jit
+def channel_major_stats_kernel(
+    x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
+    partial_ptr,  # [3, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
+    C, outer, inner,
+    stride_o, stride_c, stride_i,
+    rows_per_split, cols_per_split,  # split extents (multiples of BLOCK_O / BLOCK_I)
+    SPLIT_O, SPLIT_I,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+):
+    """Welford partial of one (channel, split): grid = (C * SPLIT_O * SPLIT_I,).
+
+    Program ``pid`` takes channel ``pid // P`` and split ``pid % P``; a split is a rectangle of
+    ``rows_per_split`` outer rows by ``cols_per_split`` inner columns, walked in
+    [BLOCK_O, BLOCK_I] tiles.
+    """
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    num_splits = SPLIT_O * SPLIT_I
+    pid = tl.program_id(0)
+    c = pid // num_splits
+    split = pid % num_splits
+    o_begin = (split // SPLIT_I) * rows_per_split
+    i_begin = (split % SPLIT_I) * cols_per_split
+    o_end = tl.minimum(o_begin + rows_per_split, outer)
+    i_end = tl.minimum(i_begin + cols_per_split, inner)
+    base = x_ptr + scalar_offset(c, stride_c, INT64)
+
+    mean = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    m2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    count = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    for o0 in range(o_begin, o_end, BLOCK_O):
+        o = o0 + tl.arange(0, BLOCK_O)
+        for i0 in range(i_begin, i_end, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            mask = (o < o_end)[:, None] & (i < i_end)[None, :]
+            offsets = channel_major_offsets(o, i, stride_o, stride_i, INT64)
+            x = tl.load(base + offsets, mask=mask, other=0.0).to(ACC)
+            mean, m2, count = welford_update(mean, m2, count, x, mask)
+
+    lanes: tl.constexpr = BLOCK_O * BLOCK_I
+    mean, m2, count = chan_merge_rows(
+        tl.reshape(mean, [lanes, 1]), tl.reshape(m2, [lanes, 1]), tl.reshape(count, [lanes, 1])
+    )
+    slot = scalar_offset(c, num_splits, INT64) + split + tl.arange(0, 1)
+    plane = C * num_splits
+    tl.store(partial_ptr + slot, mean)
+    tl.store(partial_ptr + plane + slot, m2)
+    tl.store(partial_ptr + 2 * plane + slot, count)
+
+
+@triton.jit
+def channel_minor_stats_kernel(
+    x_ptr,  # data, rows x C matrix: row r = o * inner + i at o * stride_o + i * stride_i
+    partial_ptr,  # [3, C, P] accumulation dtype; P = SPLIT
+    C, inner, rows,
+    stride_o, stride_c, stride_i,
+    rows_per_split, SPLIT,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    """Welford partials of a block of BLOCK_C channels over one split of the rows.
+
+    grid = (cdiv(C, BLOCK_C) * SPLIT,); program ``pid`` takes channel block ``pid // SPLIT``
+    and rows [split * rows_per_split, (split + 1) * rows_per_split), in [BLOCK_R, BLOCK_C]
+    tiles whose loads are contiguous along C.
+    """
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    c = (pid // SPLIT) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = pid % SPLIT
+    r_begin = split * rows_per_split
+    r_end = tl.minimum(r_begin + rows_per_split, rows)
+    c_mask = c < C
+
+    mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < r_end)[:, None] & c_mask[None, :]
+        offsets = channel_minor_offsets(r, c, inner, stride_o, stride_c, stride_i, INT64)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        mean, m2, count = welford_update(mean, m2, count, x, mask)
+
+    mean, m2, count = chan_merge_rows(mean, m2, count)
+    slot = scalar_offset(c, SPLIT, INT64) + split
+    plane = C * SPLIT
+    tl.store(partial_ptr + slot, mean, mask=c_mask)
+    tl.store(partial_ptr + plane + slot, m2, mask=c_mask)
+    tl.store(partial_ptr + 2 * plane + slot, count, mask=c_mask)
+
+
+@triton.jit
+def finalize_stats_kernel(
+    partial_ptr,  # [3, C, P] Welford partials (accumulation dtype)
+    gamma_ptr, beta_ptr,  # [C] parameters (float32 or the data dtype; float64 for float64)
+    moving_mean_ptr, moving_var_ptr,  # [C] updated in place when UPDATE_MOVING
+    mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype
+    coef_ptr,  # [4, C] out: (mean, x coefficient, dy coefficient, constant) for the apply kernel
+    C, P, m,
+    eps_hi, eps_lo, momentum_hi, momentum_lo,
+    FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Merge each channel's P partials and finish the forward statistics.
+
+    grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.  Writes mean, invstd = 1/sqrt(var + eps),
+    apply coefficients ``y = (x - mean) * (g * invstd) + beta``, and
+    ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if UNBIASED).
+    """
+    ACC: tl.constexpr = partial_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.arange(0, BLOCK_P)
+    c_mask = c < C
+    mask = (p < P)[:, None] & c_mask[None, :]
+    slots = c[None, :] * P + p[:, None]  # [BLOCK_P, BLOCK_C]: partials of a channel down a column
+    plane = C * P
+    part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0)
+    part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0)
+    part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0)
+    mean, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
+    var = m2 / tl.maximum(count, 1.0)
+
+    eps = split_f64(eps_hi, eps_lo, ACC)
+    invstd = safe_invstd(var, eps)
+    if FIX_GAMMA:
+        g = tl.full([BLOCK_C], 1.0, ACC)
+    else:
+        g = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(invstd_ptr + c, invstd, mask=c_mask)
+    tl.store(coef_ptr + c, mean, mask=c_mask)
+    tl.store(coef_ptr + C + c, g * invstd, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, tl.zeros([BLOCK_C], ACC), mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, beta, mask=c_mask)
+
+    if UPDATE_MOVING:
+        momentum = split_f64(momentum_hi, momentum_lo, ACC)
+        if UNBIASED:
+            var = var * (tl.cast(m, ACC) / tl.cast(m - 1, ACC))
+        old_mean = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        old_var = tl.load(moving_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        new_mean = old_mean * momentum + mean * (1.0 - momentum)
+        new_var = old_var * momentum + var * (1.0 - momentum)
+        tl.store(moving_mean_ptr + c, new_mean.to(moving_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(moving_var_ptr + c, new_var.to(moving_var_ptr.dtype.element_ty), mask=c_mask)

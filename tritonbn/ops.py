@@ -1,0 +1,403 @@
+"""Launchers and the torch binding of the BatchNorm operator.
+
+Order of this file (as in Liger-Kernel's ops): launchers (tensors in, tensors out, one per
+kernel), the two backends (Triton kernels, plain-torch reference) behind one interface, the
+autograd Function that serves both, and the public ``batch_norm``.
+
+Launch counts per op (channel-major or channel-minor alike):
+  inference forward: 1 (elementwise, coefficients from the moving statistics)
+  training forward:  3 (statistics partials, finalize, elementwise)
+  backward:          3 (S/D partials, finalize, elementwise dx)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import reference, trace
+from .autotune.config import (
+    KernelConfig,
+    device_profile,
+    elementwise_config,
+    finalize_config,
+    interpreting,
+    reduce_config,
+)
+from .plan import CHANNEL_MAJOR, ViewPlan, empty_like_layout, plan_view
+from .validation import Settings, validate
+
+__all__ = ["batch_norm", "backend_for"]
+
+TRITON = "triton"
+REFERENCE = "reference"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _f64_halves(value: float) -> tuple[float, float]:
+    """A float64 scalar as two float32 values whose sum is it to ~1e-16 (kernels take float32)."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+def _kernels() -> Any:
+    """The kernel modules, imported on first use (importing tritonbn needs no Triton)."""
+    return importlib.import_module("tritonbn.kernels")
+
+
+def _launch(kernel: Any, name: str, programs: int, config: KernelConfig, args: tuple, **constexprs: Any) -> None:
+    trace.record_launch(name, programs, config, **constexprs)
+    kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _split_extents(plan: ViewPlan, cfg: KernelConfig) -> tuple[int, int]:
+    """(rows_per_split, cols_per_split): whole tiles per split, so splits start tile-aligned."""
+    rows = plan.outer if plan.family == CHANNEL_MAJOR else plan.m
+    rows_per_split = _cdiv(_cdiv(rows, cfg.block_rows), cfg.split_rows) * cfg.block_rows
+    cols_per_split = _cdiv(_cdiv(plan.inner, cfg.block_cols), cfg.split_cols) * cfg.block_cols
+    return rows_per_split, cols_per_split
+
+
+def _reduction_programs(plan: ViewPlan, cfg: KernelConfig) -> int:
+    if plan.family == CHANNEL_MAJOR:
+        return plan.channels * cfg.splits
+    return _cdiv(plan.channels, cfg.block_cols) * cfg.split_rows
+
+
+def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: torch.dtype) -> torch.Tensor:
+    """Welford partials of every (channel, split): returns partial [3, C, P] in ``acc``."""
+    k = _kernels().stats
+    rows_per_split, cols_per_split = _split_extents(plan, cfg)
+    partial = torch.empty((3, plan.channels, cfg.splits), dtype=acc, device=x.device)
+    so, sc, si = plan.strides[0]
+    programs = _reduction_programs(plan, cfg)
+    if plan.family == CHANNEL_MAJOR:
+        args = (x, partial, plan.channels, plan.outer, plan.inner, so, sc, si,
+                rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
+        _launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, args,
+                BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
+    else:
+        args = (x, partial, plan.channels, plan.inner, plan.m, so, sc, si, rows_per_split, cfg.split_rows)
+        _launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, args,
+                BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
+    return partial
+
+
+def launch_finalize_statistics(
+    partial: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    moving_mean: torch.Tensor,
+    moving_var: torch.Tensor,
+    settings: Settings,
+    m: int,
+    update_moving: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge partials: returns (mean [C], invstd [C], coef [4, C]); updates moving stats in place."""
+    channels, partials = partial.shape[1], partial.shape[2]
+    cfg = finalize_config(channels, partials)
+    mean = torch.empty(channels, dtype=partial.dtype, device=partial.device)
+    invstd = torch.empty_like(mean)
+    coef = torch.empty((4, channels), dtype=partial.dtype, device=partial.device)
+    args = (partial, gamma, beta, moving_mean, moving_var, mean, invstd, coef, channels, partials, m,
+            *_f64_halves(settings.eps), *_f64_halves(settings.momentum))
+    _launch(_kernels().stats.finalize_stats_kernel, "finalize_stats", _cdiv(channels, cfg.block_cols), cfg, args,
+            FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=update_moving, UNBIASED=settings.unbiased_update,
+            BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows)
+    return mean, invstd, coef
+
+
+def launch_elementwise(
+    plan: ViewPlan,
+    cfg: KernelConfig,
+    out: torch.Tensor,
+    *,
+    x: torch.Tensor | None,
+    dy: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    stats_out: tuple[torch.Tensor, torch.Tensor],
+    settings: Settings,
+) -> None:
+    """out = (x - mean) * x_coef + dy * dy_coef + const per channel.
+
+    ``plan.strides`` are those of (x, out) or (x, dy, out).  With ``moving`` (moving_mean,
+    moving_var, gamma, beta) the coefficients come from the moving statistics and ``stats_out``
+    (mean, invstd) is written by the kernel; otherwise from ``coef`` [4, C].
+    """
+    k = _kernels().elementwise
+    mean_out, invstd_out = stats_out
+    x_strides = plan.strides[0]
+    dy_strides = plan.strides[1] if dy is not None else x_strides
+    out_strides = plan.strides[-1]
+    from_moving = moving is not None
+    moving_mean, moving_var, gamma, beta = moving if from_moving else (mean_out,) * 4
+    coef = mean_out if coef is None else coef
+    x_arg = x if x is not None else out
+    dy_arg = dy if dy is not None else x_arg
+    flags = dict(HAS_X=x is not None, HAS_DY=dy is not None, FROM_MOVING=from_moving,
+                 FIX_GAMMA=settings.fix_gamma, INT64=plan.int64)
+    common = (x_arg, dy_arg, out, coef, moving_mean, moving_var, gamma, beta, mean_out, invstd_out)
+    eps = _f64_halves(settings.eps)
+    if plan.family == CHANNEL_MAJOR:
+        tiles_o, tiles_i = _cdiv(plan.outer, cfg.block_rows), _cdiv(plan.inner, cfg.block_cols)
+        args = (*common, plan.channels, plan.outer, plan.inner, *eps,
+                *x_strides, *dy_strides, *out_strides, tiles_o, tiles_i)
+        _launch(k.channel_major_elementwise_kernel, "channel_major_elementwise",
+                plan.channels * tiles_o * tiles_i, cfg, args,
+                BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
+    else:
+        c_blocks = _cdiv(plan.channels, cfg.block_cols)
+        args = (*common, plan.channels, plan.inner, plan.m, *eps,
+                *x_strides, *dy_strides, *out_strides, c_blocks)
+        _launch(k.channel_minor_elementwise_kernel, "channel_minor_elementwise",
+                _cdiv(plan.m, cfg.block_rows) * c_blocks, cfg, args,
+                BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
+
+
+def launch_backward_reduce(
+    x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, plan: ViewPlan, cfg: KernelConfig
+) -> torch.Tensor:
+    """Partial S = sum(dy) and D = sum((x - mean) * dy): returns partial [2, C, P]."""
+    k = _kernels().backward
+    rows_per_split, cols_per_split = _split_extents(plan, cfg)
+    partial = torch.empty((2, plan.channels, cfg.splits), dtype=mean.dtype, device=x.device)
+    programs = _reduction_programs(plan, cfg)
+    if plan.family == CHANNEL_MAJOR:
+        args = (x, dy, mean, partial, plan.channels, plan.outer, plan.inner, *plan.strides[0], *plan.strides[1],
+                rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
+        _launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg, args,
+                BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
+    else:
+        args = (x, dy, mean, partial, plan.channels, plan.inner, plan.m, *plan.strides[0], *plan.strides[1],
+                rows_per_split, cfg.split_rows)
+        _launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg, args,
+                BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
+    return partial
+
+
+def launch_finalize_backward(
+    partial: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta_dtype: torch.dtype,
+    settings: Settings,
+    m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum S/D partials: returns (dgamma [C], dbeta [C], dx coef [4, C])."""
+    channels, partials = partial.shape[1], partial.shape[2]
+    cfg = finalize_config(channels, partials)
+    dgamma = torch.empty(channels, dtype=gamma.dtype, device=gamma.device)
+    dbeta = torch.empty(channels, dtype=beta_dtype, device=gamma.device)
+    coef = torch.empty((4, channels), dtype=partial.dtype, device=partial.device)
+    args = (partial, mean, invstd, gamma, dgamma, dbeta, coef, channels, partials, m)
+    _launch(_kernels().backward.finalize_backward_kernel, "finalize_backward", _cdiv(channels, cfg.block_cols),
+            cfg, args, FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats,
+            BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows)
+    return dgamma, dbeta, coef
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def _plan_for(tensors: list[torch.Tensor], axis: int) -> ViewPlan | None:
+    return plan_view(tensors[0].shape, axis, [t.stride() for t in tensors])
+
+
+@dataclass(frozen=True)
+class TritonBackend:
+    """Runs every phase as Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1)."""
+
+    name: str = TRITON
+
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+        """Returns (y, mean, invstd, x as the kernels read it) and updates the moving stats."""
+        acc = reference.stat_dtype(x.dtype)
+        channels = x.shape[settings.axis]
+        mean = torch.empty(channels, dtype=acc, device=x.device)
+        invstd = torch.empty_like(mean)
+        y = out if out is not None else empty_like_layout(x)
+        x, y_kernel, plan = _plan_output(x, y, settings.axis)
+        profile = device_profile(x.device)
+        if plan.m and channels:
+            elementwise = elementwise_config(plan, profile)
+            if settings.batch_stats:
+                partial = launch_statistics(x, plan, reduce_config(plan, profile), acc)
+                mean, invstd, coef = launch_finalize_statistics(
+                    partial, gamma, beta, moving_mean, moving_var, settings, plan.m, update_moving=True)
+                launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=coef,
+                                   stats_out=(mean, invstd), settings=settings)
+            else:
+                launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=None,
+                                   moving=(moving_mean, moving_var, gamma, beta),
+                                   stats_out=(mean, invstd), settings=settings)
+        elif channels:
+            # No elements to normalise (inference on an empty batch): statistics only.
+            _, mean, invstd = reference.forward(x, gamma, beta, moving_mean, moving_var, axis=settings.axis,
+                                                eps=settings.eps, momentum=settings.momentum,
+                                                fix_gamma=settings.fix_gamma, batch_stats=False,
+                                                update_moving=False)
+        if y_kernel is not y:
+            y.copy_(y_kernel)
+        return y, mean, invstd, x
+
+    def backward(self, dy, x, gamma, mean, invstd, settings: Settings, beta_dtype):
+        """Returns (dx, dgamma, dbeta)."""
+        channels = x.shape[settings.axis]
+        dx = empty_like_layout(x)
+        plan = _plan_for([x, dy, dx], settings.axis)
+        if plan is None:
+            trace.record_copy("grad_out layout does not share a view plan with data")
+            dy = empty_like_layout(x).copy_(dy)
+            plan = _plan_for([x, dy, dx], settings.axis)
+        if not (plan.m and channels):
+            dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
+            return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
+        profile = device_profile(x.device)
+        partial = launch_backward_reduce(x, dy, mean, plan, reduce_config(plan, profile))
+        dgamma, dbeta, coef = launch_finalize_backward(partial, mean, invstd, gamma, beta_dtype, settings, plan.m)
+        launch_elementwise(plan, elementwise_config(plan, profile), dx,
+                           x=x if settings.batch_stats else None, dy=dy, coef=coef,
+                           stats_out=(mean, invstd), settings=settings)
+        return dx, dgamma, dbeta
+
+
+def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, ViewPlan]:
+    """The (x, y) pair the kernels use and its plan; copies only layouts with no 2-group view.
+
+    Returns (x to read, y to write, plan); when y to write is not ``y`` the caller copies it back.
+    """
+    plan = _plan_for([x, y], axis)
+    if plan is not None:
+        return x, y, plan
+    y_dense = empty_like_layout(x)
+    plan = _plan_for([x, y_dense], axis)
+    if plan is not None:
+        trace.record_copy("out layout does not share a view plan with data; writing through a temporary")
+        return x, y_dense, plan
+    trace.record_copy("data layout needs more than two reduced groups; copied to contiguous")
+    x = x.contiguous()
+    y_dense = torch.empty_like(x)
+    return x, y_dense, _plan_for([x, y_dense], axis)
+
+
+@dataclass(frozen=True)
+class ReferenceBackend:
+    """Plain torch (``reference.py``): CPU tensors when not interpreting Triton."""
+
+    name: str = REFERENCE
+
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+        y, mean, invstd = reference.forward(
+            x, gamma, beta, moving_mean, moving_var, axis=settings.axis, eps=settings.eps,
+            momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
+            update_moving=settings.batch_stats, unbiased_update=settings.unbiased_update,
+            out=out if out is not None else empty_like_layout(x))
+        return y, mean, invstd, x
+
+    def backward(self, dy, x, gamma, mean, invstd, settings: Settings, beta_dtype):
+        return reference.backward(dy, x, gamma, mean, invstd, axis=settings.axis, fix_gamma=settings.fix_gamma,
+                                  batch_stats=settings.batch_stats, beta_dtype=beta_dtype)
+
+
+def backend_for(device: torch.device) -> TritonBackend | ReferenceBackend:
+    """Triton kernels on CUDA, and on CPU under TRITON_INTERPRET=1; the reference otherwise."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return TritonBackend()
+    return ReferenceBackend()
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Autograd binding shared by both backends; gradient flows to data, gamma and beta only."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, moving_mean, moving_var, settings, backend, out):
+        y, mean, invstd, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, out)
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x_read, gamma, mean, invstd)
+        ctx.settings = settings
+        ctx.backend = backend
+        ctx.beta_dtype = beta.dtype
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        x, gamma, mean, invstd = ctx.saved_tensors
+        trace.record_path(ctx.backend.name)
+        dx, dgamma, dbeta = ctx.backend.backward(grad_y, x, gamma, mean, invstd, ctx.settings, ctx.beta_dtype)
+        needs = ctx.needs_input_grad
+        return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
+                None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def batch_norm(
+    data: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    moving_mean: torch.Tensor,
+    moving_var: torch.Tensor,
+    eps: float = 1e-3,
+    momentum: float = 0.9,
+    fix_gamma: bool = True,
+    use_global_stats: bool = False,
+    output_mean_var: bool = False,
+    axis: int = 1,
+    cudnn_off: bool = False,
+    out: torch.Tensor | None = None,
+    *,
+    training: bool = False,
+    unbiased_update: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXNet's BatchNorm (SPEC.md) on torch tensors, as Triton kernels.
+
+    Args:
+        data: (..., C, ...) float16/bfloat16/float32/float64 tensor, any layout; C = data.shape[axis].
+        gamma, beta: (C,) scale and shift (float32, or the data dtype for half data; float64 for
+            float64 data).  gamma is read as ones when ``fix_gamma`` (and never written).
+        moving_mean, moving_var: (C,) running statistics, updated in place in training.
+        eps: added to the variance; finite, >= 0.
+        momentum: ``moving = moving * momentum + batch * (1 - momentum)``.
+        fix_gamma: treat gamma as ones; its gradient is then zero.
+        use_global_stats: normalise with the moving statistics even in training.
+        output_mean_var: also return (mean, invstd) (inverse std, not variance).
+        axis: channel axis, negative allowed.
+        cudnn_off: accepted for MXNet compatibility; changes nothing.
+        out: optional output tensor (data's shape and dtype, not overlapping data); no autograd.
+        training: use batch statistics and update the moving statistics (MXNet's train_mode).
+        unbiased_update: update moving_var with var * m / (m - 1) (cuDNN/torch convention);
+            needs m > 1 (a ValueError otherwise).
+    Returns:
+        out, or (out, mean, invstd) with ``output_mean_var``; mean/invstd are (C,) float32
+        (float64 for float64 data).
+    Raises:
+        TypeError, ValueError: bad arguments (SPEC "Bad input"), before anything is modified.
+    """
+    del cudnn_off  # accepted for compatibility (SPEC)
+    settings = validate(
+        data, (gamma, beta, moving_mean, moving_var), eps=eps, momentum=momentum, fix_gamma=fix_gamma,
+        use_global_stats=use_global_stats, axis=axis, out=out, training=training,
+        unbiased_update=unbiased_update)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (data, gamma, beta))
+    if out is not None and needs_grad:
+        raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
+    backend = backend_for(data.device)
+    trace.record_path(backend.name)
+    y, mean, invstd = BatchNormFunction.apply(data, gamma, beta, moving_mean, moving_var, settings, backend, out)
+    return (y, mean, invstd) if output_mean_var else y

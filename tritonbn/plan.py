@@ -1,0 +1,191 @@
+"""The layout plan: every call is an (outer, C, inner) strided view.
+
+Statistics reduce over every dimension except the channel axis, and the order in which a
+reduction visits elements does not change its value, so the non-channel dimensions may be
+reordered and merged freely.  ``plan_view`` sorts them by stride (slowest first), merges
+neighbours whose strides allow it in *every* tensor of the call (x, y, dy, dx share one plan),
+and describes the call as at most two reduced groups around the channel:
+
+    element (o, c, i) of tensor t lives at  o * so[t] + c * sc[t] + i * si[t]
+
+NCHW axis=1 -> (N, C, HW), strides (C*HW, HW, 1); channels_last axis=1 -> (1, C, N*HW) with
+the channel fastest; axis=-1 -> (1, C, M).  Two kernel families fall out:
+
+- ``CHANNEL_MAJOR``: the inner group is faster than the channel; a program walks one channel
+  as ``outer`` runs of ``inner`` elements.
+- ``CHANNEL_MINOR``: the channel is the fastest dimension; the data is a [rows, C] matrix,
+  rows = outer * inner, reduced over rows and tiled over C (vector loads along C).
+
+A layout that needs three or more reduced groups (a view sliced with a step in a middle
+dimension, say) returns None: the caller then copies once into a dense tensor and logs it.
+Plans are cached per (shape, axis, strides), so planning costs nothing after the first call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "CHANNEL_MAJOR",
+    "CHANNEL_MINOR",
+    "ViewPlan",
+    "plan_view",
+    "empty_like_layout",
+    "is_dense",
+    "force_int64_indexing",
+]
+
+CHANNEL_MAJOR = "channel_major"
+CHANNEL_MINOR = "channel_minor"
+
+# Offsets stay in int32 while every element's offset fits with a margin for the masked lanes of
+# the last tile; past that the kernels are compiled with 64-bit index arithmetic.
+INT32_OFFSET_LIMIT = 2**31 - 2**20
+
+_force_int64 = contextvars.ContextVar("tritonbn_force_int64", default=False)
+
+
+@contextlib.contextmanager
+def force_int64_indexing(enabled: bool = True) -> Iterator[None]:
+    """Plan every call in this context with 64-bit offsets (tests reach the int64 path this way)."""
+    token = _force_int64.set(enabled)
+    try:
+        yield
+    finally:
+        _force_int64.reset(token)
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """One call's tensors as (outer, C, inner) views.
+
+    Attributes:
+        outer, channels, inner: extents of the canonical view; ``m = outer * inner``.
+        family: CHANNEL_MAJOR or CHANNEL_MINOR (which kernel family runs it).
+        strides: per planned tensor, (stride_outer, stride_channel, stride_inner) in elements.
+        int64: the kernels must use 64-bit offsets.
+    """
+
+    outer: int
+    channels: int
+    inner: int
+    family: str
+    strides: tuple[tuple[int, int, int], ...]
+    int64: bool
+
+    @property
+    def m(self) -> int:
+        """Elements per channel."""
+        return self.outer * self.inner
+
+
+def plan_view(
+    shape: Sequence[int], axis: int, strides: Sequence[Sequence[int]]
+) -> ViewPlan | None:
+    """Plan the (outer, C, inner) view shared by tensors of ``shape`` with the given strides.
+
+    Args:
+        shape: the common shape of the tensors.
+        axis: the channel axis, non-negative.
+        strides: one stride tuple per tensor (the first one decides the dimension order).
+    Returns:
+        The plan, or None when the layout needs more than two reduced groups.
+    """
+    return _plan_cached(
+        tuple(shape), axis, tuple(tuple(s) for s in strides), _force_int64.get()
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_cached(
+    shape: tuple[int, ...],
+    axis: int,
+    strides: tuple[tuple[int, ...], ...],
+    force_int64: bool,
+) -> ViewPlan | None:
+    groups = _merge_reduced_dims(shape, axis, strides)
+    if groups is None:
+        return None
+    while len(groups) < 2:
+        groups.insert(0, (1, tuple(0 for _ in strides)))
+    (outer, outer_strides), (inner, inner_strides) = groups
+    channels = shape[axis]
+    per_tensor = tuple(
+        (outer_strides[t], strides[t][axis], inner_strides[t]) for t in range(len(strides))
+    )
+    family = _family(channels, inner, per_tensor[0])
+    int64 = force_int64 or any(
+        _max_offset(outer, channels, inner, s) >= INT32_OFFSET_LIMIT for s in per_tensor
+    )
+    return ViewPlan(outer, channels, inner, family, per_tensor, int64)
+
+
+def _merge_reduced_dims(
+    shape: tuple[int, ...], axis: int, strides: tuple[tuple[int, ...], ...]
+) -> list[tuple[int, tuple[int, ...]]] | None:
+    """Group the non-channel dims (size > 1) into runs that are one stride apart in every tensor."""
+    dims = [d for d in range(len(shape)) if d != axis and shape[d] != 1]
+    # Slowest first in the first tensor; ties keep the logical order.
+    dims.sort(key=lambda d: (-abs(strides[0][d]), d))
+    groups: list[tuple[int, tuple[int, ...]]] = []
+    for d in dims:
+        step = tuple(s[d] for s in strides)
+        if groups:
+            size, last = groups[-1]
+            if all(last[t] == step[t] * shape[d] for t in range(len(strides))):
+                groups[-1] = (size * shape[d], step)
+                continue
+        groups.append((shape[d], step))
+    return groups if len(groups) <= 2 else None
+
+
+def _family(channels: int, inner: int, x_strides: tuple[int, int, int]) -> str:
+    """Channel-minor when the channel is the fastest-moving dimension of x."""
+    _, stride_c, stride_i = x_strides
+    if channels == 1:
+        return CHANNEL_MAJOR
+    if inner == 1 or abs(stride_c) < abs(stride_i):
+        return CHANNEL_MINOR
+    return CHANNEL_MAJOR
+
+
+def _max_offset(outer: int, channels: int, inner: int, s: tuple[int, int, int]) -> int:
+    return (
+        (outer - 1) * abs(s[0]) + (channels - 1) * abs(s[1]) + (inner - 1) * abs(s[2]) + 1
+    )
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill a contiguous block in some dim order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: abs(p[1])):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def empty_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor shaped like ``t``: ``t``'s strides where ``t`` is dense,
+    otherwise dense in ``t``'s dimension order (so the pair still plans as one view)."""
+    dtype = dtype or t.dtype
+    if is_dense(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+    order = sorted(range(t.dim()), key=lambda d: (-abs(t.stride(d)), d))
+    dense = torch.empty([t.shape[d] for d in order], dtype=dtype, device=t.device)
+    inverse = [order.index(d) for d in range(t.dim())]
+    return dense.permute(inverse)
+
+
+def numel(shape: Sequence[int]) -> int:
+    """Product of a shape (1 for a scalar shape)."""
+    return math.prod(shape)
