@@ -75,10 +75,10 @@ def _reduction_programs(plan: ViewPlan, cfg: KernelConfig) -> int:
 
 
 def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: torch.dtype) -> torch.Tensor:
-    """Welford partials of every (channel, split): returns partial [3, C, P] in ``acc``."""
+    """Shifted Welford partials of every (channel, split): returns partial [4, C, P] in ``acc``."""
     k = _kernels().stats
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
-    partial = torch.empty((3, plan.channels, cfg.splits), dtype=acc, device=x.device)
+    partial = torch.empty((4, plan.channels, cfg.splits), dtype=acc, device=x.device)
     so, sc, si = plan.strides[0]
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
@@ -103,12 +103,15 @@ def launch_finalize_statistics(
     m: int,
     update_moving: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge partials: returns (mean [C], invstd [C], coef [4, C]); updates moving stats in place."""
+    """Merge partials: returns (mean [C], invstd [C], coef [5, C]); updates moving stats in place.
+
+    coef[:2] is the mean as (pilot, shifted mean), which the backward reuses.
+    """
     channels, partials = partial.shape[1], partial.shape[2]
     cfg = finalize_config(channels, partials)
     mean = torch.empty(channels, dtype=partial.dtype, device=partial.device)
     invstd = torch.empty_like(mean)
-    coef = torch.empty((4, channels), dtype=partial.dtype, device=partial.device)
+    coef = torch.empty((5, channels), dtype=partial.dtype, device=partial.device)
     args = (partial, gamma, beta, moving_mean, moving_var, mean, invstd, coef, channels, partials, m,
             *_f64_halves(settings.eps), *_f64_halves(settings.momentum))
     _launch(_kernels().stats.finalize_stats_kernel, "finalize_stats", _cdiv(channels, cfg.block_cols), cfg, args,
@@ -133,21 +136,21 @@ def launch_elementwise(
 
     ``plan.strides`` are those of (x, out) or (x, dy, out).  With ``moving`` (moving_mean,
     moving_var, gamma, beta) the coefficients come from the moving statistics and ``stats_out``
-    (mean, invstd) is written by the kernel; otherwise from ``coef`` [4, C].
+    (center [2, C], invstd [C]) is written by the kernel; otherwise they come from ``coef`` [5, C].
     """
     k = _kernels().elementwise
-    mean_out, invstd_out = stats_out
+    center_out, invstd_out = stats_out
     x_strides = plan.strides[0]
     dy_strides = plan.strides[1] if dy is not None else x_strides
     out_strides = plan.strides[-1]
     from_moving = moving is not None
-    moving_mean, moving_var, gamma, beta = moving if from_moving else (mean_out,) * 4
-    coef = mean_out if coef is None else coef
+    moving_mean, moving_var, gamma, beta = moving if from_moving else (center_out,) * 4
+    coef = center_out if coef is None else coef
     x_arg = x if x is not None else out
     dy_arg = dy if dy is not None else x_arg
     flags = dict(HAS_X=x is not None, HAS_DY=dy is not None, FROM_MOVING=from_moving,
                  FIX_GAMMA=settings.fix_gamma, INT64=plan.int64)
-    common = (x_arg, dy_arg, out, coef, moving_mean, moving_var, gamma, beta, mean_out, invstd_out)
+    common = (x_arg, dy_arg, out, coef, moving_mean, moving_var, gamma, beta, center_out, invstd_out)
     eps = _f64_halves(settings.eps)
     if plan.family == CHANNEL_MAJOR:
         tiles_o, tiles_i = _cdiv(plan.outer, cfg.block_rows), _cdiv(plan.inner, cfg.block_cols)
@@ -166,20 +169,23 @@ def launch_elementwise(
 
 
 def launch_backward_reduce(
-    x: torch.Tensor, dy: torch.Tensor, mean: torch.Tensor, plan: ViewPlan, cfg: KernelConfig
+    x: torch.Tensor, dy: torch.Tensor, center: torch.Tensor, plan: ViewPlan, cfg: KernelConfig
 ) -> torch.Tensor:
-    """Partial S = sum(dy) and D = sum((x - mean) * dy): returns partial [2, C, P]."""
+    """Partial S = sum(dy) and D = sum((x - mean) * dy): returns partial [2, C, P].
+
+    ``center`` [2, C] is the forward's mean as (pilot, shifted mean).
+    """
     k = _kernels().backward
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
-    partial = torch.empty((2, plan.channels, cfg.splits), dtype=mean.dtype, device=x.device)
+    partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
-        args = (x, dy, mean, partial, plan.channels, plan.outer, plan.inner, *plan.strides[0], *plan.strides[1],
+        args = (x, dy, center, partial, plan.channels, plan.outer, plan.inner, *plan.strides[0], *plan.strides[1],
                 rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
         _launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
     else:
-        args = (x, dy, mean, partial, plan.channels, plan.inner, plan.m, *plan.strides[0], *plan.strides[1],
+        args = (x, dy, center, partial, plan.channels, plan.inner, plan.m, *plan.strides[0], *plan.strides[1],
                 rows_per_split, cfg.split_rows)
         _launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg, args,
                 BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
@@ -188,20 +194,20 @@ def launch_backward_reduce(
 
 def launch_finalize_backward(
     partial: torch.Tensor,
-    mean: torch.Tensor,
+    center: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
     beta_dtype: torch.dtype,
     settings: Settings,
     m: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum S/D partials: returns (dgamma [C], dbeta [C], dx coef [4, C])."""
+    """Sum S/D partials: returns (dgamma [C], dbeta [C], dx coef [5, C])."""
     channels, partials = partial.shape[1], partial.shape[2]
     cfg = finalize_config(channels, partials)
     dgamma = torch.empty(channels, dtype=gamma.dtype, device=gamma.device)
     dbeta = torch.empty(channels, dtype=beta_dtype, device=gamma.device)
-    coef = torch.empty((4, channels), dtype=partial.dtype, device=partial.device)
-    args = (partial, mean, invstd, gamma, dgamma, dbeta, coef, channels, partials, m)
+    coef = torch.empty((5, channels), dtype=partial.dtype, device=partial.device)
+    args = (partial, center, invstd, gamma, dgamma, dbeta, coef, channels, partials, m)
     _launch(_kernels().backward.finalize_backward_kernel, "finalize_backward", _cdiv(channels, cfg.block_cols),
             cfg, args, FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats,
             BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows)
@@ -217,42 +223,51 @@ def _plan_for(tensors: list[torch.Tensor], axis: int) -> ViewPlan | None:
 
 @dataclass(frozen=True)
 class TritonBackend:
-    """Runs every phase as Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1)."""
+    """Runs every phase as Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1).
+
+    ``forward`` returns (y, mean, invstd, center, x as the kernels read it) and updates the
+    moving statistics; ``center`` [2, C] is the mean as (pilot, shifted mean) for the backward.
+    """
 
     name: str = TRITON
 
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
-        """Returns (y, mean, invstd, x as the kernels read it) and updates the moving stats."""
         acc = reference.stat_dtype(x.dtype)
         channels = x.shape[settings.axis]
-        mean = torch.empty(channels, dtype=acc, device=x.device)
-        invstd = torch.empty_like(mean)
         y = out if out is not None else empty_like_layout(x)
         x, y_kernel, plan = _plan_output(x, y, settings.axis)
         profile = device_profile(x.device)
-        if plan.m and channels:
-            elementwise = elementwise_config(plan, profile)
-            if settings.batch_stats:
-                partial = launch_statistics(x, plan, reduce_config(plan, profile), acc)
-                mean, invstd, coef = launch_finalize_statistics(
-                    partial, gamma, beta, moving_mean, moving_var, settings, plan.m, update_moving=True)
-                launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=coef,
-                                   stats_out=(mean, invstd), settings=settings)
-            else:
-                launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=None,
-                                   moving=(moving_mean, moving_var, gamma, beta),
-                                   stats_out=(mean, invstd), settings=settings)
-        elif channels:
-            # No elements to normalise (inference on an empty batch): statistics only.
-            _, mean, invstd = reference.forward(x, gamma, beta, moving_mean, moving_var, axis=settings.axis,
-                                                eps=settings.eps, momentum=settings.momentum,
-                                                fix_gamma=settings.fix_gamma, batch_stats=False,
-                                                update_moving=False)
+        if plan.m == 0 or channels == 0:
+            return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
+        elementwise = elementwise_config(plan, profile)
+        if settings.batch_stats:
+            partial = launch_statistics(x, plan, reduce_config(plan, profile), acc)
+            mean, invstd, coef = launch_finalize_statistics(
+                partial, gamma, beta, moving_mean, moving_var, settings, plan.m, update_moving=True)
+            launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=coef,
+                               stats_out=(coef[:2], invstd), settings=settings)
+            center = coef[:2]
+        else:
+            center = torch.empty((2, channels), dtype=acc, device=x.device)
+            invstd = torch.empty(channels, dtype=acc, device=x.device)
+            launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=None,
+                               moving=(moving_mean, moving_var, gamma, beta),
+                               stats_out=(center, invstd), settings=settings)
+            mean = center[0]  # inference: the mean is the moving mean (shifted part 0)
         if y_kernel is not y:
             y.copy_(y_kernel)
-        return y, mean, invstd, x
+        return y, mean, invstd, center, x
 
-    def backward(self, dy, x, gamma, mean, invstd, settings: Settings, beta_dtype):
+    @staticmethod
+    def _empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings: Settings):
+        """No elements to normalise (inference on an empty batch): per-channel statistics only."""
+        _, mean, invstd = reference.forward(x, gamma, beta, moving_mean, moving_var, axis=settings.axis,
+                                            eps=settings.eps, momentum=settings.momentum,
+                                            fix_gamma=settings.fix_gamma, batch_stats=False,
+                                            update_moving=False, out=y)
+        return y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x
+
+    def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         """Returns (dx, dgamma, dbeta)."""
         channels = x.shape[settings.axis]
         dx = empty_like_layout(x)
@@ -261,15 +276,15 @@ class TritonBackend:
             trace.record_copy("grad_out layout does not share a view plan with data")
             dy = empty_like_layout(x).copy_(dy)
             plan = _plan_for([x, dy, dx], settings.axis)
-        if not (plan.m and channels):
+        if plan.m == 0 or channels == 0:
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
             return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
         profile = device_profile(x.device)
-        partial = launch_backward_reduce(x, dy, mean, plan, reduce_config(plan, profile))
-        dgamma, dbeta, coef = launch_finalize_backward(partial, mean, invstd, gamma, beta_dtype, settings, plan.m)
+        partial = launch_backward_reduce(x, dy, center, plan, reduce_config(plan, profile))
+        dgamma, dbeta, coef = launch_finalize_backward(partial, center, invstd, gamma, beta_dtype, settings, plan.m)
         launch_elementwise(plan, elementwise_config(plan, profile), dx,
                            x=x if settings.batch_stats else None, dy=dy, coef=coef,
-                           stats_out=(mean, invstd), settings=settings)
+                           stats_out=(center, invstd), settings=settings)
         return dx, dgamma, dbeta
 
 
@@ -304,9 +319,10 @@ class ReferenceBackend:
             momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
             update_moving=settings.batch_stats, unbiased_update=settings.unbiased_update,
             out=out if out is not None else empty_like_layout(x))
-        return y, mean, invstd, x
+        return y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x
 
-    def backward(self, dy, x, gamma, mean, invstd, settings: Settings, beta_dtype):
+    def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
+        mean = center[0].double() + center[1].double()
         return reference.backward(dy, x, gamma, mean, invstd, axis=settings.axis, fix_gamma=settings.fix_gamma,
                                   batch_stats=settings.batch_stats, beta_dtype=beta_dtype)
 
@@ -326,9 +342,9 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, moving_mean, moving_var, settings, backend, out):
-        y, mean, invstd, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, out)
+        y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, out)
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(x_read, gamma, mean, invstd)
+        ctx.save_for_backward(x_read, gamma, center, invstd)
         ctx.settings = settings
         ctx.backend = backend
         ctx.beta_dtype = beta.dtype
@@ -336,9 +352,9 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        x, gamma, mean, invstd = ctx.saved_tensors
+        x, gamma, center, invstd = ctx.saved_tensors
         trace.record_path(ctx.backend.name)
-        dx, dgamma, dbeta = ctx.backend.backward(grad_y, x, gamma, mean, invstd, ctx.settings, ctx.beta_dtype)
+        dx, dgamma, dbeta = ctx.backend.backward(grad_y, x, gamma, center, invstd, ctx.settings, ctx.beta_dtype)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
                 None, None, None, None, None)

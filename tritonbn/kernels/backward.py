@@ -19,7 +19,7 @@ from .common import channel_major_offsets, channel_minor_offsets, scalar_offset
 @triton.jit
 def channel_major_backward_reduce_kernel(
     x_ptr, dy_ptr,  # (outer, C, inner) views
-    mean_ptr,  # [C] the mean the forward normalised with (accumulation dtype)
+    center_ptr,  # [2, C] the forward's mean as (pilot, shifted mean), accumulation dtype
     partial_ptr,  # [2, C, P] out: partial S and D
     C, outer, inner,
     stride_xo, stride_xc, stride_xi,
@@ -39,7 +39,8 @@ def channel_major_backward_reduce_kernel(
     i_end = tl.minimum(i_begin + cols_per_split, inner)
     x_base = x_ptr + scalar_offset(c, stride_xc, INT64)
     dy_base = dy_ptr + scalar_offset(c, stride_dyc, INT64)
-    mean = tl.load(mean_ptr + c)
+    pilot = tl.load(center_ptr + c)
+    shifted_mean = tl.load(center_ptr + C + c)
 
     sum_dy = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I], ACC)
@@ -51,7 +52,7 @@ def channel_major_backward_reduce_kernel(
             x = tl.load(x_base + channel_major_offsets(o, i, stride_xo, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
             dy = tl.load(dy_base + channel_major_offsets(o, i, stride_dyo, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
             sum_dy += dy
-            sum_dy_xmu += tl.where(mask, (x - mean) * dy, 0.0)
+            sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 
     slot = scalar_offset(c, num_splits, INT64) + split
     tl.store(partial_ptr + slot, tl.sum(tl.sum(sum_dy, 1), 0))
@@ -61,7 +62,7 @@ def channel_major_backward_reduce_kernel(
 @triton.jit
 def channel_minor_backward_reduce_kernel(
     x_ptr, dy_ptr,  # rows x C matrices: row r = o * inner + i
-    mean_ptr,  # [C] accumulation dtype
+    center_ptr,  # [2, C] the forward's mean as (pilot, shifted mean), accumulation dtype
     partial_ptr,  # [2, C, P] out: partial S and D; P = SPLIT
     C, inner, rows,
     stride_xo, stride_xc, stride_xi,
@@ -77,7 +78,8 @@ def channel_minor_backward_reduce_kernel(
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)[None, :]
+    shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)[None, :]
 
     sum_dy = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C], ACC)
@@ -87,7 +89,7 @@ def channel_minor_backward_reduce_kernel(
         x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, stride_xo, stride_xc, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
         sum_dy += dy
-        sum_dy_xmu += tl.where(mask, (x - mean[None, :]) * dy, 0.0)
+        sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 
     slot = scalar_offset(c, SPLIT, INT64) + split
     tl.store(partial_ptr + slot, tl.sum(sum_dy, 0), mask=c_mask)
@@ -97,10 +99,10 @@ def channel_minor_backward_reduce_kernel(
 @triton.jit
 def finalize_backward_kernel(
     partial_ptr,  # [2, C, P] partial S and D (accumulation dtype)
-    mean_ptr, invstd_ptr,  # [C] what the forward normalised with (accumulation dtype)
+    center_ptr, invstd_ptr,  # [2, C] and [C]: what the forward normalised with
     gamma_ptr,  # [C]
     dgamma_ptr, dbeta_ptr,  # [C] out, in gamma's / beta's dtype
-    coef_ptr,  # [4, C] out: dx coefficients (mean, x_coef, dy_coef, const)
+    coef_ptr,  # [5, C] out: dx coefficients (pilot, shifted mean, x_coef, dy_coef, const)
     C, P, m,
     FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -118,7 +120,8 @@ def finalize_backward_kernel(
     sum_dy = tl.sum(tl.load(partial_ptr + slots, mask=mask, other=0.0), 0)
     sum_dy_xmu = tl.sum(tl.load(partial_ptr + C * P + slots, mask=mask, other=0.0), 0)
 
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
+    shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     if FIX_GAMMA:
         g = tl.full([BLOCK_C], 1.0, ACC)
@@ -137,7 +140,8 @@ def finalize_backward_kernel(
     else:
         x_coef = tl.zeros([BLOCK_C], ACC)
         const = tl.zeros([BLOCK_C], ACC)
-    tl.store(coef_ptr + c, mean, mask=c_mask)
-    tl.store(coef_ptr + C + c, x_coef, mask=c_mask)
-    tl.store(coef_ptr + 2 * C + c, dy_coef, mask=c_mask)
-    tl.store(coef_ptr + 3 * C + c, const, mask=c_mask)
+    tl.store(coef_ptr + c, pilot, mask=c_mask)
+    tl.store(coef_ptr + C + c, shifted_mean, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, x_coef, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, dy_coef, mask=c_mask)
+    tl.store(coef_ptr + 4 * C + c, const, mask=c_mask)

@@ -1,16 +1,19 @@
 """The one elementwise pass of every op: normalisation (forward, inference) and dx (backward).
 
-    out = (x - mean[c]) * x_coef[c] + dy * dy_coef[c] + const[c]
+    out = ((x - pilot[c]) - shifted_mean[c]) * x_coef[c] + dy * dy_coef[c] + const[c]
+
+(the mean is carried as pilot + shifted_mean, see ``stats.py``; from moving statistics the
+pilot is moving_mean and the shifted mean 0)
 
 - forward:  x_coef = g * invstd, const = beta, no dy              -> y
 - backward, batch statistics:  x_coef = -g * invstd^3 * D / m, dy_coef = g * invstd,
   const = -g * invstd * S / m                                     -> dx
 - backward, moving statistics: dy_coef = g * invstd, no x          -> dx
 
-The per-channel coefficients come from a finalize kernel in ``coef[4, C]`` = (mean, x_coef,
-dy_coef, const).  Inference has no finalize: with FROM_MOVING the kernel derives them from the
-moving statistics itself and the programs of the first tile of each channel also write the
-``mean``/``invstd`` outputs, so inference is a single launch.
+The per-channel coefficients come from a finalize kernel in ``coef[5, C]`` = (pilot,
+shifted_mean, x_coef, dy_coef, const).  Inference has no finalize: with FROM_MOVING the kernel
+derives them from the moving statistics itself and the programs of the first tile of each
+channel also write ``center[2, C]`` = (mean, 0) and ``invstd``, so inference is one launch.
 
 The centred form (x - mean) * scale is deliberate: ``x * scale + (beta - mean * scale)`` loses
 every significant digit of y when |mean| >> std.
@@ -25,12 +28,13 @@ from .common import channel_major_offsets, channel_minor_offsets, safe_invstd, s
 @triton.jit
 def _coefficients(
     c, c_mask, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
-    mean_ptr, invstd_ptr, write_stats, eps_hi, eps_lo,
+    center_ptr, invstd_ptr, write_stats, eps_hi, eps_lo,
     FROM_MOVING: tl.constexpr, FIX_GAMMA: tl.constexpr, ACC: tl.constexpr,
 ):
-    """(mean, x_coef, dy_coef, const) for channel(s) ``c`` (a scalar or a [BLOCK_C] vector)."""
+    """(pilot, shifted_mean, x_coef, dy_coef, const) of channel(s) ``c`` (scalar or [BLOCK_C])."""
     if FROM_MOVING:
-        mean = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        pilot = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        shifted_mean = tl.zeros_like(pilot)
         var = tl.load(moving_var_ptr + c, mask=c_mask, other=1.0).to(ACC)
         invstd = safe_invstd(var, split_f64(eps_hi, eps_lo, ACC))
         if FIX_GAMMA:
@@ -39,22 +43,24 @@ def _coefficients(
             x_coef = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC) * invstd
         dy_coef = tl.zeros_like(invstd)
         const = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        tl.store(mean_ptr + c, mean, mask=c_mask & write_stats)
+        tl.store(center_ptr + c, pilot, mask=c_mask & write_stats)
+        tl.store(center_ptr + C + c, shifted_mean, mask=c_mask & write_stats)
         tl.store(invstd_ptr + c, invstd, mask=c_mask & write_stats)
     else:
-        mean = tl.load(coef_ptr + c, mask=c_mask, other=0.0)
-        x_coef = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)
-        dy_coef = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0)
-        const = tl.load(coef_ptr + 3 * C + c, mask=c_mask, other=0.0)
-    return mean, x_coef, dy_coef, const
+        pilot = tl.load(coef_ptr + c, mask=c_mask, other=0.0)
+        shifted_mean = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)
+        x_coef = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0)
+        dy_coef = tl.load(coef_ptr + 3 * C + c, mask=c_mask, other=0.0)
+        const = tl.load(coef_ptr + 4 * C + c, mask=c_mask, other=0.0)
+    return pilot, shifted_mean, x_coef, dy_coef, const
 
 
 @triton.jit
 def channel_major_elementwise_kernel(
     x_ptr, dy_ptr, out_ptr,  # (outer, C, inner) views; strides per tensor below
-    coef_ptr,  # [4, C] accumulation dtype (FROM_MOVING: unused, pass mean_ptr)
+    coef_ptr,  # [5, C] accumulation dtype (FROM_MOVING: unused, pass center_ptr)
     moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,  # [C], FROM_MOVING only
-    mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype, FROM_MOVING only
+    center_ptr, invstd_ptr,  # [2, C] and [C] outputs, accumulation dtype, FROM_MOVING only
     C, outer, inner, eps_hi, eps_lo,
     stride_xo, stride_xc, stride_xi,
     stride_dyo, stride_dyc, stride_dyi,
@@ -64,7 +70,7 @@ def channel_major_elementwise_kernel(
     FIX_GAMMA: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
 ):
     """One [BLOCK_O, BLOCK_I] tile of one channel: grid = (C * tiles_o * tiles_i,)."""
-    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    ACC: tl.constexpr = center_ptr.dtype.element_ty
     tiles = tiles_o * tiles_i
     pid = tl.program_id(0)
     c = pid // tiles
@@ -72,15 +78,15 @@ def channel_major_elementwise_kernel(
     o = (tile // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
     i = (tile % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
-    mean, x_coef, dy_coef, const = _coefficients(
+    pilot, shifted_mean, x_coef, dy_coef, const = _coefficients(
         c, c < C, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
-        mean_ptr, invstd_ptr, tile == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
+        center_ptr, invstd_ptr, tile == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
     )
     result = tl.zeros([BLOCK_O, BLOCK_I], ACC) + const
     if HAS_X:
         x_offsets = scalar_offset(c, stride_xc, INT64) + channel_major_offsets(o, i, stride_xo, stride_xi, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
-        result += (x - mean) * x_coef
+        result += ((x - pilot) - shifted_mean) * x_coef
     if HAS_DY:
         dy_offsets = scalar_offset(c, stride_dyc, INT64) + channel_major_offsets(o, i, stride_dyo, stride_dyi, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
@@ -92,9 +98,9 @@ def channel_major_elementwise_kernel(
 @triton.jit
 def channel_minor_elementwise_kernel(
     x_ptr, dy_ptr, out_ptr,  # rows x C matrices: row r = o * inner + i
-    coef_ptr,  # [4, C] accumulation dtype (FROM_MOVING: unused, pass mean_ptr)
+    coef_ptr,  # [5, C] accumulation dtype (FROM_MOVING: unused, pass center_ptr)
     moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,  # [C], FROM_MOVING only
-    mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype, FROM_MOVING only
+    center_ptr, invstd_ptr,  # [2, C] and [C] outputs, accumulation dtype, FROM_MOVING only
     C, inner, rows, eps_hi, eps_lo,
     stride_xo, stride_xc, stride_xi,
     stride_dyo, stride_dyc, stride_dyi,
@@ -104,22 +110,22 @@ def channel_minor_elementwise_kernel(
     FIX_GAMMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     """One [BLOCK_R, BLOCK_C] tile: grid = (cdiv(rows, BLOCK_R) * c_blocks,), channel blocks fastest."""
-    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    ACC: tl.constexpr = center_ptr.dtype.element_ty
     pid = tl.program_id(0)
     row_block = pid // c_blocks
     r = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    mean, x_coef, dy_coef, const = _coefficients(
+    pilot, shifted_mean, x_coef, dy_coef, const = _coefficients(
         c, c_mask, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
-        mean_ptr, invstd_ptr, row_block == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
+        center_ptr, invstd_ptr, row_block == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
     )
     result = tl.zeros([BLOCK_R, BLOCK_C], ACC) + const[None, :]
     if HAS_X:
         x_offsets = channel_minor_offsets(r, c, inner, stride_xo, stride_xc, stride_xi, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
-        result += (x - mean[None, :]) * x_coef[None, :]
+        result += ((x - pilot[None, :]) - shifted_mean[None, :]) * x_coef[None, :]
     if HAS_DY:
         dy_offsets = channel_minor_offsets(r, c, inner, stride_dyo, stride_dyc, stride_dyi, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)

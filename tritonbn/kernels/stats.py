@@ -7,8 +7,13 @@ Phase 2 (``finalize_stats_kernel``): merges the partials of each channel in a fi
 (deterministic), writes mean/invstd, the coefficients of the apply kernel and the moving-stat
 update.
 
-Partials live in one buffer ``partial[3, C, P]``: rows 0, 1, 2 hold mean, M2 and count of split
-p of channel c at ``k * C * P + c * P + p``; P = number of splits.
+Partials live in one buffer ``partial[4, C, P]``: planes 0, 1, 2, 3 hold the shifted mean, M2,
+count and the shift ("pilot") of split p of channel c at ``k * C * P + c * P + p``; P = splits.
+
+Shift: every program of a channel subtracts the same pilot value, the channel's first element,
+before accumulating, so the accumulators see values of the order of the std even when the mean
+is 1e4 times larger.  The mean is then carried as the pair (pilot, shifted mean) to the apply and
+backward kernels, which compute x - mean as (x - pilot) - shifted_mean: exact where it matters.
 """
 
 import triton
@@ -28,7 +33,7 @@ from .common import (
 @triton.jit
 def channel_major_stats_kernel(
     x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
-    partial_ptr,  # [3, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
+    partial_ptr,  # [4, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
     C, outer, inner,
     stride_o, stride_c, stride_i,
     rows_per_split, cols_per_split,  # split extents (multiples of BLOCK_O / BLOCK_I)
@@ -51,6 +56,7 @@ def channel_major_stats_kernel(
     o_end = tl.minimum(o_begin + rows_per_split, outer)
     i_end = tl.minimum(i_begin + cols_per_split, inner)
     base = x_ptr + scalar_offset(c, stride_c, INT64)
+    pilot = tl.load(base).to(ACC)
 
     mean = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     m2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
@@ -61,7 +67,7 @@ def channel_major_stats_kernel(
             i = i0 + tl.arange(0, BLOCK_I)
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
             offsets = channel_major_offsets(o, i, stride_o, stride_i, INT64)
-            x = tl.load(base + offsets, mask=mask, other=0.0).to(ACC)
+            x = tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot
             mean, m2, count = welford_update(mean, m2, count, x, mask)
 
     lanes: tl.constexpr = BLOCK_O * BLOCK_I
@@ -73,12 +79,13 @@ def channel_major_stats_kernel(
     tl.store(partial_ptr + slot, mean)
     tl.store(partial_ptr + plane + slot, m2)
     tl.store(partial_ptr + 2 * plane + slot, count)
+    tl.store(partial_ptr + 3 * plane + slot, pilot + tl.zeros([1], ACC))
 
 
 @triton.jit
 def channel_minor_stats_kernel(
     x_ptr,  # data, rows x C matrix: row r = o * inner + i at o * stride_o + i * stride_i
-    partial_ptr,  # [3, C, P] accumulation dtype; P = SPLIT
+    partial_ptr,  # [4, C, P] accumulation dtype; P = SPLIT
     C, inner, rows,
     stride_o, stride_c, stride_i,
     rows_per_split, SPLIT,
@@ -97,6 +104,7 @@ def channel_minor_stats_kernel(
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
+    pilot = tl.load(x_ptr + scalar_offset(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
 
     mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
@@ -105,7 +113,7 @@ def channel_minor_stats_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
         offsets = channel_minor_offsets(r, c, inner, stride_o, stride_c, stride_i, INT64)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]
         mean, m2, count = welford_update(mean, m2, count, x, mask)
 
     mean, m2, count = chan_merge_rows(mean, m2, count)
@@ -114,15 +122,16 @@ def channel_minor_stats_kernel(
     tl.store(partial_ptr + slot, mean, mask=c_mask)
     tl.store(partial_ptr + plane + slot, m2, mask=c_mask)
     tl.store(partial_ptr + 2 * plane + slot, count, mask=c_mask)
+    tl.store(partial_ptr + 3 * plane + slot, pilot, mask=c_mask)
 
 
 @triton.jit
 def finalize_stats_kernel(
-    partial_ptr,  # [3, C, P] Welford partials (accumulation dtype)
+    partial_ptr,  # [4, C, P] shifted Welford partials and pilots (accumulation dtype)
     gamma_ptr, beta_ptr,  # [C] parameters (float32 or the data dtype; float64 for float64)
     moving_mean_ptr, moving_var_ptr,  # [C] updated in place when UPDATE_MOVING
     mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype
-    coef_ptr,  # [4, C] out: (mean, x coefficient, dy coefficient, constant) for the apply kernel
+    coef_ptr,  # [5, C] out: (pilot, shifted mean, x coef, dy coef, const) for the apply kernel
     C, P, m,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -144,8 +153,10 @@ def finalize_stats_kernel(
     part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0)
     part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0)
     part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0)
-    mean, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
+    shifted_mean, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
     var = m2 / tl.maximum(count, 1.0)
+    pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
+    mean = pilot + shifted_mean
 
     eps = split_f64(eps_hi, eps_lo, ACC)
     invstd = safe_invstd(var, eps)
@@ -156,10 +167,11 @@ def finalize_stats_kernel(
     beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, invstd, mask=c_mask)
-    tl.store(coef_ptr + c, mean, mask=c_mask)
-    tl.store(coef_ptr + C + c, g * invstd, mask=c_mask)
-    tl.store(coef_ptr + 2 * C + c, tl.zeros([BLOCK_C], ACC), mask=c_mask)
-    tl.store(coef_ptr + 3 * C + c, beta, mask=c_mask)
+    tl.store(coef_ptr + c, pilot, mask=c_mask)
+    tl.store(coef_ptr + C + c, shifted_mean, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, g * invstd, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, tl.zeros([BLOCK_C], ACC), mask=c_mask)
+    tl.store(coef_ptr + 4 * C + c, beta, mask=c_mask)
 
     if UPDATE_MOVING:
         momentum = split_f64(momentum_hi, momentum_lo, ACC)

@@ -1,0 +1,93 @@
+"""Input builders and per-dtype tolerances shared by the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# (atol, rtol) against float64 math, per data dtype.
+TOLERANCES = {
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (1e-10, 1e-10),
+}
+
+
+def param_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_layout(x: torch.Tensor, layout: str, axis: int) -> torch.Tensor:
+    """``x`` (contiguous) re-laid-out with the same values.
+
+    layouts: "contiguous", "channels_last" (4-D), "channels_last_3d" (5-D), "permuted" (stored
+    in reversed dim order), "sliced" (a view with a step on the last dim and an offset).
+    """
+    if layout == "contiguous":
+        return x
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "permuted":
+        order = list(range(x.dim()))[::-1]
+        return x.permute(order).contiguous().permute(order)
+    if layout == "sliced":
+        big_shape = list(x.shape)
+        big_shape[-1] = 2 * big_shape[-1] + 1
+        big = torch.full(big_shape, float("nan"), dtype=x.dtype)
+        view = big[..., 1::2]
+        view.copy_(x)
+        return view
+    raise ValueError(layout)
+
+
+@dataclass
+class Inputs:
+    """One call's tensors; ``clone_stats`` gives fresh copies of the moving statistics."""
+
+    x: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    moving_mean: torch.Tensor
+    moving_var: torch.Tensor
+
+    def clone_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moving_mean.clone(), self.moving_var.clone()
+
+
+def make_inputs(
+    shape: tuple[int, ...],
+    axis: int,
+    dtype: torch.dtype,
+    layout: str = "contiguous",
+    seed: int = 0,
+    param_dtype: torch.dtype | None = None,
+) -> Inputs:
+    """Random inputs with a per-channel offset and scale, so channels differ."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = channels
+    offset = torch.randn(channels, generator=gen, dtype=torch.float64).reshape(bshape) * 3
+    scale = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).reshape(bshape)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+    x = apply_layout(x, layout, axis % len(shape))
+    pdt = param_dtype or param_dtype_for(dtype)
+    gamma = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(pdt)
+    beta = torch.randn(channels, generator=gen, dtype=torch.float64).to(pdt)
+    moving_mean = torch.randn(channels, generator=gen, dtype=torch.float64).to(pdt)
+    moving_var = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(pdt)
+    return Inputs(x, gamma, beta, moving_mean, moving_var)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0) -> None:
+    """Compare in float64 with the tolerance of ``dtype`` (times ``scale``)."""
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale, equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
+
