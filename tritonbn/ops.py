@@ -79,15 +79,15 @@ def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: t
     k = _kernels().stats
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
     partial = torch.empty((4, plan.channels, cfg.splits), dtype=acc, device=x.device)
-    so, sc, si = plan.strides[0]
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
-        args = (x, partial, plan.channels, plan.outer, plan.inner, so, sc, si,
+        args = (x, partial, plan.channels, plan.outer, plan.inner, plan.outer_lo, *plan.strides[0],
                 rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
         _launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
     else:
-        args = (x, partial, plan.channels, plan.inner, plan.m, so, sc, si, rows_per_split, cfg.split_rows)
+        args = (x, partial, plan.channels, plan.inner, plan.m, plan.outer_lo, *plan.strides[0],
+                rows_per_split, cfg.split_rows)
         _launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, args,
                 BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
     return partial
@@ -154,14 +154,14 @@ def launch_elementwise(
     eps = _f64_halves(settings.eps)
     if plan.family == CHANNEL_MAJOR:
         tiles_o, tiles_i = _cdiv(plan.outer, cfg.block_rows), _cdiv(plan.inner, cfg.block_cols)
-        args = (*common, plan.channels, plan.outer, plan.inner, *eps,
+        args = (*common, plan.channels, plan.outer, plan.inner, *eps, plan.outer_lo,
                 *x_strides, *dy_strides, *out_strides, tiles_o, tiles_i)
         _launch(k.channel_major_elementwise_kernel, "channel_major_elementwise",
                 plan.channels * tiles_o * tiles_i, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
     else:
         c_blocks = _cdiv(plan.channels, cfg.block_cols)
-        args = (*common, plan.channels, plan.inner, plan.m, *eps,
+        args = (*common, plan.channels, plan.inner, plan.m, *eps, plan.outer_lo,
                 *x_strides, *dy_strides, *out_strides, c_blocks)
         _launch(k.channel_minor_elementwise_kernel, "channel_minor_elementwise",
                 _cdiv(plan.m, cfg.block_rows) * c_blocks, cfg, args,
@@ -180,12 +180,14 @@ def launch_backward_reduce(
     partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
-        args = (x, dy, center, partial, plan.channels, plan.outer, plan.inner, *plan.strides[0], *plan.strides[1],
+        args = (x, dy, center, partial, plan.channels, plan.outer, plan.inner, plan.outer_lo,
+                *plan.strides[0], *plan.strides[1],
                 rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
         _launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
     else:
-        args = (x, dy, center, partial, plan.channels, plan.inner, plan.m, *plan.strides[0], *plan.strides[1],
+        args = (x, dy, center, partial, plan.channels, plan.inner, plan.m, plan.outer_lo,
+                *plan.strides[0], *plan.strides[1],
                 rows_per_split, cfg.split_rows)
         _launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg, args,
                 BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
@@ -289,7 +291,7 @@ class TritonBackend:
 
 
 def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, ViewPlan]:
-    """The (x, y) pair the kernels use and its plan; copies only layouts with no 2-group view.
+    """The (x, y) pair the kernels use and its plan; copies only layouts with no 3-group view.
 
     Returns (x to read, y to write, plan); when y to write is not ``y`` the caller copies it back.
     """
@@ -301,7 +303,7 @@ def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Ten
     if plan is not None:
         trace.record_copy("out layout does not share a view plan with data; writing through a temporary")
         return x, y_dense, plan
-    trace.record_copy("data layout needs more than two reduced groups; copied to contiguous")
+    trace.record_copy("data layout needs more than three reduced groups; copied to contiguous")
     x = x.contiguous()
     y_dense = torch.empty_like(x)
     return x, y_dense, _plan_for([x, y_dense], axis)
@@ -415,5 +417,8 @@ def batch_norm(
         raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
     backend = backend_for(data.device)
     trace.record_path(backend.name)
-    y, mean, invstd = BatchNormFunction.apply(data, gamma, beta, moving_mean, moving_var, settings, backend, out)
+    if out is not None:  # no autograd with out= (checked above): the result is ``out`` itself
+        y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, out)
+    else:
+        y, mean, invstd = BatchNormFunction.apply(data, gamma, beta, moving_mean, moving_var, settings, backend, None)
     return (y, mean, invstd) if output_mean_var else y

@@ -4,9 +4,13 @@ Statistics reduce over every dimension except the channel axis, and the order in
 reduction visits elements does not change its value, so the non-channel dimensions may be
 reordered and merged freely.  ``plan_view`` sorts them by stride (slowest first), merges
 neighbours whose strides allow it in *every* tensor of the call (x, y, dy, dx share one plan),
-and describes the call as at most two reduced groups around the channel:
+and describes the call as at most three reduced groups around the channel:
 
-    element (o, c, i) of tensor t lives at  o * so[t] + c * sc[t] + i * si[t]
+    element (o, c, i) of tensor t lives at
+        (o // outer_lo) * soh[t] + (o % outer_lo) * so[t] + c * sc[t] + i * si[t]
+
+(one or two groups: outer_lo = outer and soh = 0; the third group covers views sliced with a
+step, whose rows are no longer one stride apart).
 
 NCHW axis=1 -> (N, C, HW), strides (C*HW, HW, 1); channels_last axis=1 -> (1, C, N*HW) with
 the channel fastest; axis=-1 -> (1, C, M).  Two kernel families fall out:
@@ -16,8 +20,8 @@ the channel fastest; axis=-1 -> (1, C, M).  Two kernel families fall out:
 - ``CHANNEL_MINOR``: the channel is the fastest dimension; the data is a [rows, C] matrix,
   rows = outer * inner, reduced over rows and tiled over C (vector loads along C).
 
-A layout that needs three or more reduced groups (a view sliced with a step in a middle
-dimension, say) returns None: the caller then copies once into a dense tensor and logs it.
+A layout that needs four or more reduced groups (steps in two dimensions, say) returns None:
+the caller then copies once into a dense tensor and logs it.
 Plans are cached per (shape, axis, strides), so planning costs nothing after the first call.
 """
 
@@ -68,16 +72,19 @@ class ViewPlan:
 
     Attributes:
         outer, channels, inner: extents of the canonical view; ``m = outer * inner``.
+        outer_lo: extent of the lower of the two outer groups (``outer`` when there is one).
         family: CHANNEL_MAJOR or CHANNEL_MINOR (which kernel family runs it).
-        strides: per planned tensor, (stride_outer, stride_channel, stride_inner) in elements.
+        strides: per planned tensor, (stride_outer_hi, stride_outer_lo, stride_channel,
+            stride_inner) in elements.
         int64: the kernels must use 64-bit offsets.
     """
 
     outer: int
     channels: int
     inner: int
+    outer_lo: int
     family: str
-    strides: tuple[tuple[int, int, int], ...]
+    strides: tuple[tuple[int, int, int, int], ...]
     int64: bool
 
     @property
@@ -96,7 +103,7 @@ def plan_view(
         axis: the channel axis, non-negative.
         strides: one stride tuple per tensor (the first one decides the dimension order).
     Returns:
-        The plan, or None when the layout needs more than two reduced groups.
+        The plan, or None when the layout needs more than three reduced groups.
     """
     return _plan_cached(
         tuple(shape), axis, tuple(tuple(s) for s in strides), _force_int64.get()
@@ -113,18 +120,17 @@ def _plan_cached(
     groups = _merge_reduced_dims(shape, axis, strides)
     if groups is None:
         return None
-    while len(groups) < 2:
+    while len(groups) < 3:
         groups.insert(0, (1, tuple(0 for _ in strides)))
-    (outer, outer_strides), (inner, inner_strides) = groups
+    (outer_hi, hi_strides), (outer_lo, lo_strides), (inner, inner_strides) = groups
     channels = shape[axis]
     per_tensor = tuple(
-        (outer_strides[t], strides[t][axis], inner_strides[t]) for t in range(len(strides))
+        (hi_strides[t], lo_strides[t], strides[t][axis], inner_strides[t]) for t in range(len(strides))
     )
     family = _family(channels, inner, per_tensor[0])
-    int64 = force_int64 or any(
-        _max_offset(outer, channels, inner, s) >= INT32_OFFSET_LIMIT for s in per_tensor
-    )
-    return ViewPlan(outer, channels, inner, family, per_tensor, int64)
+    sizes = (outer_hi, outer_lo, channels, inner)
+    int64 = force_int64 or any(_max_offset(sizes, s) >= INT32_OFFSET_LIMIT for s in per_tensor)
+    return ViewPlan(outer_hi * outer_lo, channels, inner, outer_lo, family, per_tensor, int64)
 
 
 def _merge_reduced_dims(
@@ -143,12 +149,12 @@ def _merge_reduced_dims(
                 groups[-1] = (size * shape[d], step)
                 continue
         groups.append((shape[d], step))
-    return groups if len(groups) <= 2 else None
+    return groups if len(groups) <= 3 else None
 
 
-def _family(channels: int, inner: int, x_strides: tuple[int, int, int]) -> str:
+def _family(channels: int, inner: int, x_strides: tuple[int, int, int, int]) -> str:
     """Channel-minor when the channel is the fastest-moving dimension of x."""
-    _, stride_c, stride_i = x_strides
+    _, _, stride_c, stride_i = x_strides
     if channels == 1:
         return CHANNEL_MAJOR
     if inner == 1 or abs(stride_c) < abs(stride_i):
@@ -156,10 +162,8 @@ def _family(channels: int, inner: int, x_strides: tuple[int, int, int]) -> str:
     return CHANNEL_MAJOR
 
 
-def _max_offset(outer: int, channels: int, inner: int, s: tuple[int, int, int]) -> int:
-    return (
-        (outer - 1) * abs(s[0]) + (channels - 1) * abs(s[1]) + (inner - 1) * abs(s[2]) + 1
-    )
+def _max_offset(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(sizes, strides)) + 1
 
 
 def is_dense(t: torch.Tensor) -> bool:

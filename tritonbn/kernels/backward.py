@@ -22,8 +22,9 @@ def channel_major_backward_reduce_kernel(
     center_ptr,  # [2, C] the forward's mean as (pilot, shifted mean), accumulation dtype
     partial_ptr,  # [2, C, P] out: partial S and D
     C, outer, inner,
-    stride_xo, stride_xc, stride_xi,
-    stride_dyo, stride_dyc, stride_dyi,
+    outer_lo,
+    stride_xoh, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
     rows_per_split, cols_per_split, SPLIT_O, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -49,8 +50,8 @@ def channel_major_backward_reduce_kernel(
         for i0 in range(i_begin, i_end, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
-            x = tl.load(x_base + channel_major_offsets(o, i, stride_xo, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_base + channel_major_offsets(o, i, stride_dyo, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_base + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_base + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
             sum_dy += dy
             sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 
@@ -65,8 +66,9 @@ def channel_minor_backward_reduce_kernel(
     center_ptr,  # [2, C] the forward's mean as (pilot, shifted mean), accumulation dtype
     partial_ptr,  # [2, C, P] out: partial S and D; P = SPLIT
     C, inner, rows,
-    stride_xo, stride_xc, stride_xi,
-    stride_dyo, stride_dyc, stride_dyi,
+    outer_lo,
+    stride_xoh, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
     rows_per_split, SPLIT,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -86,8 +88,8 @@ def channel_minor_backward_reduce_kernel(
     for r0 in range(r_begin, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
-        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, stride_xo, stride_xc, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
         sum_dy += dy
         sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 

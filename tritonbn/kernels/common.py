@@ -55,22 +55,28 @@ def safe_invstd(var, eps):
 
 
 @triton.jit
-def channel_major_offsets(o, i, stride_o, stride_i, INT64: tl.constexpr):
-    """[BLOCK_O, BLOCK_I] element offsets of rows ``o`` ([BLOCK_O]) and columns ``i`` ([BLOCK_I])."""
+def channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64: tl.constexpr):
+    """[BLOCK_O, BLOCK_I] element offsets of outer rows ``o`` ([BLOCK_O]) and inner columns ``i``.
+
+    An outer row is (o // outer_lo, o % outer_lo) in two strided groups; with one outer group
+    outer_lo = outer and stride_oh = 0.  The division is per row, not per element.
+    """
     if INT64:
         o = o.to(tl.int64)
         i = i.to(tl.int64)
-    return o[:, None] * stride_o + i[None, :] * stride_i
+    row = (o // outer_lo) * stride_oh + (o % outer_lo) * stride_o
+    return row[:, None] + i[None, :] * stride_i
 
 
 @triton.jit
-def channel_minor_offsets(r, c, inner, stride_o, stride_c, stride_i, INT64: tl.constexpr):
-    """[BLOCK_R, BLOCK_C] offsets of flattened rows ``r`` (row = o * inner + i) and channels ``c``."""
+def channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64: tl.constexpr):
+    """[BLOCK_R, BLOCK_C] offsets of flattened rows ``r`` (r = o * inner + i) and channels ``c``."""
     if INT64:
         r = r.to(tl.int64)
         c = c.to(tl.int64)
-    row_offset = (r // inner) * stride_o + (r % inner) * stride_i
-    return row_offset[:, None] + c[None, :] * stride_c
+    o = r // inner
+    row = (o // outer_lo) * stride_oh + (o % outer_lo) * stride_o + (r % inner) * stride_i
+    return row[:, None] + c[None, :] * stride_c
 
 
 @triton.jit

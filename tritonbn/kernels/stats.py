@@ -35,7 +35,8 @@ def channel_major_stats_kernel(
     x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
     partial_ptr,  # [4, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
     C, outer, inner,
-    stride_o, stride_c, stride_i,
+    outer_lo,
+    stride_oh, stride_o, stride_c, stride_i,
     rows_per_split, cols_per_split,  # split extents (multiples of BLOCK_O / BLOCK_I)
     SPLIT_O, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
@@ -66,7 +67,7 @@ def channel_major_stats_kernel(
         for i0 in range(i_begin, i_end, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
-            offsets = channel_major_offsets(o, i, stride_o, stride_i, INT64)
+            offsets = channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64)
             x = tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot
             mean, m2, count = welford_update(mean, m2, count, x, mask)
 
@@ -87,7 +88,8 @@ def channel_minor_stats_kernel(
     x_ptr,  # data, rows x C matrix: row r = o * inner + i at o * stride_o + i * stride_i
     partial_ptr,  # [4, C, P] accumulation dtype; P = SPLIT
     C, inner, rows,
-    stride_o, stride_c, stride_i,
+    outer_lo,
+    stride_oh, stride_o, stride_c, stride_i,
     rows_per_split, SPLIT,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -112,7 +114,7 @@ def channel_minor_stats_kernel(
     for r0 in range(r_begin, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
-        offsets = channel_minor_offsets(r, c, inner, stride_o, stride_c, stride_i, INT64)
+        offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]
         mean, m2, count = welford_update(mean, m2, count, x, mask)
 

@@ -1,0 +1,265 @@
+"""tritonbn.batch_norm against the float64 reference: ranks 1-5, every axis, layouts, dtypes, flags.
+
+Each case runs forward (with output_mean_var) and backward through both paths (interpreted
+Triton kernels and the plain-torch reference), and checks y, mean, invstd, the moving statistics
+after the step, dx, dgamma and dbeta against ``tritonbn.reference`` evaluated in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tritonbn
+from tritonbn import reference
+from tritonbn.plan import is_dense, plan_view
+from helpers import apply_layout, assert_close, make_inputs
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+# (shape, axis, layout): every rank 1-5, every axis (negative ones too), every layout family.
+GEOMETRIES = [
+    ((7,), 0, "contiguous"),
+    ((7,), -1, "contiguous"),
+    ((5, 3), 1, "contiguous"),
+    ((5, 3), 0, "contiguous"),
+    ((5, 3), -1, "permuted"),
+    ((4, 3, 5), 0, "contiguous"),
+    ((4, 3, 5), 1, "contiguous"),
+    ((4, 3, 5), 2, "contiguous"),
+    ((4, 3, 5), -2, "sliced"),
+    ((2, 3, 4, 5), 1, "contiguous"),
+    ((2, 3, 4, 5), 1, "channels_last"),
+    ((2, 3, 4, 5), -1, "contiguous"),
+    ((2, 3, 4, 5), 2, "channels_last"),
+    ((2, 3, 4, 5), 0, "permuted"),
+    ((2, 3, 4, 5), 1, "sliced"),
+    ((2, 3, 2, 3, 4), 1, "contiguous"),
+    ((2, 3, 2, 3, 4), 1, "channels_last_3d"),
+    ((2, 3, 2, 3, 4), -2, "contiguous"),
+    ((2, 3, 2, 3, 4), 4, "permuted"),
+]
+
+# (training, fix_gamma, use_global_stats)
+FLAGS = {
+    "train": (True, False, False),
+    "train-fixgamma": (True, True, False),
+    "infer": (False, False, False),
+    "train-globalstats": (True, False, True),
+}
+
+
+def _cases():
+    for shape, axis, layout in GEOMETRIES:
+        for flag_id in FLAGS:
+            yield pytest.param(shape, axis, layout, F32, flag_id,
+                               id=f"{'x'.join(map(str, shape))}-ax{axis}-{layout}-f32-{flag_id}")
+    # Other dtypes: a rotating subset that still reaches both families and every flag set.
+    flag_ids = list(FLAGS)
+    for dtype, name in ((F16, "f16"), (BF16, "bf16"), (F64, "f64")):
+        for k, (shape, axis, layout) in enumerate(GEOMETRIES[1::2]):
+            flag_id = flag_ids[k % len(flag_ids)]
+            yield pytest.param(shape, axis, layout, dtype, flag_id,
+                               id=f"{'x'.join(map(str, shape))}-ax{axis}-{layout}-{name}-{flag_id}")
+
+
+def _expected(inp, dy, axis, flags, eps=1e-3, momentum=0.9):
+    training, fix_gamma, use_global_stats = flags
+    batch_stats = training and not use_global_stats
+    mm, mv = inp.moving_mean.double().clone(), inp.moving_var.double().clone()
+    y, mean, invstd = reference.forward(
+        inp.x.double(), inp.gamma.double(), inp.beta.double(), mm, mv, axis=axis, eps=eps,
+        momentum=momentum, fix_gamma=fix_gamma, batch_stats=batch_stats, update_moving=batch_stats)
+    dx, dgamma, dbeta = reference.backward(
+        dy.double(), inp.x.double(), inp.gamma.double(), mean, invstd, axis=axis,
+        fix_gamma=fix_gamma, batch_stats=batch_stats)
+    return dict(y=y, mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+
+def _run(inp, dy, axis, flags, **kwargs):
+    training, fix_gamma, use_global_stats = flags
+    x = inp.x.requires_grad_(True)
+    gamma = inp.gamma.clone().requires_grad_(True)
+    beta = inp.beta.clone().requires_grad_(True)
+    with tritonbn.trace.capture() as trace:
+        y, mean, invstd = tritonbn.batch_norm(
+            x, gamma, beta, inp.moving_mean, inp.moving_var, fix_gamma=fix_gamma,
+            use_global_stats=use_global_stats, output_mean_var=True, axis=axis, training=training, **kwargs)
+        y.backward(dy)
+    got = dict(y=y.detach(), mean=mean, invstd=invstd, moving_mean=inp.moving_mean, moving_var=inp.moving_var,
+               dx=x.grad, dgamma=gamma.grad, dbeta=beta.grad)
+    return got, trace
+
+
+@pytest.mark.parametrize("shape, axis, layout, dtype, flag_id", list(_cases()))
+def test_forward_backward_match_reference(shape, axis, layout, dtype, flag_id, path):
+    flags = FLAGS[flag_id]
+    inp = make_inputs(shape, axis, dtype, layout)
+    # autograd hands the backward a gradient laid out like y, i.e. like x
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    dy = apply_layout(dy, layout, axis % len(shape))
+    expected = _expected(inp, dy, axis % len(shape), flags)
+    got, trace = _run(inp, dy, axis, flags)
+
+    assert trace.paths == [path, path], "forward and backward must both run on the requested path"
+    if path == "triton":
+        family = plan_view(inp.x.shape, axis % len(shape), [inp.x.stride()]).family
+        assert trace.kernels() and all(
+            k.startswith(family) or k.startswith("finalize") for k in trace.kernels()), trace.kernels()
+        assert trace.copies == [], "no layout of this table needs a copy of the input"
+    for name in expected:
+        # dx, dgamma, dbeta accumulate over m elements of values of order 1: scale the tolerance.
+        scale = 4.0 if name in ("dgamma", "dbeta") else 1.0
+        assert_close(got[name], expected[name], dtype, f"{name} ({path})", scale=scale)
+    assert got["y"].dtype == dtype and got["dx"].dtype == dtype
+    assert got["mean"].dtype == reference.stat_dtype(dtype) == got["invstd"].dtype
+    if is_dense(inp.x):
+        assert got["y"].stride() == inp.x.stride(), "a dense input's strides carry over to the output"
+
+
+@pytest.mark.parametrize(
+    "dtype, param_dtype",
+    [pytest.param(F16, F16, id="f16-data-f16-params"), pytest.param(BF16, BF16, id="bf16-data-bf16-params")],
+)
+def test_half_parameters_compute_in_float32(dtype, param_dtype, path):
+    inp = make_inputs((3, 4, 5), 1, dtype, param_dtype=param_dtype)
+    dy = torch.randn((3, 4, 5), generator=torch.Generator().manual_seed(2)).to(dtype)
+    expected = _expected(inp, dy, 1, FLAGS["train"])
+    got, _ = _run(inp, dy, 1, FLAGS["train"])
+    for name in expected:
+        assert_close(got[name], expected[name], dtype, name, scale=4.0)
+    assert got["moving_mean"].dtype == param_dtype and got["dgamma"].dtype == param_dtype
+
+
+@pytest.mark.parametrize(
+    "unbiased", [pytest.param(False, id="biased-update"), pytest.param(True, id="unbiased-update")]
+)
+def test_moving_var_update_convention(unbiased, path):
+    inp = make_inputs((4, 3, 5), 1, F32)
+    mv_before = inp.moving_var.double().clone()
+    tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
+                        momentum=0.75, training=True, unbiased_update=unbiased)
+    var = inp.x.double().var(dim=(0, 2), unbiased=unbiased)
+    assert_close(inp.moving_var, mv_before * 0.75 + var * 0.25, F32, "moving_var")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_out_argument_is_written_and_returned(layout, path):
+    inp = make_inputs((2, 3, 4, 5), 1, F32, layout)
+    out = torch.full_like(inp.x, float("nan"))
+    result = tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False, out=out)
+    expected = _expected(inp, torch.zeros_like(inp.x), 1, FLAGS["infer"])["y"]
+    assert result is out
+    assert_close(out, expected, F32, "out")
+
+
+def test_out_with_another_layout_is_written_in_place(path):
+    inp = make_inputs((2, 3, 4, 5), 1, F32)
+    base = torch.full((2, 3, 4, 11), float("nan"))
+    out = base[:, :, :, 1:10:2]  # the step breaks the H*W merge that contiguous data has
+    with tritonbn.trace.capture() as trace:
+        tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False, out=out)
+    assert_close(out, _expected(inp, torch.zeros_like(inp.x), 1, FLAGS["infer"])["y"], F32, "out")
+    assert torch.isnan(base[..., 0::2]).all(), "nothing outside out was written"
+    assert trace.copies == [], "three reduced groups are one plan: no temporary"
+
+
+def _four_group_view(shape):
+    """A view of ``shape`` (N, C, D, H, W) with steps on D and W: four reduced groups."""
+    n, c, d, h, w = shape
+    base = torch.randn((n, c, 2 * d, h, 2 * w + 1), generator=torch.Generator().manual_seed(4))
+    view = base[:, :, ::2, :, 1::2]
+    assert plan_view(view.shape, 1, [view.stride()]) is None
+    return view
+
+
+def test_data_needing_four_groups_is_copied_once(path):
+    x = _four_group_view((2, 3, 2, 3, 2))
+    inp = make_inputs(x.shape, 1, F32)
+    inp.x = x
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    expected = _expected(inp, dy, 1, FLAGS["train"])
+    got, trace = _run(inp, dy, 1, FLAGS["train"])
+    for name in expected:
+        assert_close(got[name], expected[name], F32, name, scale=4.0)
+    if path == "triton":
+        assert trace.copies == ["data layout needs more than three reduced groups; copied to contiguous"]
+
+
+def test_out_needing_four_groups_is_filled_through_a_temporary(path):
+    inp = make_inputs((2, 3, 2, 3, 2), 1, F32)
+    out = _four_group_view((2, 3, 2, 3, 2))
+    with tritonbn.trace.capture() as trace:
+        tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False, out=out)
+    assert_close(out, _expected(inp, torch.zeros_like(inp.x), 1, FLAGS["infer"])["y"], F32, "out")
+    if path == "triton":
+        assert len(trace.copies) == 1 and "out layout" in trace.copies[0]
+
+
+def test_grad_needing_four_groups_with_data_is_copied_once(path):
+    inp = make_inputs((2, 3, 2, 3, 2), 1, F32)
+    dy = _four_group_view((2, 3, 2, 3, 2))
+    expected = _expected(inp, dy, 1, FLAGS["train"])
+    got, trace = _run(inp, dy, 1, FLAGS["train"])
+    for name in expected:
+        assert_close(got[name], expected[name], F32, name, scale=4.0)
+    if path == "triton":
+        assert trace.copies == ["grad_out layout does not share a view plan with data"]
+
+
+def test_grad_in_another_layout_runs_without_copy(path):
+    inp = make_inputs((2, 3, 4, 5), 2, F32, "channels_last")
+    dy = torch.randn((2, 3, 4, 5), generator=torch.Generator().manual_seed(3))  # contiguous, unlike x
+    expected = _expected(inp, dy, 2, FLAGS["train"])
+    got, trace = _run(inp, dy, 2, FLAGS["train"])
+    for name in expected:
+        assert_close(got[name], expected[name], F32, name, scale=4.0)
+    assert trace.copies == []
+
+
+def test_returns_only_out_without_output_mean_var(path):
+    inp = make_inputs((4, 3), 1, F32)
+    y = tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, training=True)
+    assert isinstance(y, torch.Tensor) and y.shape == inp.x.shape
+
+
+def test_no_gradient_flows_through_mean_and_invstd(path):
+    inp = make_inputs((4, 3), 1, F32)
+    x = inp.x.clone().requires_grad_(True)
+    _, mean, invstd = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
+                                          training=True, output_mean_var=True)
+    assert not mean.requires_grad and not invstd.requires_grad
+
+
+def test_fix_gamma_leaves_gamma_untouched_and_gives_zero_grad(path):
+    inp = make_inputs((4, 3, 2), 1, F32)
+    gamma = inp.gamma.clone().requires_grad_(True)
+    before = gamma.detach().clone()
+    y = tritonbn.batch_norm(inp.x, gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=True, training=True)
+    y.sum().backward()
+    assert torch.equal(gamma.detach(), before)
+    assert torch.equal(gamma.grad, torch.zeros_like(before))
+
+
+@pytest.mark.parametrize(
+    "shape, axis, training, use_global_stats",
+    [
+        pytest.param((3, 2, 4), 1, True, False, id="train-channel-major"),
+        pytest.param((3, 4, 2), -1, True, False, id="train-channel-minor"),
+        pytest.param((3, 2, 4), 1, False, False, id="inference"),
+        pytest.param((3, 2, 4), 1, True, True, id="global-stats"),
+    ],
+)
+def test_gradcheck_float64(shape, axis, training, use_global_stats, path):
+    inp = make_inputs(shape, axis, F64)
+    x = inp.x.clone().requires_grad_(True)
+    gamma = inp.gamma.clone().requires_grad_(True)
+    beta = inp.beta.clone().requires_grad_(True)
+
+    def fn(x, gamma, beta):
+        return tritonbn.batch_norm(x, gamma, beta, inp.moving_mean.clone(), inp.moving_var.clone(),
+                                   fix_gamma=False, use_global_stats=use_global_stats, axis=axis, training=training)
+
+    with tritonbn.trace.capture() as trace:
+        assert torch.autograd.gradcheck(fn, (x, gamma, beta), eps=1e-6, atol=1e-6)
+    assert set(trace.paths) == {path}
