@@ -234,6 +234,16 @@ class TritonBackend:
     name: str = TRITON
 
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+        # The kernels index parameters as ptr + c: strided views go through contiguous copies,
+        # and the moving statistics are copied back after the update.
+        moving = (moving_mean.contiguous(), moving_var.contiguous())
+        result = self._forward(x, gamma.contiguous(), beta.contiguous(), *moving, settings, out)
+        for target, updated in zip((moving_mean, moving_var), moving):
+            if updated is not target:
+                target.copy_(updated)
+        return result
+
+    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
         acc = reference.stat_dtype(x.dtype)
         channels = x.shape[settings.axis]
         y = out if out is not None else empty_like_layout(x)
@@ -271,6 +281,7 @@ class TritonBackend:
 
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         """Returns (dx, dgamma, dbeta)."""
+        gamma = gamma.contiguous()
         channels = x.shape[settings.axis]
         dx = empty_like_layout(x)
         plan = _plan_for([x, dy, dx], settings.axis)

@@ -100,13 +100,13 @@ def plan_view(
 
     Args:
         shape: the common shape of the tensors.
-        axis: the channel axis, non-negative.
+        axis: the channel axis (negative counts from the end).
         strides: one stride tuple per tensor (the first one decides the dimension order).
     Returns:
         The plan, or None when the layout needs more than three reduced groups.
     """
     return _plan_cached(
-        tuple(shape), axis, tuple(tuple(s) for s in strides), _force_int64.get()
+        tuple(shape), axis % len(shape), tuple(tuple(s) for s in strides), _force_int64.get()
     )
 
 

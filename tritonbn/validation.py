@@ -78,6 +78,8 @@ def _check_param(name: str, param: object, data: torch.Tensor, channels: int) ->
         raise TypeError(f"{name} has dtype {param.dtype}; for {data.dtype} data expected one of {allowed}")
     if param.device != data.device:
         raise ValueError(f"{name} is on {param.device} but data is on {data.device}")
+    if name.startswith("moving_") and _self_overlapping(param):
+        raise ValueError(f"{name} has elements that share memory (an expanded view?); it is updated in place")
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -97,6 +99,16 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """Conservative: True unless each dimension steps past everything the faster ones span."""
+    span = 0
+    for size, stride in sorted(((s, abs(st)) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda p: p[1]):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
 def _check_out(out: object, data: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
@@ -108,6 +120,8 @@ def _check_out(out: object, data: torch.Tensor) -> None:
         raise ValueError(f"out is on {out.device} but data is on {data.device}")
     if _overlaps(out, data):
         raise ValueError("out overlaps data in memory; pass a separate tensor")
+    if _self_overlapping(out):
+        raise ValueError("out has elements that share memory (an expanded view?); pass a dense tensor")
 
 
 def validate(

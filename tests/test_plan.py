@@ -1,0 +1,139 @@
+"""The layout plan: which (outer, C, inner) view and kernel family each layout gets."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tritonbn.plan import (
+    CHANNEL_MAJOR,
+    CHANNEL_MINOR,
+    empty_like_layout,
+    force_int64_indexing,
+    is_dense,
+    plan_view,
+)
+
+
+def _x(shape, layout="contiguous"):
+    x = torch.empty(shape)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last_3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+# (tensor, axis, expected (outer, C, inner, outer_lo), family, x strides (oh, o, c, i))
+PLANS = [
+    pytest.param(_x((2, 3, 4, 5)), 1, (2, 3, 20, 2), CHANNEL_MAJOR, (0, 60, 20, 1), id="nchw-axis1"),
+    pytest.param(_x((2, 3, 4, 5), "channels_last"), 1, (1, 3, 40, 1), CHANNEL_MINOR, (0, 0, 1, 3), id="nhwc-axis1"),
+    pytest.param(_x((2, 3, 2, 4, 5), "channels_last_3d"), 1, (1, 3, 80, 1), CHANNEL_MINOR, (0, 0, 1, 3),
+                 id="ndhwc-axis1"),
+    pytest.param(_x((6, 7)), -1, (1, 7, 6, 1), CHANNEL_MINOR, (0, 0, 1, 7), id="rows-by-channels-axis-1"),
+    pytest.param(_x((6, 7)), 0, (1, 6, 7, 1), CHANNEL_MAJOR, (0, 0, 7, 1), id="2d-axis0"),
+    pytest.param(_x((2, 3, 4, 5)), 2, (6, 4, 5, 6), CHANNEL_MAJOR, (0, 20, 5, 1), id="nchw-axis2"),
+    pytest.param(_x((2, 3, 4, 5)).permute(0, 2, 3, 1), 3, (2, 3, 20, 2), CHANNEL_MAJOR, (0, 60, 20, 1),
+                 id="permuted-view-keeps-memory-order"),
+    pytest.param(_x((2, 3, 4, 11))[..., 1:10:2], 1, (8, 3, 5, 4), CHANNEL_MAJOR, (132, 11, 44, 2),
+                 id="step-sliced-three-groups"),
+    pytest.param(_x((2, 6, 4, 5))[:, 1:4], 1, (2, 3, 20, 2), CHANNEL_MAJOR, (0, 120, 20, 1), id="channel-slice"),
+    pytest.param(_x((7,)), 0, (1, 7, 1, 1), CHANNEL_MINOR, (0, 0, 1, 0), id="rank1-one-element-per-channel"),
+    pytest.param(_x((5, 1, 3)), 1, (1, 1, 15, 1), CHANNEL_MAJOR, (0, 0, 3, 1), id="single-channel"),
+    pytest.param(torch.empty(1).expand(4, 3), 1, (1, 3, 4, 1), CHANNEL_MAJOR, (0, 0, 0, 0), id="expanded-zero-strides"),
+]
+
+
+@pytest.mark.parametrize("x, axis, extents, family, x_strides", PLANS)
+def test_plan_view(x, axis, extents, family, x_strides):
+    plan = plan_view(x.shape, axis, [x.stride()])
+    assert (plan.outer, plan.channels, plan.inner, plan.outer_lo) == extents
+    assert plan.family == family
+    assert plan.strides[0] == x_strides
+    assert not plan.int64
+
+
+def test_plan_reproduces_every_offset():
+    """The planned strides address exactly the elements torch's strides do."""
+    x = torch.arange(2 * 3 * 4 * 11, dtype=torch.float64).reshape(2, 3, 4, 11)[..., 1:10:2]
+    plan = plan_view(x.shape, 1, [x.stride()])
+    soh, so, sc, si = plan.strides[0]
+    flat = x.as_strided((x.untyped_storage().nbytes() // 8,), (1,), 0)
+    gathered = torch.empty(plan.outer, plan.channels, plan.inner, dtype=torch.float64)
+    for o in range(plan.outer):
+        for c in range(plan.channels):
+            for i in range(plan.inner):
+                offset = x.storage_offset() + (o // plan.outer_lo) * soh + (o % plan.outer_lo) * so + c * sc + i * si
+                gathered[o, c, i] = flat[offset]
+    expected = x.movedim(1, -1).reshape(-1, 3)
+    assert torch.equal(torch.sort(gathered.permute(1, 0, 2).reshape(3, -1), dim=1).values,
+                       torch.sort(expected.T, dim=1).values)
+
+
+def test_four_groups_are_not_planned():
+    x = torch.empty(2, 3, 4, 3, 5)[:, :, ::2, :, ::2]
+    assert plan_view(x.shape, 1, [x.stride()]) is None
+
+
+def test_joint_plan_merges_only_where_every_tensor_allows():
+    x = torch.empty(2, 3, 4, 5)
+    y = torch.empty(2, 3, 4, 11)[..., 1:10:2]
+    assert plan_view(x.shape, 1, [x.stride()]).outer_lo == 2  # N alone, HW merged
+    joint = plan_view(x.shape, 1, [x.stride(), y.stride()])
+    assert (joint.outer, joint.outer_lo, joint.inner) == (8, 4, 5)
+
+
+def test_force_int64_indexing_switches_the_plan():
+    x = torch.empty(2, 3, 4)
+    assert not plan_view(x.shape, 1, [x.stride()]).int64
+    with force_int64_indexing():
+        assert plan_view(x.shape, 1, [x.stride()]).int64
+    assert not plan_view(x.shape, 1, [x.stride()]).int64
+
+
+def test_large_strides_need_int64_without_allocating():
+    shape, strides = (2, 3, 2**30), (3 * 2**30, 2**30, 1)
+    assert plan_view(shape, 1, [strides]).int64
+
+
+@pytest.mark.parametrize(
+    "x, dense",
+    [
+        pytest.param(torch.empty(2, 3, 4), True, id="contiguous"),
+        pytest.param(torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), True, id="channels-last"),
+        pytest.param(torch.empty(2, 3, 4).permute(2, 0, 1), True, id="permuted"),
+        pytest.param(torch.empty(2, 3, 8)[..., ::2], False, id="stepped"),
+        pytest.param(torch.empty(1).expand(3, 4), False, id="expanded"),
+    ],
+)
+def test_empty_like_layout(x, dense):
+    assert is_dense(x) == dense
+    y = empty_like_layout(x)
+    assert y.shape == x.shape and is_dense(y)
+    if dense:
+        assert y.stride() == x.stride()
+
+
+def test_plan_cache_is_thread_safe():
+    shapes = [(2, c, 3 + c) for c in range(1, 17)] + [(c, 3, 2) for c in range(1, 17)]
+
+    def plan(shape):
+        x = torch.empty(shape)
+        return shape, plan_view(x.shape, 1, [x.stride()])
+
+    serial = dict(plan(s) for s in shapes)
+
+    barrier = threading.Barrier(4)
+
+    def worker(_):
+        barrier.wait()
+        return [plan(s) for s in shapes]
+
+    with ThreadPoolExecutor(4) as pool:
+        for results in pool.map(worker, range(4)):
+            for shape, p in results:
+                assert p == serial[shape]
+                assert p.m * p.channels == shape[0] * shape[1] * shape[2]
