@@ -146,7 +146,7 @@ def reduce_config(plan: ViewPlan, profile: DeviceProfile) -> KernelConfig:
     max_useful = max(1, (tiles_rows * tiles_cols) // 2)
     split = min(wanted, max_useful, 1024)
     split_rows = min(split, tiles_rows)
-    split_cols = min(max(1, split // split_rows), tiles_cols)
+    split_cols = min(-(-split // split_rows), tiles_cols)
     return KernelConfig(
         block_rows, block_cols, split_rows, split_cols, num_warps=_warps(block_rows * block_cols)
     )
