@@ -1,0 +1,7 @@
+"""``python -m tritonbn`` = the ``tritonbn`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
