@@ -43,9 +43,10 @@ def _coefficients(
             x_coef = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC) * invstd
         dy_coef = tl.zeros_like(invstd)
         const = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        tl.store(center_ptr + c, pilot, mask=c_mask & write_stats)
-        tl.store(center_ptr + C + c, shifted_mean, mask=c_mask & write_stats)
-        tl.store(invstd_ptr + c, invstd, mask=c_mask & write_stats)
+        if write_stats:
+            tl.store(center_ptr + c, pilot, mask=c_mask)
+            tl.store(center_ptr + C + c, shifted_mean, mask=c_mask)
+            tl.store(invstd_ptr + c, invstd, mask=c_mask)
     else:
         pilot = tl.load(coef_ptr + c, mask=c_mask, other=0.0)
         shifted_mean = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)
