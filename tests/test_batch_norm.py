@@ -12,10 +12,21 @@ import torch
 
 import tritonbn
 from tritonbn import reference
+from tritonbn.autotune import PERSISTENT_OFF, override_configs
 from tritonbn.plan import is_dense, plan_view
 from helpers import apply_layout, assert_close, make_inputs
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+
+@pytest.fixture(params=["triton", "triton-split", "reference"])
+def path(request, monkeypatch):
+    """This module runs every test three ways: the Triton kernels as dispatched (single-pass
+    for these small slices), the Triton split path (persistent kernels off), the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "reference" else "1")
+    split_only = {"persistent": PERSISTENT_OFF} if request.param == "triton-split" else {}
+    with override_configs(**split_only):
+        yield request.param.split("-")[0]
 
 # (shape, axis, layout): every rank 1-5, every axis (negative ones too), every layout family.
 GEOMETRIES = [

@@ -13,7 +13,7 @@ import torch
 
 import tritonbn
 from tritonbn import reference
-from tritonbn.autotune import KernelConfig, override_configs
+from tritonbn.autotune import PERSISTENT_OFF, KernelConfig, override_configs
 from tritonbn.autotune.config import DeviceProfile, reduce_config
 from tritonbn.plan import force_int64_indexing, plan_view
 from helpers import assert_close, make_inputs
@@ -65,7 +65,7 @@ SPLITS = [
 @pytest.mark.parametrize("shape, axis, config", SPLITS)
 def test_split_reductions_merge_exactly(shape, axis, config):
     layout = "channels_last" if len(shape) == 4 and axis == 1 and shape == (2, 5, 3, 4) else "contiguous"
-    with override_configs(reduce=config):
+    with override_configs(reduce=config, persistent=PERSISTENT_OFF):
         trace = _train_step(shape, axis, layout)
     reductions = [launch for launch in trace.launches if launch.kernel in REDUCTION_KERNELS]
     assert len(reductions) == 2 and all(launch.config == config for launch in reductions)
@@ -76,7 +76,7 @@ def test_split_reductions_merge_exactly(shape, axis, config):
 
 
 def test_multi_program_finalize_and_multi_tile_elementwise():
-    with override_configs(finalize=KernelConfig(1, 2), elementwise=KernelConfig(2, 4)):
+    with override_configs(finalize=KernelConfig(1, 2), elementwise=KernelConfig(2, 4), persistent=PERSISTENT_OFF):
         trace = _train_step((3, 7, 9), 1)
     finalizes = [launch for launch in trace.launches if launch.kernel.startswith("finalize")]
     assert [launch.programs for launch in finalizes] == [4, 4]  # ceil(7 channels / 2)
@@ -97,33 +97,59 @@ def test_int64_indexing_path(shape, axis, layout):
     assert streaming and all(launch.flags["INT64"] for launch in streaming)
 
 
-# (training, use_global_stats, forward kernels, backward kernels, flags of the last launch of each)
+SPLIT_BACKWARD = ["channel_major_backward_reduce", "finalize_backward", "channel_major_elementwise"]
+
+# (training, use_global_stats, persistent on, forward kernels, backward kernels,
+#  flags of the last forward launch, flags of the last backward launch)
 LAUNCHES = [
-    pytest.param(True, False, ["channel_major_stats", "finalize_stats", "channel_major_elementwise"],
-                 ["channel_major_backward_reduce", "finalize_backward", "channel_major_elementwise"],
-                 dict(HAS_X=True, HAS_DY=False, FROM_MOVING=False), dict(HAS_X=True, HAS_DY=True), id="training"),
-    pytest.param(False, False, ["channel_major_elementwise"],
-                 ["channel_major_backward_reduce", "finalize_backward", "channel_major_elementwise"],
-                 dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(HAS_X=False, HAS_DY=True), id="inference"),
-    pytest.param(True, True, ["channel_major_elementwise"],
-                 ["channel_major_backward_reduce", "finalize_backward", "channel_major_elementwise"],
+    pytest.param(True, False, True, ["channel_major_persistent_forward"], ["channel_major_persistent_backward"],
+                 dict(UPDATE_MOVING=True), dict(BATCH_STATS=True), id="training-single-pass"),
+    pytest.param(True, False, False, ["channel_major_stats", "finalize_stats", "channel_major_elementwise"],
+                 SPLIT_BACKWARD, dict(HAS_X=True, HAS_DY=False, FROM_MOVING=False), dict(HAS_X=True, HAS_DY=True),
+                 id="training-split"),
+    pytest.param(False, False, True, ["channel_major_elementwise"], ["channel_major_persistent_backward"],
+                 dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(BATCH_STATS=False), id="inference"),
+    pytest.param(False, False, False, ["channel_major_elementwise"], SPLIT_BACKWARD,
                  dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(HAS_X=False, HAS_DY=True),
-                 id="global-stats"),
+                 id="inference-split-backward"),
+    pytest.param(True, True, True, ["channel_major_elementwise"], ["channel_major_persistent_backward"],
+                 dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(BATCH_STATS=False), id="global-stats"),
 ]
 
 
-@pytest.mark.parametrize("training, use_global_stats, forward, backward, forward_flags, backward_flags", LAUNCHES)
-def test_launches_per_op(training, use_global_stats, forward, backward, forward_flags, backward_flags):
+@pytest.mark.parametrize(
+    "training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags", LAUNCHES)
+def test_launches_per_op(training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags):
     inp = make_inputs((2, 3, 4), 1, torch.float32)
     x = inp.x.requires_grad_(True)
-    with tritonbn.trace.capture() as fwd:
-        y = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
-                                training=training, use_global_stats=use_global_stats)
-    with tritonbn.trace.capture() as bwd:
-        y.sum().backward()
+    with override_configs(**({} if single_pass else {"persistent": PERSISTENT_OFF})):
+        with tritonbn.trace.capture() as fwd:
+            y = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
+                                    training=training, use_global_stats=use_global_stats)
+        with tritonbn.trace.capture() as bwd:
+            y.sum().backward()
     assert fwd.kernels() == forward and bwd.kernels() == backward
     assert forward_flags.items() <= fwd.launches[-1].flags.items()
     assert backward_flags.items() <= bwd.launches[-1].flags.items()
+
+
+@pytest.mark.parametrize(
+    "shape, axis, layout, family",
+    [pytest.param((3, 5, 7), 1, "contiguous", "channel_major", id="channel-major"),
+     pytest.param((3, 70, 2, 2), 1, "channels_last", "channel_minor", id="channel-minor-several-blocks")],
+)
+def test_single_pass_kernels_run_one_launch_per_op(shape, axis, layout, family):
+    trace = _train_step(shape, axis, layout)
+    assert trace.kernels() == [f"{family}_persistent_forward", f"{family}_persistent_backward"]
+
+
+def test_slices_beyond_capacity_take_the_split_path():
+    from tritonbn.autotune.config import PERSISTENT_CAPACITY
+    inner = PERSISTENT_CAPACITY["forward"] + 1  # the tile covering it would be twice the capacity
+    inp = make_inputs((1, 2, inner), 1, torch.float32)
+    with tritonbn.trace.capture() as trace:
+        tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, training=True)
+    assert trace.kernels()[0] == "channel_major_stats"
 
 
 @pytest.mark.parametrize(

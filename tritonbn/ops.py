@@ -6,8 +6,9 @@ autograd Function that serves both, and the public ``batch_norm``.
 
 Launch counts per op (channel-major or channel-minor alike):
   inference forward: 1 (elementwise, coefficients from the moving statistics)
-  training forward:  3 (statistics partials, finalize, elementwise)
-  backward:          3 (S/D partials, finalize, elementwise dx)
+  training forward:  1 (persistent, when a channel's slice fits a program)
+                     or 3 (statistics partials, finalize, elementwise)
+  backward:          1 (persistent) or 3 (S/D partials, finalize, elementwise dx)
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import torch
 
 from . import reference, trace
 from .autotune.config import (
+    BACKWARD,
+    FORWARD,
     KernelConfig,
     device_profile,
     elementwise_config,
     finalize_config,
     interpreting,
+    persistent_config,
     reduce_config,
 )
 from .plan import CHANNEL_MAJOR, ViewPlan, empty_like_layout, plan_view
@@ -216,6 +220,68 @@ def launch_finalize_backward(
     return dgamma, dbeta, coef
 
 
+def launch_persistent_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: ViewPlan,
+    cfg: KernelConfig,
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    settings: Settings,
+    acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward in one pass (a channel's slice fits a program): returns (mean, invstd,
+    center [2, C]) and writes y; updates the moving statistics in place."""
+    k = _kernels().persistent
+    channels = plan.channels
+    mean = torch.empty(channels, dtype=acc, device=x.device)
+    invstd = torch.empty_like(mean)
+    center = torch.empty((2, channels), dtype=acc, device=x.device)
+    scalars = (*_f64_halves(settings.eps), *_f64_halves(settings.momentum), plan.outer_lo)
+    flags = dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=True, UNBIASED=settings.unbiased_update,
+                 INT64=plan.int64)
+    common = (x, y, *params, mean, invstd, center)
+    if plan.family == CHANNEL_MAJOR:
+        args = (*common, channels, plan.outer, plan.inner, plan.m, *scalars, *plan.strides[0], *plan.strides[1])
+        _launch(k.channel_major_persistent_forward_kernel, "channel_major_persistent_forward", channels, cfg,
+                args, BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
+    else:
+        args = (*common, channels, plan.inner, plan.m, *scalars, *plan.strides[0], *plan.strides[1])
+        _launch(k.channel_minor_persistent_forward_kernel, "channel_minor_persistent_forward",
+                _cdiv(channels, cfg.block_cols), cfg, args, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
+    return mean, invstd, center
+
+
+def launch_persistent_backward(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    plan: ViewPlan,
+    cfg: KernelConfig,
+    center: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    beta_dtype: torch.dtype,
+    settings: Settings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward in one pass (a channel's slice fits a program): writes dx, returns (dgamma, dbeta)."""
+    k = _kernels().persistent
+    channels = plan.channels
+    dgamma = torch.empty(channels, dtype=gamma.dtype, device=x.device)
+    dbeta = torch.empty(channels, dtype=beta_dtype, device=x.device)
+    flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64)
+    common = (x, dy, dx, center, invstd, gamma, dgamma, dbeta)
+    strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])
+    if plan.family == CHANNEL_MAJOR:
+        args = (*common, channels, plan.outer, plan.inner, plan.m, plan.outer_lo, *strides)
+        _launch(k.channel_major_persistent_backward_kernel, "channel_major_persistent_backward", channels, cfg,
+                args, BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
+    else:
+        args = (*common, channels, plan.inner, plan.m, plan.outer_lo, *strides)
+        _launch(k.channel_minor_persistent_backward_kernel, "channel_minor_persistent_backward",
+                _cdiv(channels, cfg.block_cols), cfg, args, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
+    return dgamma, dbeta
+
+
 # ----------------------------------------------------------------------------- backends
 
 
@@ -252,7 +318,11 @@ class TritonBackend:
         if plan.m == 0 or channels == 0:
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
         elementwise = elementwise_config(plan, profile)
-        if settings.batch_stats:
+        single_pass = persistent_config(plan, FORWARD, profile) if settings.batch_stats else None
+        if single_pass is not None:
+            mean, invstd, center = launch_persistent_forward(
+                x, y_kernel, plan, single_pass, (gamma, beta, moving_mean, moving_var), settings, acc)
+        elif settings.batch_stats:
             partial = launch_statistics(x, plan, reduce_config(plan, profile), acc)
             mean, invstd, coef = launch_finalize_statistics(
                 partial, gamma, beta, moving_mean, moving_var, settings, plan.m, update_moving=True)
@@ -293,6 +363,11 @@ class TritonBackend:
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
             return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
         profile = device_profile(x.device)
+        single_pass = persistent_config(plan, BACKWARD, profile)
+        if single_pass is not None:
+            dgamma, dbeta = launch_persistent_backward(x, dy, dx, plan, single_pass, center, invstd, gamma,
+                                                       beta_dtype, settings)
+            return dx, dgamma, dbeta
         partial = launch_backward_reduce(x, dy, center, plan, reduce_config(plan, profile))
         dgamma, dbeta, coef = launch_finalize_backward(partial, center, invstd, gamma, beta_dtype, settings, plan.m)
         launch_elementwise(plan, elementwise_config(plan, profile), dx,

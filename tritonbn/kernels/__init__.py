@@ -3,12 +3,13 @@
 - ``stats``: training statistics partials + finalize (mean, invstd, moving-stat update)
 - ``elementwise``: normalisation (forward, inference) and dx
 - ``backward``: S/D partials + finalize (dgamma, dbeta, dx coefficients)
+- ``persistent``: single-pass training forward and backward when a channel's slice fits a program
 - ``common``: helpers shared by the phases (Welford, Chan merge, offsets)
 
 Whether these are compiled kernels or interpreted ones is decided when this package is first
 imported (Triton reads TRITON_INTERPRET then).
 """
 
-from . import backward, elementwise, stats
+from . import backward, elementwise, persistent, stats
 
-__all__ = ["stats", "elementwise", "backward"]
+__all__ = ["stats", "elementwise", "backward", "persistent"]

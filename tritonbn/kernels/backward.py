@@ -13,7 +13,7 @@ kernel (see ``elementwise.py``):
 import triton
 import triton.language as tl
 
-from .common import channel_major_offsets, channel_minor_offsets, scalar_offset
+from .common import channel_major_offsets, channel_minor_offsets, finish_backward, scalar_offset
 
 
 @triton.jit
@@ -113,7 +113,6 @@ def finalize_backward_kernel(
 
     grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.
     """
-    ACC: tl.constexpr = partial_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.arange(0, BLOCK_P)
     c_mask = c < C
@@ -122,28 +121,11 @@ def finalize_backward_kernel(
     sum_dy = tl.sum(tl.load(partial_ptr + slots, mask=mask, other=0.0), 0)
     sum_dy_xmu = tl.sum(tl.load(partial_ptr + C * P + slots, mask=mask, other=0.0), 0)
 
-    pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
-    shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
-    if FIX_GAMMA:
-        g = tl.full([BLOCK_C], 1.0, ACC)
-        dgamma = tl.zeros([BLOCK_C], ACC)
-    else:
-        g = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        dgamma = sum_dy_xmu * invstd
-    tl.store(dgamma_ptr + c, dgamma.to(dgamma_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(dbeta_ptr + c, sum_dy.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
-
-    dy_coef = g * invstd
-    if BATCH_STATS:
-        inv_m = 1.0 / tl.cast(m, ACC)
-        x_coef = -dy_coef * invstd * invstd * sum_dy_xmu * inv_m
-        const = -dy_coef * sum_dy * inv_m
-    else:
-        x_coef = tl.zeros([BLOCK_C], ACC)
-        const = tl.zeros([BLOCK_C], ACC)
-    tl.store(coef_ptr + c, pilot, mask=c_mask)
-    tl.store(coef_ptr + C + c, shifted_mean, mask=c_mask)
+    x_coef, dy_coef, const = finish_backward(
+        c, c_mask, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr, FIX_GAMMA, BATCH_STATS)
+    tl.store(coef_ptr + c, tl.load(center_ptr + c, mask=c_mask, other=0.0), mask=c_mask)
+    tl.store(coef_ptr + C + c, tl.load(center_ptr + C + c, mask=c_mask, other=0.0), mask=c_mask)
     tl.store(coef_ptr + 2 * C + c, x_coef, mask=c_mask)
     tl.store(coef_ptr + 3 * C + c, dy_coef, mask=c_mask)
     tl.store(coef_ptr + 4 * C + c, const, mask=c_mask)

@@ -85,3 +85,72 @@ def scalar_offset(index, stride, INT64: tl.constexpr):
     if INT64:
         index = index.to(tl.int64)
     return index * stride
+
+
+@triton.jit
+def finish_statistics(
+    c, c_mask, C, pilot, shifted_mean, var, m,
+    gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, center_ptr,
+    eps_hi, eps_lo, momentum_hi, momentum_lo,
+    FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
+):
+    """Epilogue of the training statistics of channels ``c`` ([K] vectors in, [K] vectors out).
+
+    Writes mean = pilot + shifted_mean and invstd (outputs), center[2, C] = (pilot, shifted
+    mean) for the backward, and ``moving = moving * momentum + batch * (1 - momentum)`` (var
+    biased, or * m/(m-1) if UNBIASED).  Returns (scale, beta): y = (x - mean) * scale + beta.
+    """
+    ACC: tl.constexpr = var.dtype
+    invstd = safe_invstd(var, split_f64(eps_hi, eps_lo, ACC))
+    mean = pilot + shifted_mean
+    if FIX_GAMMA:
+        scale = invstd
+    else:
+        scale = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC) * invstd
+    beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(invstd_ptr + c, invstd, mask=c_mask)
+    tl.store(center_ptr + c, pilot, mask=c_mask)
+    tl.store(center_ptr + C + c, shifted_mean, mask=c_mask)
+    if UPDATE_MOVING:
+        momentum = split_f64(momentum_hi, momentum_lo, ACC)
+        if UNBIASED:
+            var = var * (tl.cast(m, ACC) / tl.cast(m - 1, ACC))
+        old_mean = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        old_var = tl.load(moving_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        new_mean = old_mean * momentum + mean * (1.0 - momentum)
+        new_var = old_var * momentum + var * (1.0 - momentum)
+        tl.store(moving_mean_ptr + c, new_mean.to(moving_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(moving_var_ptr + c, new_var.to(moving_var_ptr.dtype.element_ty), mask=c_mask)
+    return scale, beta
+
+
+@triton.jit
+def finish_backward(
+    c, c_mask, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr,
+    FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
+):
+    """Epilogue of the backward reductions of channels ``c`` ([K] vectors).
+
+    Stores dgamma = D * invstd (0 with FIX_GAMMA) and dbeta = S; returns the dx coefficients
+    (x_coef, dy_coef, const) of dx = (x - mean) * x_coef + dy * dy_coef + const:
+        batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * D * invstd^2 / m)
+        moving statistics: dx = g*invstd * dy
+    """
+    ACC: tl.constexpr = invstd.dtype
+    if FIX_GAMMA:
+        dy_coef = invstd
+        dgamma = tl.zeros_like(invstd)
+    else:
+        dy_coef = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(ACC) * invstd
+        dgamma = sum_dy_xmu * invstd
+    tl.store(dgamma_ptr + c, dgamma.to(dgamma_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dbeta_ptr + c, sum_dy.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
+    if BATCH_STATS:
+        inv_m = 1.0 / tl.cast(m, ACC)
+        x_coef = -dy_coef * invstd * invstd * sum_dy_xmu * inv_m
+        const = -dy_coef * sum_dy * inv_m
+    else:
+        x_coef = tl.zeros_like(invstd)
+        const = tl.zeros_like(invstd)
+    return x_coef, dy_coef, const

@@ -23,9 +23,8 @@ from .common import (
     chan_merge_rows,
     channel_major_offsets,
     channel_minor_offsets,
-    safe_invstd,
+    finish_statistics,
     scalar_offset,
-    split_f64,
     welford_update,
 )
 
@@ -133,7 +132,7 @@ def finalize_stats_kernel(
     gamma_ptr, beta_ptr,  # [C] parameters (float32 or the data dtype; float64 for float64)
     moving_mean_ptr, moving_var_ptr,  # [C] updated in place when UPDATE_MOVING
     mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype
-    coef_ptr,  # [5, C] out: (pilot, shifted mean, x coef, dy coef, const) for the apply kernel
+    coef_ptr,  # [5, C] out: (pilot, shifted mean, x coef, dy coef, const); rows 0-1 are the center
     C, P, m,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -145,7 +144,6 @@ def finalize_stats_kernel(
     apply coefficients ``y = (x - mean) * (g * invstd) + beta``, and
     ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if UNBIASED).
     """
-    ACC: tl.constexpr = partial_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.arange(0, BLOCK_P)
     c_mask = c < C
@@ -158,30 +156,11 @@ def finalize_stats_kernel(
     shifted_mean, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
     var = m2 / tl.maximum(count, 1.0)
     pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
-    mean = pilot + shifted_mean
-
-    eps = split_f64(eps_hi, eps_lo, ACC)
-    invstd = safe_invstd(var, eps)
-    if FIX_GAMMA:
-        g = tl.full([BLOCK_C], 1.0, ACC)
-    else:
-        g = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(invstd_ptr + c, invstd, mask=c_mask)
-    tl.store(coef_ptr + c, pilot, mask=c_mask)
-    tl.store(coef_ptr + C + c, shifted_mean, mask=c_mask)
-    tl.store(coef_ptr + 2 * C + c, g * invstd, mask=c_mask)
-    tl.store(coef_ptr + 3 * C + c, tl.zeros([BLOCK_C], ACC), mask=c_mask)
+    scale, beta = finish_statistics(
+        c, c_mask, C, pilot, shifted_mean, var, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
+        mean_ptr, invstd_ptr, coef_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
+        FIX_GAMMA, UPDATE_MOVING, UNBIASED,
+    )
+    tl.store(coef_ptr + 2 * C + c, scale, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, tl.zeros_like(scale), mask=c_mask)
     tl.store(coef_ptr + 4 * C + c, beta, mask=c_mask)
-
-    if UPDATE_MOVING:
-        momentum = split_f64(momentum_hi, momentum_lo, ACC)
-        if UNBIASED:
-            var = var * (tl.cast(m, ACC) / tl.cast(m - 1, ACC))
-        old_mean = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        old_var = tl.load(moving_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        new_mean = old_mean * momentum + mean * (1.0 - momentum)
-        new_var = old_var * momentum + var * (1.0 - momentum)
-        tl.store(moving_mean_ptr + c, new_mean.to(moving_mean_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(moving_var_ptr + c, new_var.to(moving_var_ptr.dtype.element_ty), mask=c_mask)

@@ -1,0 +1,176 @@
+"""Persistent single-pass kernels: one program owns whole channels, one launch per op.
+
+When a channel's slice (m elements) fits one program's registers, the program loads it once,
+reduces it, normalises from registers and writes once:
+
+    training forward:  read x, write y          (2 S instead of 3 S, 1 launch instead of 3)
+    backward:          read x and dy, write dx  (3 S instead of 5 S, 1 launch instead of 3)
+
+Channel-major programs own one channel (a [BLOCK_O, BLOCK_I] tile covering outer x inner);
+channel-minor programs own BLOCK_C channels (a [BLOCK_R, BLOCK_C] tile covering every row).
+The statistics are exact two-pass sums over registers, on data shifted by the channel's first
+element (see ``stats.py``); the epilogues are the split path's (``common.finish_*``), so both
+paths compute the same formulas.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    channel_major_offsets,
+    channel_minor_offsets,
+    finish_backward,
+    finish_statistics,
+    scalar_offset,
+)
+
+
+@triton.jit
+def _two_pass_rows(x, mask, pilot, m):
+    """Shifted mean and biased variance of each column of a [R, K] tile: ([K], [K], centred tile)."""
+    shifted = tl.where(mask, x - pilot, 0.0)
+    shifted_mean = tl.sum(shifted, 0) / m
+    centred = tl.where(mask, shifted - shifted_mean[None, :], 0.0)
+    var = tl.sum(centred * centred, 0) / m
+    return shifted_mean, var, centred
+
+
+@triton.jit
+def channel_major_persistent_forward_kernel(
+    x_ptr, y_ptr,  # (outer, C, inner) views
+    gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
+    mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
+    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_lo,
+    stride_xoh, stride_xo, stride_xc, stride_xi,
+    stride_yoh, stride_yo, stride_yc, stride_yi,
+    FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+):
+    """Training forward of one channel: grid = (C,), BLOCK_O >= outer, BLOCK_I >= inner."""
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    lanes: tl.constexpr = BLOCK_O * BLOCK_I
+    c_scalar = tl.program_id(0)
+    c = c_scalar + tl.arange(0, 1)
+    o = tl.arange(0, BLOCK_O)
+    i = tl.arange(0, BLOCK_I)
+    mask = (o < outer)[:, None] & (i < inner)[None, :]
+    x_base = x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
+    x = tl.load(x_base + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
+                mask=mask, other=0.0).to(ACC)
+    pilot = tl.load(x_base + tl.zeros([1], tl.int32)).to(ACC)
+    shifted_mean, var, centred = _two_pass_rows(
+        tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], m)
+    scale, beta = finish_statistics(
+        c, c < C, C, pilot, shifted_mean, var, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
+        mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
+        FIX_GAMMA, UPDATE_MOVING, UNBIASED,
+    )
+    y = tl.reshape(centred * scale[None, :] + beta[None, :], [BLOCK_O, BLOCK_I])
+    y_offsets = scalar_offset(c_scalar, stride_yc, INT64) + channel_major_offsets(
+        o, i, outer_lo, stride_yoh, stride_yo, stride_yi, INT64)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_minor_persistent_forward_kernel(
+    x_ptr, y_ptr,  # rows x C matrices: row r = o * inner + i
+    gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
+    mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
+    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_lo,
+    stride_xoh, stride_xo, stride_xc, stride_xi,
+    stride_yoh, stride_yo, stride_yc, stride_yi,
+    FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    """Training forward of BLOCK_C channels: grid = (cdiv(C, BLOCK_C),), BLOCK_R >= rows."""
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    c_mask = c < C
+    mask = (r < rows)[:, None] & c_mask[None, :]
+    x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi,
+                                              INT64), mask=mask, other=0.0).to(ACC)
+    pilot = tl.load(x_ptr + scalar_offset(c, stride_xc, INT64), mask=c_mask, other=0.0).to(ACC)
+    shifted_mean, var, centred = _two_pass_rows(x, mask, pilot[None, :], rows)
+    scale, beta = finish_statistics(
+        c, c_mask, C, pilot, shifted_mean, var, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
+        mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
+        FIX_GAMMA, UPDATE_MOVING, UNBIASED,
+    )
+    y = centred * scale[None, :] + beta[None, :]
+    y_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_yoh, stride_yo, stride_yc, stride_yi, INT64)
+    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_major_persistent_backward_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # (outer, C, inner) views
+    center_ptr, invstd_ptr,  # [2, C], [C]: what the forward normalised with
+    gamma_ptr, dgamma_ptr, dbeta_ptr,  # [C]
+    C, outer, inner, m, outer_lo,
+    stride_xoh, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
+    stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
+    FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+):
+    """Backward of one channel: S, D, dgamma, dbeta and dx in one pass; grid = (C,)."""
+    ACC: tl.constexpr = invstd_ptr.dtype.element_ty
+    c_scalar = tl.program_id(0)
+    c = c_scalar + tl.arange(0, 1)
+    o = tl.arange(0, BLOCK_O)
+    i = tl.arange(0, BLOCK_I)
+    mask = (o < outer)[:, None] & (i < inner)[None, :]
+    x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
+                + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
+                mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + scalar_offset(c_scalar, stride_dyc, INT64)
+                 + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64),
+                 mask=mask, other=0.0).to(ACC)
+    pilot = tl.load(center_ptr + c_scalar)
+    shifted_mean = tl.load(center_ptr + C + c_scalar)
+    centred = tl.where(mask, (x - pilot) - shifted_mean, 0.0)
+    sum_dy = tl.sum(tl.reshape(dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
+    sum_dy_xmu = tl.sum(tl.reshape(centred * dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
+    invstd = tl.load(invstd_ptr + c)
+    x_coef, dy_coef, const = finish_backward(
+        c, c < C, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr, FIX_GAMMA, BATCH_STATS)
+    dx = centred * tl.sum(x_coef, 0) + dy * tl.sum(dy_coef, 0) + tl.sum(const, 0)
+    dx_offsets = scalar_offset(c_scalar, stride_dxc, INT64) + channel_major_offsets(
+        o, i, outer_lo, stride_dxoh, stride_dxo, stride_dxi, INT64)
+    tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def channel_minor_persistent_backward_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # rows x C matrices: row r = o * inner + i
+    center_ptr, invstd_ptr,  # [2, C], [C]
+    gamma_ptr, dgamma_ptr, dbeta_ptr,  # [C]
+    C, inner, rows, outer_lo,
+    stride_xoh, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
+    stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
+    FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    """Backward of BLOCK_C channels over every row in one pass; grid = (cdiv(C, BLOCK_C),)."""
+    ACC: tl.constexpr = invstd_ptr.dtype.element_ty
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    c_mask = c < C
+    mask = (r < rows)[:, None] & c_mask[None, :]
+    x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi,
+                                              INT64), mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc,
+                                                stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+    pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
+    shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
+    centred = tl.where(mask, (x - pilot[None, :]) - shifted_mean[None, :], 0.0)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    x_coef, dy_coef, const = finish_backward(
+        c, c_mask, tl.sum(dy, 0), tl.sum(centred * dy, 0), invstd, rows, gamma_ptr, dgamma_ptr, dbeta_ptr,
+        FIX_GAMMA, BATCH_STATS)
+    dx = centred * x_coef[None, :] + dy * dy_coef[None, :] + const[None, :]
+    dx_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
+                                       INT64)
+    tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
