@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("tritonbn.demo", "run the operator on a few shapes and layouts and check it against the reference"),
+    "inspect": ("tritonbn.inspect", "compile every kernel variant for sm_80/sm_90 (no GPU needed): registers, spills, widest accesses"),
 }
 
 

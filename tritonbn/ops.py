@@ -13,9 +13,11 @@ Launch counts per op (channel-major or channel-minor alike):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -56,8 +58,38 @@ def _kernels() -> Any:
     return importlib.import_module("tritonbn.kernels")
 
 
+@dataclass(frozen=True)
+class CapturedLaunch:
+    """A launch recorded instead of run (``dry_run``): what ``tritonbn inspect`` compiles."""
+
+    kernel: Any
+    name: str
+    programs: int
+    config: KernelConfig
+    args: tuple
+    constexprs: dict
+
+
+_dry_run: contextvars.ContextVar[list[CapturedLaunch] | None] = contextvars.ContextVar("tritonbn_dry_run", default=None)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[list[CapturedLaunch]]:
+    """Record launches (kernel, arguments, config) instead of running them; outputs stay unwritten."""
+    launches: list[CapturedLaunch] = []
+    token = _dry_run.set(launches)
+    try:
+        yield launches
+    finally:
+        _dry_run.reset(token)
+
+
 def _launch(kernel: Any, name: str, programs: int, config: KernelConfig, args: tuple, **constexprs: Any) -> None:
     trace.record_launch(name, programs, config, **constexprs)
+    captured = _dry_run.get()
+    if captured is not None:
+        captured.append(CapturedLaunch(kernel, name, programs, config, args, constexprs))
+        return
     kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -318,7 +350,7 @@ class TritonBackend:
         if plan.m == 0 or channels == 0:
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
         elementwise = elementwise_config(plan, profile)
-        single_pass = persistent_config(plan, FORWARD, profile) if settings.batch_stats else None
+        single_pass = persistent_config(plan, FORWARD, profile, x.element_size()) if settings.batch_stats else None
         if single_pass is not None:
             mean, invstd, center = launch_persistent_forward(
                 x, y_kernel, plan, single_pass, (gamma, beta, moving_mean, moving_var), settings, acc)
@@ -363,7 +395,7 @@ class TritonBackend:
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
             return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
         profile = device_profile(x.device)
-        single_pass = persistent_config(plan, BACKWARD, profile)
+        single_pass = persistent_config(plan, BACKWARD, profile, x.element_size())
         if single_pass is not None:
             dgamma, dbeta = launch_persistent_backward(x, dy, dx, plan, single_pass, center, invstd, gamma,
                                                        beta_dtype, settings)

@@ -147,9 +147,13 @@ def _tile(plan: ViewPlan, tile_elements: int) -> tuple[int, int]:
     return block_rows, block_cols
 
 
-def _warps(tile_elements: int) -> int:
-    # About 16 elements per thread: enough in flight per thread for 128-bit accesses.
-    return max(1, min(16, tile_elements // (16 * 32)))
+def _warps(tile_elements: int, per_thread: int = 16) -> int:
+    """Warps for a tile at ``per_thread`` elements per thread (at most 16 warps).
+
+    16 per thread keeps several 128-bit accesses in flight; the Welford reductions hold three
+    accumulators per element and take 8 (at 16, sm_80 fp32 code spilled 52 bytes).
+    """
+    return max(1, min(16, tile_elements // (per_thread * 32)))
 
 
 # A split shorter than this costs more in partials and launch width than it spreads.
@@ -188,7 +192,7 @@ def reduce_config(plan: ViewPlan, profile: DeviceProfile) -> KernelConfig:
     split_rows = min(split, tiles_rows)
     split_cols = min(-(-split // split_rows), tiles_cols)
     return KernelConfig(
-        block_rows, block_cols, split_rows, split_cols, num_warps=_warps(block_rows * block_cols)
+        block_rows, block_cols, split_rows, split_cols, num_warps=_warps(block_rows * block_cols, per_thread=8)
     )
 
 
@@ -200,9 +204,14 @@ PERSISTENT_CAPACITY = {FORWARD: 16384, BACKWARD: 8192}
 PERSISTENT_OFF = KernelConfig(0, 0)  # override_configs(persistent=PERSISTENT_OFF): split path only
 
 
-def persistent_config(plan: ViewPlan, op: str, profile: DeviceProfile) -> KernelConfig | None:
+def persistent_config(plan: ViewPlan, op: str, profile: DeviceProfile, element_size: int) -> KernelConfig | None:
     """Config of the single-pass kernel of ``op`` ("forward" or "backward") if a channel's
-    slice fits one program (the tile covers it whole), else None: the split path runs."""
+    slice fits one program (the tile covers it whole), else None: the split path runs.
+
+    Channel-minor tiles are [rows, BLOCK_C]: BLOCK_C shrinks from 64 to fit the capacity, but
+    never below one 32-byte sector of channels (narrower rows would waste most of every sector
+    they touch), so only slices of up to capacity / (32 / element_size) rows go single-pass.
+    """
     forced = _overrides.get().get(PERSISTENT)
     if forced == PERSISTENT_OFF:
         return None
@@ -210,8 +219,10 @@ def persistent_config(plan: ViewPlan, op: str, profile: DeviceProfile) -> Kernel
     if plan.family == CHANNEL_MAJOR:
         block_rows, block_cols = _pow2_cover(plan.outer, 1 << 30), _pow2_cover(plan.inner, 1 << 30)
     else:
-        block_rows = _pow2_cover(plan.m, 1 << 30)
-        block_cols = _pow2_cover(plan.channels, max(1, min(64, capacity // block_rows)))
+        block_rows, block_cols = _pow2_cover(plan.m, 1 << 30), _pow2_cover(plan.channels, 64)
+        sector_channels = max(1, 32 // element_size)
+        while block_cols > sector_channels and block_rows * block_cols > capacity:
+            block_cols //= 2
     if block_rows * block_cols > capacity:
         return None
     if forced is not None:  # forced warps/stages; the tile always covers the slice

@@ -1,0 +1,230 @@
+"""``tritonbn inspect``: compile every kernel variant ahead of time and report the code's quality.
+
+No GPU is needed: Triton compiles for a ``GPUTarget`` (sm_80, sm_90) and its bundled ptxas
+reports registers and spills.  The launches to compile are the ones the library would make:
+representative calls run through the Triton backend in *dry-run* mode (``ops.dry_run``: the
+launchers record kernel, arguments and config instead of launching), on ``meta`` tensors, with
+launch decisions made for an H100.  Arguments are specialised as Triton's JIT does on a real
+call (ints equal to 1 become constants; pointers and ints divisible by 16 carry
+``tt.divisibility``), so the PTX is what a GPU would run.
+
+Per compiled kernel: kernel, role, dtype, layout, op, config, arch, registers, spills (bytes of
+local memory spilled), shared (bytes), max_load_bits, max_store_bits (widest global access).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# layout -> [(shape, axis, memory format)]: a large shape (split path), one whose slices are exactly
+# the persistent forward's capacity and one at the persistent backward's (16384 and 8192 elements);
+# channel-minor: also a single-pass tile of rows x one 32-byte sector of channels
+LAYOUTS = {
+    "nchw": [((32, 64, 56, 56), 1, None), ((16, 64, 32, 32), 1, None), ((8, 64, 32, 32), 1, None)],
+    "channels_last": [((32, 64, 56, 56), 1, torch.channels_last), ((1, 64, 16, 16), 1, torch.channels_last),
+                      ((1, 64, 8, 16), 1, torch.channels_last), ((4, 64, 16, 16), 1, torch.channels_last)],
+    "axis-1": [((64, 512, 768), -1, None), ((2, 128, 64), -1, None), ((1, 128, 64), -1, None),
+               ((8, 128, 64), -1, None)],
+}
+OPS = ("inference", "training_forward", "backward")
+
+
+@dataclass
+class CompiledKernel:
+    """One row of the inspect report."""
+
+    kernel: str
+    role: str
+    dtype: str
+    layout: str
+    op: str
+    config: dict
+    arch: str
+    registers: int
+    spills: int
+    shared: int
+    max_load_bits: int
+    max_store_bits: int
+
+
+def _role(kernel: str, op: str) -> str:
+    if "persistent" in kernel:
+        return "persistent"
+    if kernel.startswith("finalize"):
+        return "finalize"
+    if kernel.endswith("_stats"):
+        return "stats"
+    if kernel.endswith("_elementwise") and op != "backward":
+        return "apply"
+    return "backward"
+
+
+def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -> list[Any]:
+    """The launches tritonbn would make for one call (dry run on meta tensors)."""
+    from . import ops
+    from .autotune.config import H100_PROFILE, override_profile
+    from .validation import validate
+
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    channels = shape[axis]
+    params = [torch.empty(channels, device="meta") for _ in range(4)]
+    training = op != "inference"
+    settings = validate(x, tuple(params), eps=1e-5, momentum=0.9, fix_gamma=False, use_global_stats=False,
+                        axis=axis, out=None, training=training, unbiased_update=False)
+    backend = ops.TritonBackend()
+    with override_profile(H100_PROFILE), ops.dry_run() as launches:
+        y, _, invstd, center, x_read = backend.forward(x, *params, settings, None)
+        if op == "backward":
+            launches.clear()
+            backend.backward(torch.empty_like(y), x_read, params[0], center, invstd, settings, params[1].dtype)
+    return launches
+
+
+def _specialise(fn, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
+    """Signature, constants and attributes of a call, as Triton's JIT specialises them."""
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for index, (name, value) in enumerate(zip(names, args)):
+        position = fn.arg_names.index(name)
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_DTYPES[value.dtype]
+            attrs[(position,)] = [["tt.divisibility", 16]]  # fresh allocations are 256-byte aligned
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                constants[name] = 1
+                continue
+            signature[name] = "i64" if not -(2**31) <= value < 2**31 else "i32"
+            if value % 16 == 0:
+                attrs[(position,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"cannot specialise argument {name}={value!r}")
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return signature, constants, attrs
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(path):
+        raise RuntimeError(f"Triton's bundled ptxas is missing ({path})")
+    return path
+
+
+def _ptxas_report(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers, spilled bytes) of the PTX's kernel, from ptxas -v."""
+    gpu = "sm_90a" if arch == "sm_90" else arch
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    try:
+        result = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", handle.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(handle.name)
+    registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr))
+    stack = sum(int(n) for n in re.findall(r"(\d+) bytes stack frame", result.stderr))
+    return registers, max(spills, stack)
+
+
+def _widest_access(ptx: str, op: str) -> int:
+    """Widest global load (op="ld") or store (op="st") in bits."""
+    widest = 0
+    for vector, bits in re.findall(rf"\b{op}\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        widest = max(widest, int(vector or 1) * int(bits))
+    return widest
+
+
+def compile_launch(launch, arch: str) -> dict:
+    """Compile one captured launch for ``arch``: registers, spills, shared, widest accesses."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constants, attrs = _specialise(launch.kernel, launch.args, launch.constexprs)
+    source = ASTSource(launch.kernel, signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32),
+                              options={"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages})
+    ptx = compiled.asm["ptx"]
+    registers, spills = _ptxas_report(ptx, arch)
+    return dict(registers=registers, spills=spills, shared=int(compiled.metadata.shared),
+                max_load_bits=_widest_access(ptx, "ld"), max_store_bits=_widest_access(ptx, "st"))
+
+
+def inspect_kernels(archs: Iterable[str], dtypes: Iterable[str], layouts: Iterable[str],
+                    progress=None) -> list[CompiledKernel]:
+    """Compile every distinct launch of the representative calls for each arch."""
+    rows, seen = [], set()
+    for dtype_name in dtypes:
+        for layout in layouts:
+            for shape, axis, memory_format in LAYOUTS[layout]:
+                for op in OPS:
+                    for launch in captured_launches(shape, axis, memory_format, DTYPES[dtype_name], op):
+                        key = (launch.name, dtype_name, layout, launch.config, tuple(sorted(launch.constexprs.items())))
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        for arch in archs:
+                            if progress:
+                                progress(f"{arch} {dtype_name} {layout} {op} {launch.name}")
+                            stats = compile_launch(launch, arch)
+                            rows.append(CompiledKernel(launch.name, _role(launch.name, op), dtype_name, layout, op,
+                                                       asdict(launch.config), arch, **stats))
+    return rows
+
+
+def format_table(rows: list[CompiledKernel]) -> str:
+    """A readable table of the report."""
+    header = f"{'arch':6s} {'dtype':5s} {'layout':13s} {'kernel':36s} {'role':10s} {'warps':>5s} " \
+             f"{'regs':>4s} {'spill':>5s} {'smem':>6s} {'ld':>4s} {'st':>4s}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.arch:6s} {r.dtype:5s} {r.layout:13s} {r.kernel:36s} {r.role:10s} "
+                     f"{r.config['num_warps']:5d} {r.registers:4d} {r.spills:5d} {r.shared:6d} "
+                     f"{r.max_load_bits:4d} {r.max_store_bits:4d}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target (repeatable; default both)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="data dtype (default all)")
+    parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="layout (default all)")
+    parser.add_argument("--json", metavar="FILE", help="write the report as a JSON list")
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("tritonbn inspect compiles kernels: unset TRITON_INTERPRET")
+    rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or ["fp16", "bf16", "fp32"],
+                           args.layout or list(LAYOUTS), progress=lambda text: print(f"compiling {text}", flush=True))
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([asdict(r) for r in rows], handle, indent=1)
+        print(f"wrote {len(rows)} kernels to {args.json}")
+    spilling = [r for r in rows if r.spills]
+    print(f"{len(rows)} compiled kernels, {len(spilling)} with spills")
+    return 1 if spilling else 0
