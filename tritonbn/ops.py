@@ -111,10 +111,10 @@ def _reduction_programs(plan: ViewPlan, cfg: KernelConfig) -> int:
 
 
 def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: torch.dtype) -> torch.Tensor:
-    """Shifted Welford partials of every (channel, split): returns partial [4, C, P] in ``acc``."""
+    """Shifted, scaled Welford partials of every (channel, split): returns partial [5, C, P] in ``acc``."""
     k = _kernels().stats
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
-    partial = torch.empty((4, plan.channels, cfg.splits), dtype=acc, device=x.device)
+    partial = torch.empty((5, plan.channels, cfg.splits), dtype=acc, device=x.device)
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
         args = (x, partial, plan.channels, plan.outer, plan.inner, plan.outer_lo, *plan.strides[0],
@@ -139,7 +139,7 @@ def launch_finalize_statistics(
     m: int,
     update_moving: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge partials: returns (mean [C], invstd [C], coef [5, C]); updates moving stats in place.
+    """Merge partials: returns (mean [C], invstd [C], coef [6, C]); updates moving stats in place.
 
     coef[:2] is the mean as (pilot, shifted mean), which the backward reuses.
     """
@@ -147,7 +147,7 @@ def launch_finalize_statistics(
     cfg = finalize_config(channels, partials)
     mean = torch.empty(channels, dtype=partial.dtype, device=partial.device)
     invstd = torch.empty_like(mean)
-    coef = torch.empty((5, channels), dtype=partial.dtype, device=partial.device)
+    coef = torch.empty((6, channels), dtype=partial.dtype, device=partial.device)
     args = (partial, gamma, beta, moving_mean, moving_var, mean, invstd, coef, channels, partials, m,
             *_f64_halves(settings.eps), *_f64_halves(settings.momentum))
     _launch(_kernels().stats.finalize_stats_kernel, "finalize_stats", _cdiv(channels, cfg.block_cols), cfg, args,
@@ -168,11 +168,11 @@ def launch_elementwise(
     stats_out: tuple[torch.Tensor, torch.Tensor],
     settings: Settings,
 ) -> None:
-    """out = (x - mean) * x_coef + dy * dy_coef + const per channel.
+    """out = ((x - mean) * invstd) * x_coef + dy * dy_coef + const per channel.
 
     ``plan.strides`` are those of (x, out) or (x, dy, out).  With ``moving`` (moving_mean,
     moving_var, gamma, beta) the coefficients come from the moving statistics and ``stats_out``
-    (center [2, C], invstd [C]) is written by the kernel; otherwise they come from ``coef`` [5, C].
+    (center [2, C], invstd [C]) is written by the kernel; otherwise they come from ``coef`` [6, C].
     """
     k = _kernels().elementwise
     center_out, invstd_out = stats_out
@@ -239,12 +239,12 @@ def launch_finalize_backward(
     settings: Settings,
     m: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum S/D partials: returns (dgamma [C], dbeta [C], dx coef [5, C])."""
+    """Sum S/D partials: returns (dgamma [C], dbeta [C], dx coef [6, C])."""
     channels, partials = partial.shape[1], partial.shape[2]
     cfg = finalize_config(channels, partials)
     dgamma = torch.empty(channels, dtype=gamma.dtype, device=gamma.device)
     dbeta = torch.empty(channels, dtype=beta_dtype, device=gamma.device)
-    coef = torch.empty((5, channels), dtype=partial.dtype, device=partial.device)
+    coef = torch.empty((6, channels), dtype=partial.dtype, device=partial.device)
     args = (partial, center, invstd, gamma, dgamma, dbeta, coef, channels, partials, m)
     _launch(_kernels().backward.finalize_backward_kernel, "finalize_backward", _cdiv(channels, cfg.block_cols),
             cfg, args, FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats,

@@ -6,7 +6,7 @@ Phase 2 (``finalize_backward_kernel``): sums each channel's partials in a fixed 
 dgamma = D * invstd (0 with fix_gamma), dbeta = S, and the dx coefficients of the elementwise
 kernel (see ``elementwise.py``):
 
-    batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * D * invstd^2 / m)
+    batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * invstd * (invstd * D) / m)
     moving statistics: dx = g*invstd * dy
 """
 
@@ -104,7 +104,7 @@ def finalize_backward_kernel(
     center_ptr, invstd_ptr,  # [2, C] and [C]: what the forward normalised with
     gamma_ptr,  # [C]
     dgamma_ptr, dbeta_ptr,  # [C] out, in gamma's / beta's dtype
-    coef_ptr,  # [5, C] out: dx coefficients (pilot, shifted mean, x_coef, dy_coef, const)
+    coef_ptr,  # [6, C] out: dx coefficients (pilot, shifted mean, invstd, x_coef, dy_coef, const)
     C, P, m,
     FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -126,6 +126,7 @@ def finalize_backward_kernel(
         c, c_mask, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr, FIX_GAMMA, BATCH_STATS)
     tl.store(coef_ptr + c, tl.load(center_ptr + c, mask=c_mask, other=0.0), mask=c_mask)
     tl.store(coef_ptr + C + c, tl.load(center_ptr + C + c, mask=c_mask, other=0.0), mask=c_mask)
-    tl.store(coef_ptr + 2 * C + c, x_coef, mask=c_mask)
-    tl.store(coef_ptr + 3 * C + c, dy_coef, mask=c_mask)
-    tl.store(coef_ptr + 4 * C + c, const, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, invstd, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, x_coef, mask=c_mask)
+    tl.store(coef_ptr + 4 * C + c, dy_coef, mask=c_mask)
+    tl.store(coef_ptr + 5 * C + c, const, mask=c_mask)

@@ -5,6 +5,11 @@ values, so a channel offset by 1e4 with std 1e-2 keeps its variance in float32),
 across lanes and across programs with Chan's formula in its two-pass form: the merged mean is
 the count-weighted mean of the parts, and M2 = sum(M2_k + n_k * (mean_k - mean)^2), a sum of
 non-negative terms with no cancellation.
+
+Every program of a channel accumulates z = (x - pilot) * scale: the pilot (the channel's first
+element) removes the offset, and the scale, a power of two from the spread |last - first|,
+brings the values near 1 so that squares neither overflow nor underflow float32 (data of 1e30
+or 1e-30).  Powers of two scale exactly; the epilogues undo the scale.
 """
 
 import triton
@@ -55,6 +60,33 @@ def safe_invstd(var, eps):
 
 
 @triton.jit
+def spread_scale(first, last):
+    """A power of two s with |last - first| * s in [1, 2) (1 where that spread is 0, inf or NaN,
+    and always 1 for float64, whose range needs no rescaling)."""
+    if first.dtype == tl.float64:
+        return tl.full(first.shape, 1.0, tl.float64)
+    bits = tl.abs(last - first).to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    normal = (exponent > 0) & (exponent < 255)
+    scale_exponent = tl.minimum(tl.maximum(254 - exponent, 1), 254)
+    return (tl.where(normal, scale_exponent, 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scaled_invstd(var_z, scale, eps):
+    """invstd of var = var_z / scale^2, without the overflow or underflow of var itself.
+
+    var, rounded to the accumulation dtype, is what float math says the variance is (it may be
+    inf or 0); where it is inf, or eps is 0, 1/sqrt(var) is taken from the scaled variance
+    instead, which stays finite: scale / sqrt(var_z).
+    """
+    var = var_z / scale / scale
+    from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0) * scale)
+    use_scaled = ((tl.zeros_like(var) + eps) == 0) | (var == float("inf"))
+    return var, tl.where(use_scaled, from_scaled, safe_invstd(var, eps))
+
+
+@triton.jit
 def channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64: tl.constexpr):
     """[BLOCK_O, BLOCK_I] element offsets of outer rows ``o`` ([BLOCK_O]) and inner columns ``i``.
 
@@ -80,6 +112,15 @@ def channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, 
 
 
 @triton.jit
+def element_offset(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64: tl.constexpr):
+    """Offset of element (outer row ``o``, inner column ``i``) of one channel (scalars)."""
+    if INT64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+    return (o // outer_lo) * stride_oh + (o % outer_lo) * stride_o + i * stride_i
+
+
+@triton.jit
 def scalar_offset(index, stride, INT64: tl.constexpr):
     """index * stride, widened to int64 first when INT64."""
     if INT64:
@@ -89,24 +130,26 @@ def scalar_offset(index, stride, INT64: tl.constexpr):
 
 @triton.jit
 def finish_statistics(
-    c, c_mask, C, pilot, shifted_mean, var, m,
+    c, c_mask, C, pilot, mean_z, var_z, scale, m,
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, center_ptr,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
 ):
     """Epilogue of the training statistics of channels ``c`` ([K] vectors in, [K] vectors out).
 
-    Writes mean = pilot + shifted_mean and invstd (outputs), center[2, C] = (pilot, shifted
-    mean) for the backward, and ``moving = moving * momentum + batch * (1 - momentum)`` (var
-    biased, or * m/(m-1) if UNBIASED).  Returns (scale, beta): y = (x - mean) * scale + beta.
+    Takes the mean and biased variance of z = (x - pilot) * scale.  Writes mean = pilot +
+    mean_z / scale and invstd (outputs), center[2, C] = (pilot, shifted mean) for the backward,
+    and ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if
+    UNBIASED).  Returns (invstd, g, beta): y = ((x - pilot) - shifted_mean) * invstd * g + beta.
     """
-    ACC: tl.constexpr = var.dtype
-    invstd = safe_invstd(var, split_f64(eps_hi, eps_lo, ACC))
+    ACC: tl.constexpr = var_z.dtype
+    shifted_mean = mean_z / scale
+    var, invstd = scaled_invstd(var_z, scale, split_f64(eps_hi, eps_lo, ACC))
     mean = pilot + shifted_mean
     if FIX_GAMMA:
-        scale = invstd
+        g = tl.full(invstd.shape, 1.0, ACC)
     else:
-        scale = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC) * invstd
+        g = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC)
     beta = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, invstd, mask=c_mask)
@@ -122,7 +165,7 @@ def finish_statistics(
         new_var = old_var * momentum + var * (1.0 - momentum)
         tl.store(moving_mean_ptr + c, new_mean.to(moving_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(moving_var_ptr + c, new_var.to(moving_var_ptr.dtype.element_ty), mask=c_mask)
-    return scale, beta
+    return invstd, g, beta
 
 
 @triton.jit
@@ -133,9 +176,11 @@ def finish_backward(
     """Epilogue of the backward reductions of channels ``c`` ([K] vectors).
 
     Stores dgamma = D * invstd (0 with FIX_GAMMA) and dbeta = S; returns the dx coefficients
-    (x_coef, dy_coef, const) of dx = (x - mean) * x_coef + dy * dy_coef + const:
-        batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * D * invstd^2 / m)
+    (x_coef, dy_coef, const) of dx = ((x - mean) * invstd) * x_coef + dy * dy_coef + const:
+        batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * invstd * (invstd * D) / m)
         moving statistics: dx = g*invstd * dy
+    (invstd multiplies (x - mean) first and D next: invstd^2 alone underflows float32 for data
+    of 1e30.)
     """
     ACC: tl.constexpr = invstd.dtype
     if FIX_GAMMA:
@@ -148,7 +193,7 @@ def finish_backward(
     tl.store(dbeta_ptr + c, sum_dy.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
     if BATCH_STATS:
         inv_m = 1.0 / tl.cast(m, ACC)
-        x_coef = -dy_coef * invstd * invstd * sum_dy_xmu * inv_m
+        x_coef = -dy_coef * (invstd * sum_dy_xmu) * inv_m
         const = -dy_coef * sum_dy * inv_m
     else:
         x_coef = tl.zeros_like(invstd)

@@ -1,17 +1,20 @@
 """The one elementwise pass of every op: normalisation (forward, inference) and dx (backward).
 
-    out = ((x - pilot[c]) - shifted_mean[c]) * x_coef[c] + dy * dy_coef[c] + const[c]
+    out = (((x - pilot[c]) - shifted_mean[c]) * invstd[c]) * x_coef[c] + dy * dy_coef[c] + const[c]
 
 (the mean is carried as pilot + shifted_mean, see ``stats.py``; from moving statistics the
 pilot is moving_mean and the shifted mean 0)
 
-- forward:  x_coef = g * invstd, const = beta, no dy              -> y
-- backward, batch statistics:  x_coef = -g * invstd^3 * D / m, dy_coef = g * invstd,
-  const = -g * invstd * S / m                                     -> dx
-- backward, moving statistics: dy_coef = g * invstd, no x          -> dx
+- forward:  x_coef = g, const = beta, no dy                               -> y
+- backward, batch statistics:  x_coef = -g * invstd * (invstd * D) / m,
+  dy_coef = g * invstd, const = -g * invstd * S / m                       -> dx
+- backward, moving statistics: dy_coef = g * invstd, no x                -> dx
 
-The per-channel coefficients come from a finalize kernel in ``coef[5, C]`` = (pilot,
-shifted_mean, x_coef, dy_coef, const).  Inference has no finalize: with FROM_MOVING the kernel
+(x - mean) is multiplied by invstd before the coefficient: the product stays near 1 for data of
+any magnitude, where invstd^2 or invstd^3 alone would underflow float32.)
+
+The per-channel coefficients come from a finalize kernel in ``coef[6, C]`` = (pilot,
+shifted_mean, invstd, x_coef, dy_coef, const).  Inference has no finalize: with FROM_MOVING the kernel
 derives them from the moving statistics itself and the programs of the first tile of each
 channel also write ``center[2, C]`` = (mean, 0) and ``invstd``, so inference is one launch.
 
@@ -31,16 +34,16 @@ def _coefficients(
     center_ptr, invstd_ptr, write_stats, eps_hi, eps_lo,
     FROM_MOVING: tl.constexpr, FIX_GAMMA: tl.constexpr, ACC: tl.constexpr,
 ):
-    """(pilot, shifted_mean, x_coef, dy_coef, const) of channel(s) ``c`` (scalar or [BLOCK_C])."""
+    """(pilot, shifted_mean, invstd, x_coef, dy_coef, const) of channel(s) ``c`` (scalar or [BLOCK_C])."""
     if FROM_MOVING:
         pilot = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
         shifted_mean = tl.zeros_like(pilot)
         var = tl.load(moving_var_ptr + c, mask=c_mask, other=1.0).to(ACC)
         invstd = safe_invstd(var, split_f64(eps_hi, eps_lo, ACC))
         if FIX_GAMMA:
-            x_coef = invstd
+            x_coef = tl.zeros_like(invstd) + 1.0
         else:
-            x_coef = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC) * invstd
+            x_coef = tl.load(gamma_ptr + c, mask=c_mask, other=1.0).to(ACC)
         dy_coef = tl.zeros_like(invstd)
         const = tl.load(beta_ptr + c, mask=c_mask, other=0.0).to(ACC)
         if write_stats:
@@ -50,16 +53,17 @@ def _coefficients(
     else:
         pilot = tl.load(coef_ptr + c, mask=c_mask, other=0.0)
         shifted_mean = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)
-        x_coef = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0)
-        dy_coef = tl.load(coef_ptr + 3 * C + c, mask=c_mask, other=0.0)
-        const = tl.load(coef_ptr + 4 * C + c, mask=c_mask, other=0.0)
-    return pilot, shifted_mean, x_coef, dy_coef, const
+        invstd = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0)
+        x_coef = tl.load(coef_ptr + 3 * C + c, mask=c_mask, other=0.0)
+        dy_coef = tl.load(coef_ptr + 4 * C + c, mask=c_mask, other=0.0)
+        const = tl.load(coef_ptr + 5 * C + c, mask=c_mask, other=0.0)
+    return pilot, shifted_mean, invstd, x_coef, dy_coef, const
 
 
 @triton.jit
 def channel_major_elementwise_kernel(
     x_ptr, dy_ptr, out_ptr,  # (outer, C, inner) views; strides per tensor below
-    coef_ptr,  # [5, C] accumulation dtype (FROM_MOVING: unused, pass center_ptr)
+    coef_ptr,  # [6, C] accumulation dtype (FROM_MOVING: unused, pass center_ptr)
     moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,  # [C], FROM_MOVING only
     center_ptr, invstd_ptr,  # [2, C] and [C] outputs, accumulation dtype, FROM_MOVING only
     C, outer, inner, eps_hi, eps_lo,
@@ -80,7 +84,7 @@ def channel_major_elementwise_kernel(
     o = (tile // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
     i = (tile % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
-    pilot, shifted_mean, x_coef, dy_coef, const = _coefficients(
+    pilot, shifted_mean, invstd, x_coef, dy_coef, const = _coefficients(
         c, c < C, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
         center_ptr, invstd_ptr, tile == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
     )
@@ -88,7 +92,7 @@ def channel_major_elementwise_kernel(
     if HAS_X:
         x_offsets = scalar_offset(c, stride_xc, INT64) + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
-        result += ((x - pilot) - shifted_mean) * x_coef
+        result += (((x - pilot) - shifted_mean) * invstd) * x_coef
     if HAS_DY:
         dy_offsets = scalar_offset(c, stride_dyc, INT64) + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
@@ -100,7 +104,7 @@ def channel_major_elementwise_kernel(
 @triton.jit
 def channel_minor_elementwise_kernel(
     x_ptr, dy_ptr, out_ptr,  # rows x C matrices: row r = o * inner + i
-    coef_ptr,  # [5, C] accumulation dtype (FROM_MOVING: unused, pass center_ptr)
+    coef_ptr,  # [6, C] accumulation dtype (FROM_MOVING: unused, pass center_ptr)
     moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,  # [C], FROM_MOVING only
     center_ptr, invstd_ptr,  # [2, C] and [C] outputs, accumulation dtype, FROM_MOVING only
     C, inner, rows, eps_hi, eps_lo,
@@ -120,7 +124,7 @@ def channel_minor_elementwise_kernel(
     c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    pilot, shifted_mean, x_coef, dy_coef, const = _coefficients(
+    pilot, shifted_mean, invstd, x_coef, dy_coef, const = _coefficients(
         c, c_mask, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
         center_ptr, invstd_ptr, row_block == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
     )
@@ -128,7 +132,7 @@ def channel_minor_elementwise_kernel(
     if HAS_X:
         x_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
-        result += ((x - pilot[None, :]) - shifted_mean[None, :]) * x_coef[None, :]
+        result += (((x - pilot[None, :]) - shifted_mean[None, :]) * invstd[None, :]) * x_coef[None, :]
     if HAS_DY:
         dy_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc, stride_dyi, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)

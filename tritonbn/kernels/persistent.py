@@ -8,8 +8,8 @@ reduces it, normalises from registers and writes once:
 
 Channel-major programs own one channel (a [BLOCK_O, BLOCK_I] tile covering outer x inner);
 channel-minor programs own BLOCK_C channels (a [BLOCK_R, BLOCK_C] tile covering every row).
-The statistics are exact two-pass sums over registers, on data shifted by the channel's first
-element (see ``stats.py``); the epilogues are the split path's (``common.finish_*``), so both
+The statistics are exact two-pass sums over registers, on z = (x - pilot) * scale as in the
+split path (see ``common.py``); the epilogues are the split path's (``common.finish_*``), so both
 paths compute the same formulas.
 """
 
@@ -19,20 +19,24 @@ import triton.language as tl
 from .common import (
     channel_major_offsets,
     channel_minor_offsets,
+    element_offset,
     finish_backward,
     finish_statistics,
     scalar_offset,
+    spread_scale,
 )
 
 
 @triton.jit
-def _two_pass_rows(x, mask, pilot, m):
-    """Shifted mean and biased variance of each column of a [R, K] tile: ([K], [K], centred tile)."""
-    shifted = tl.where(mask, x - pilot, 0.0)
-    shifted_mean = tl.sum(shifted, 0) / m
-    centred = tl.where(mask, shifted - shifted_mean[None, :], 0.0)
-    var = tl.sum(centred * centred, 0) / m
-    return shifted_mean, var, centred
+def _two_pass_rows(x, mask, pilot, scale, m):
+    """Mean and biased variance of z = (x - pilot) * scale down each column of a [R, K] tile.
+
+    pilot, scale: [1, K]; returns ([K], [K]).
+    """
+    z = tl.where(mask, (x - pilot) * scale, 0.0)
+    mean_z = tl.sum(z, 0) / m
+    centred_z = tl.where(mask, z - mean_z[None, :], 0.0)
+    return mean_z, tl.sum(centred_z * centred_z, 0) / m
 
 
 @triton.jit
@@ -57,15 +61,21 @@ def channel_major_persistent_forward_kernel(
     x_base = x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
     x = tl.load(x_base + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
                 mask=mask, other=0.0).to(ACC)
-    pilot = tl.load(x_base + tl.zeros([1], tl.int32)).to(ACC)
-    shifted_mean, var, centred = _two_pass_rows(
-        tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], m)
-    scale, beta = finish_statistics(
-        c, c < C, C, pilot, shifted_mean, var, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
+    first = tl.zeros([1], tl.int32)
+    pilot = tl.load(x_base + first).to(ACC)
+    last = tl.load(x_base + first + element_offset(outer - 1, inner - 1, outer_lo, stride_xoh, stride_xo,
+                                                    stride_xi, INT64)).to(ACC)
+    scale = spread_scale(pilot, last)
+    mean_z, var_z = _two_pass_rows(
+        tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], scale[None, :], m)
+    invstd, g, beta = finish_statistics(
+        c, c < C, C, pilot, mean_z, var_z, scale, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    y = tl.reshape(centred * scale[None, :] + beta[None, :], [BLOCK_O, BLOCK_I])
+    shifted_mean = tl.sum(mean_z / scale, 0)
+    centred = tl.where(mask, (x - tl.sum(pilot, 0)) - shifted_mean, 0.0)
+    y = (centred * tl.sum(invstd, 0)) * tl.sum(g, 0) + tl.sum(beta, 0)
     y_offsets = scalar_offset(c_scalar, stride_yc, INT64) + channel_major_offsets(
         o, i, outer_lo, stride_yoh, stride_yo, stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -90,14 +100,19 @@ def channel_minor_persistent_forward_kernel(
     mask = (r < rows)[:, None] & c_mask[None, :]
     x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi,
                                               INT64), mask=mask, other=0.0).to(ACC)
-    pilot = tl.load(x_ptr + scalar_offset(c, stride_xc, INT64), mask=c_mask, other=0.0).to(ACC)
-    shifted_mean, var, centred = _two_pass_rows(x, mask, pilot[None, :], rows)
-    scale, beta = finish_statistics(
-        c, c_mask, C, pilot, shifted_mean, var, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
+    channel_offsets = scalar_offset(c, stride_xc, INT64)
+    pilot = tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC)
+    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_lo, stride_xoh, stride_xo,
+                                 stride_xi, INT64)
+    scale = spread_scale(pilot, tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC))
+    mean_z, var_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows)
+    invstd, g, beta = finish_statistics(
+        c, c_mask, C, pilot, mean_z, var_z, scale, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    y = centred * scale[None, :] + beta[None, :]
+    centred = tl.where(mask, (x - pilot[None, :]) - (mean_z / scale)[None, :], 0.0)
+    y = (centred * invstd[None, :]) * g[None, :] + beta[None, :]
     y_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_yoh, stride_yo, stride_yc, stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -135,7 +150,7 @@ def channel_major_persistent_backward_kernel(
     invstd = tl.load(invstd_ptr + c)
     x_coef, dy_coef, const = finish_backward(
         c, c < C, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr, FIX_GAMMA, BATCH_STATS)
-    dx = centred * tl.sum(x_coef, 0) + dy * tl.sum(dy_coef, 0) + tl.sum(const, 0)
+    dx = (centred * tl.sum(invstd, 0)) * tl.sum(x_coef, 0) + dy * tl.sum(dy_coef, 0) + tl.sum(const, 0)
     dx_offsets = scalar_offset(c_scalar, stride_dxc, INT64) + channel_major_offsets(
         o, i, outer_lo, stride_dxoh, stride_dxo, stride_dxi, INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -170,7 +185,7 @@ def channel_minor_persistent_backward_kernel(
     x_coef, dy_coef, const = finish_backward(
         c, c_mask, tl.sum(dy, 0), tl.sum(centred * dy, 0), invstd, rows, gamma_ptr, dgamma_ptr, dbeta_ptr,
         FIX_GAMMA, BATCH_STATS)
-    dx = centred * x_coef[None, :] + dy * dy_coef[None, :] + const[None, :]
+    dx = (centred * invstd[None, :]) * x_coef[None, :] + dy * dy_coef[None, :] + const[None, :]
     dx_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
                                        INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -7,13 +7,14 @@ Phase 2 (``finalize_stats_kernel``): merges the partials of each channel in a fi
 (deterministic), writes mean/invstd, the coefficients of the apply kernel and the moving-stat
 update.
 
-Partials live in one buffer ``partial[4, C, P]``: planes 0, 1, 2, 3 hold the shifted mean, M2,
-count and the shift ("pilot") of split p of channel c at ``k * C * P + c * P + p``; P = splits.
+Partials live in one buffer ``partial[5, C, P]``: planes 0-4 hold mean and M2 of z, the count,
+the pilot and the scale of split p of channel c at ``k * C * P + c * P + p``; P = splits.
 
-Shift: every program of a channel subtracts the same pilot value, the channel's first element,
-before accumulating, so the accumulators see values of the order of the std even when the mean
-is 1e4 times larger.  The mean is then carried as the pair (pilot, shifted mean) to the apply and
-backward kernels, which compute x - mean as (x - pilot) - shifted_mean: exact where it matters.
+Shift and scale: every program of a channel accumulates z = (x - pilot) * scale, with the same
+pilot (the channel's first element) and scale (a power of two from |last - first|), so the
+accumulators see values near 1 even when the mean is 1e4 times the std, or the data 1e30 or
+1e-30.  The mean is carried as the pair (pilot, shifted mean) to the apply and backward
+kernels, which compute x - mean as (x - pilot) - shifted_mean: exact where it matters.
 """
 
 import triton
@@ -23,8 +24,10 @@ from .common import (
     chan_merge_rows,
     channel_major_offsets,
     channel_minor_offsets,
+    element_offset,
     finish_statistics,
     scalar_offset,
+    spread_scale,
     welford_update,
 )
 
@@ -32,7 +35,7 @@ from .common import (
 @triton.jit
 def channel_major_stats_kernel(
     x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
-    partial_ptr,  # [4, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
+    partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
     C, outer, inner,
     outer_lo,
     stride_oh, stride_o, stride_c, stride_i,
@@ -57,6 +60,8 @@ def channel_major_stats_kernel(
     i_end = tl.minimum(i_begin + cols_per_split, inner)
     base = x_ptr + scalar_offset(c, stride_c, INT64)
     pilot = tl.load(base).to(ACC)
+    last = tl.load(base + element_offset(outer - 1, inner - 1, outer_lo, stride_oh, stride_o, stride_i, INT64))
+    scale = spread_scale(pilot, last.to(ACC))
 
     mean = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     m2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
@@ -67,7 +72,7 @@ def channel_major_stats_kernel(
             i = i0 + tl.arange(0, BLOCK_I)
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
             offsets = channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64)
-            x = tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot
+            x = (tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot) * scale
             mean, m2, count = welford_update(mean, m2, count, x, mask)
 
     lanes: tl.constexpr = BLOCK_O * BLOCK_I
@@ -80,12 +85,13 @@ def channel_major_stats_kernel(
     tl.store(partial_ptr + plane + slot, m2)
     tl.store(partial_ptr + 2 * plane + slot, count)
     tl.store(partial_ptr + 3 * plane + slot, pilot + tl.zeros([1], ACC))
+    tl.store(partial_ptr + 4 * plane + slot, scale + tl.zeros([1], ACC))
 
 
 @triton.jit
 def channel_minor_stats_kernel(
     x_ptr,  # data, rows x C matrix: row r = o * inner + i at o * stride_o + i * stride_i
-    partial_ptr,  # [4, C, P] accumulation dtype; P = SPLIT
+    partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT
     C, inner, rows,
     outer_lo,
     stride_oh, stride_o, stride_c, stride_i,
@@ -105,7 +111,12 @@ def channel_minor_stats_kernel(
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
-    pilot = tl.load(x_ptr + scalar_offset(c, stride_c, INT64), mask=c_mask, other=0.0).to(ACC)
+    channel_offsets = scalar_offset(c, stride_c, INT64)
+    pilot = tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC)
+    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_lo, stride_oh, stride_o, stride_i,
+                                 INT64)
+    last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
+    scale = spread_scale(pilot, last)
 
     mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
@@ -114,7 +125,7 @@ def channel_minor_stats_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
         offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]
+        x = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :]
         mean, m2, count = welford_update(mean, m2, count, x, mask)
 
     mean, m2, count = chan_merge_rows(mean, m2, count)
@@ -124,15 +135,16 @@ def channel_minor_stats_kernel(
     tl.store(partial_ptr + plane + slot, m2, mask=c_mask)
     tl.store(partial_ptr + 2 * plane + slot, count, mask=c_mask)
     tl.store(partial_ptr + 3 * plane + slot, pilot, mask=c_mask)
+    tl.store(partial_ptr + 4 * plane + slot, scale, mask=c_mask)
 
 
 @triton.jit
 def finalize_stats_kernel(
-    partial_ptr,  # [4, C, P] shifted Welford partials and pilots (accumulation dtype)
+    partial_ptr,  # [5, C, P] Welford partials of z, pilots and scales (accumulation dtype)
     gamma_ptr, beta_ptr,  # [C] parameters (float32 or the data dtype; float64 for float64)
     moving_mean_ptr, moving_var_ptr,  # [C] updated in place when UPDATE_MOVING
     mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype
-    coef_ptr,  # [5, C] out: (pilot, shifted mean, x coef, dy coef, const); rows 0-1 are the center
+    coef_ptr,  # [6, C] out: (pilot, shifted mean, invstd, x coef, dy coef, const); rows 0-1: center
     C, P, m,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -140,8 +152,8 @@ def finalize_stats_kernel(
 ):
     """Merge each channel's P partials and finish the forward statistics.
 
-    grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.  Writes mean, invstd = 1/sqrt(var + eps),
-    apply coefficients ``y = (x - mean) * (g * invstd) + beta``, and
+    grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.  Writes mean, invstd = 1/sqrt(var + eps), the
+    apply coefficients of ``y = (x - mean) * invstd * g + beta``, and
     ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if UNBIASED).
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -153,14 +165,15 @@ def finalize_stats_kernel(
     part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0)
     part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0)
     part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0)
-    shifted_mean, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
-    var = m2 / tl.maximum(count, 1.0)
+    mean_z, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
     pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
-    scale, beta = finish_statistics(
-        c, c_mask, C, pilot, shifted_mean, var, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
-        mean_ptr, invstd_ptr, coef_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
+    scale = tl.load(partial_ptr + 4 * plane + c * P, mask=c_mask, other=1.0)
+    invstd, g, beta = finish_statistics(
+        c, c_mask, C, pilot, mean_z, m2 / tl.maximum(count, 1.0), scale, m, gamma_ptr, beta_ptr,
+        moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, coef_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    tl.store(coef_ptr + 2 * C + c, scale, mask=c_mask)
-    tl.store(coef_ptr + 3 * C + c, tl.zeros_like(scale), mask=c_mask)
-    tl.store(coef_ptr + 4 * C + c, beta, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + c, invstd, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, g, mask=c_mask)
+    tl.store(coef_ptr + 4 * C + c, tl.zeros_like(g), mask=c_mask)
+    tl.store(coef_ptr + 5 * C + c, beta, mask=c_mask)
