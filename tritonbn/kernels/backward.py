@@ -13,7 +13,13 @@ kernel (see ``elementwise.py``):
 import triton
 import triton.language as tl
 
-from .common import channel_major_offsets, channel_minor_offsets, finish_backward, scalar_offset
+from .common import (
+    channel_major_offsets,
+    channel_major_split,
+    channel_minor_offsets,
+    finish_backward,
+    scalar_offset,
+)
 
 
 @triton.jit
@@ -31,13 +37,8 @@ def channel_major_backward_reduce_kernel(
     """Partial S and D of one (channel, split): grid = (C * SPLIT_O * SPLIT_I,)."""
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
     num_splits = SPLIT_O * SPLIT_I
-    pid = tl.program_id(0)
-    c = pid // num_splits
-    split = pid % num_splits
-    o_begin = (split // SPLIT_I) * rows_per_split
-    i_begin = (split % SPLIT_I) * cols_per_split
-    o_end = tl.minimum(o_begin + rows_per_split, outer)
-    i_end = tl.minimum(i_begin + cols_per_split, inner)
+    c, split, o_begin, o_end, i_begin, i_end = channel_major_split(
+        outer, inner, rows_per_split, cols_per_split, SPLIT_O, SPLIT_I)
     x_base = x_ptr + scalar_offset(c, stride_xc, INT64)
     dy_base = dy_ptr + scalar_offset(c, stride_dyc, INT64)
     pilot = tl.load(center_ptr + c)

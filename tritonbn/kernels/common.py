@@ -87,6 +87,24 @@ def scaled_invstd(var_z, scale, eps):
 
 
 @triton.jit
+def channel_major_split(outer, inner, rows_per_split, cols_per_split, SPLIT_O, SPLIT_I):
+    """This program's (channel, split, row range, column range) in a channel-major reduction.
+
+    grid = (C * SPLIT_O * SPLIT_I,): program pid takes channel pid // P and split pid % P, a
+    rectangle of ``rows_per_split`` outer rows by ``cols_per_split`` inner columns.
+    """
+    num_splits = SPLIT_O * SPLIT_I
+    pid = tl.program_id(0)
+    c = pid // num_splits
+    split = pid % num_splits
+    o_begin = (split // SPLIT_I) * rows_per_split
+    i_begin = (split % SPLIT_I) * cols_per_split
+    o_end = tl.minimum(o_begin + rows_per_split, outer)
+    i_end = tl.minimum(i_begin + cols_per_split, inner)
+    return c, split, o_begin, o_end, i_begin, i_end
+
+
+@triton.jit
 def channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64: tl.constexpr):
     """[BLOCK_O, BLOCK_I] element offsets of outer rows ``o`` ([BLOCK_O]) and inner columns ``i``.
 

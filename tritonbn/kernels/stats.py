@@ -23,6 +23,7 @@ import triton.language as tl
 from .common import (
     chan_merge_rows,
     channel_major_offsets,
+    channel_major_split,
     channel_minor_offsets,
     element_offset,
     finish_statistics,
@@ -51,13 +52,8 @@ def channel_major_stats_kernel(
     """
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
     num_splits = SPLIT_O * SPLIT_I
-    pid = tl.program_id(0)
-    c = pid // num_splits
-    split = pid % num_splits
-    o_begin = (split // SPLIT_I) * rows_per_split
-    i_begin = (split % SPLIT_I) * cols_per_split
-    o_end = tl.minimum(o_begin + rows_per_split, outer)
-    i_end = tl.minimum(i_begin + cols_per_split, inner)
+    c, split, o_begin, o_end, i_begin, i_end = channel_major_split(
+        outer, inner, rows_per_split, cols_per_split, SPLIT_O, SPLIT_I)
     base = x_ptr + scalar_offset(c, stride_c, INT64)
     pilot = tl.load(base).to(ACC)
     last = tl.load(base + element_offset(outer - 1, inner - 1, outer_lo, stride_oh, stride_o, stride_i, INT64))
