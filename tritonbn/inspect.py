@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
@@ -219,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("tritonbn inspect compiles kernels: unset TRITON_INTERPRET")
     rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or ["fp16", "bf16", "fp32"],
-                           args.layout or list(LAYOUTS), progress=lambda text: print(f"compiling {text}", flush=True))
+                           args.layout or list(LAYOUTS),
+                           progress=lambda text: print(f"compiling {text}", file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
