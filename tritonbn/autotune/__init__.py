@@ -1,5 +1,6 @@
-"""Launch configuration: ``KernelConfig``s and how they are chosen."""
+"""Launch configuration: ``KernelConfig``s, how they are chosen (override, config store,
+heuristic), the config spaces and the tuner (``tritonbn tune``)."""
 
-from .config import PERSISTENT_OFF, KernelConfig, override_configs
+from .config import PERSISTENT_OFF, KernelConfig, clear_caches, explain, override_configs
 
-__all__ = ["KernelConfig", "override_configs", "PERSISTENT_OFF"]
+__all__ = ["KernelConfig", "override_configs", "PERSISTENT_OFF", "explain", "clear_caches"]
