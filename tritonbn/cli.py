@@ -13,6 +13,9 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("tritonbn.demo", "run the operator on a few shapes and layouts and check it against the reference"),
+    "bench": ("tritonbn.perf.bench", "performance sweep: timed on CUDA, bytes counted under the interpreter on CPU"),
+    "traffic": ("tritonbn.perf.traffic", "count the global-memory bytes and launches of each op (Triton interpreter)"),
+    "tune": ("tritonbn.autotune.tune", "autotune launch configs per GPU model: measured on a GPU, modelled without one"),
     "inspect": ("tritonbn.inspect", "compile every kernel variant for sm_80/sm_90 (no GPU needed): registers, spills, widest accesses"),
 }
 

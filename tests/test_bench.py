@@ -1,0 +1,222 @@
+"""The benchmark sweep: definitions, the timed (GPU) path with a stub timer, the counted (CPU)
+path on a tiny selection, and what gets written (CSV, PNGs, report.md).
+
+No GPU is needed: the GPU path runs on CPU tensors with an injected timer and torch.compile
+replaced by the plain function.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonbn.cli import build_parser, main
+from tritonbn.perf import bench, report, sweeps
+from tritonbn.perf.bench import Timing
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- definitions
+
+
+def test_minimal_and_modelled_bytes():
+    assert sweeps.MIN_PASSES == {"inference": 2, "forward": 2, "backward": 3, "forward_backward": 5}
+    assert sweeps.TORCH_PASSES == {"inference": 2, "forward": 3, "backward": 5, "forward_backward": 8}
+
+
+@pytest.mark.parametrize("logical, layout, expected", [
+    ((32, 64, 56, 56), "NCHW", ((32, 64, 56, 56), 1, "contiguous")),
+    ((32, 64, 56, 56), "channels_last", ((32, 64, 56, 56), 1, "channels_last")),
+    ((32, 64, 56, 56), "axis=-1", ((32, 56, 56, 64), 3, "contiguous")),
+    ((32, 64, 56, 56), "middle", ((32, 56, 64, 56), 2, "contiguous")),
+    ((8, 1024, 2048), "axis=-1", ((8, 2048, 1024), 2, "contiguous")),
+    ((8, 1024, 2048), "middle", None),
+    ((512, 1024), "channels_last", None),
+    ((512, 1024), "axis=-1", None),
+])
+def test_layouts_realize_shapes(logical, layout, expected):
+    assert sweeps.LAYOUTS[layout].realize(logical) == expected
+
+
+def test_sweep_covers_the_issue():
+    families = {case.family for case in sweeps.FULL_CASES}
+    assert families == {"resnet50", "small-C", "large-C", "mlp", "video", "transformer"}
+    logical = {case.logical for case in sweeps.FULL_CASES}
+    assert {(32, 64, 112, 112), (256, 2048, 7, 7), (20, 6, 65536), (32, 4, 256, 256), (8, 2048, 7, 7)} <= logical
+    assert any(len(case.logical) == 5 for case in sweeps.FULL_CASES)
+    assert any(len(case.logical) == 2 for case in sweeps.FULL_CASES)
+    full = sweeps.points(sweeps.FULL_CASES, list(sweeps.LAYOUTS), list(sweeps.DTYPES))
+    assert {p.layout for p in full} == set(sweeps.LAYOUTS) and {p.dtype for p in full} == {"fp16", "bf16", "fp32"}
+    transformer = [p for p in full if p.case.family == "transformer" and p.layout == "axis=-1"]
+    assert transformer and all(p.axis == 2 for p in transformer)
+    quick = sweeps.points([c.for_cpu() for c in sweeps.QUICK_CASES], list(sweeps.LAYOUTS), sweeps.QUICK_DTYPES)
+    assert 0 < len(quick) < len(full)
+    assert max(p.data_bytes for p in quick) < 2**20  # interpreter-sized
+
+
+def test_torch_view_moves_the_channel_to_axis_1():
+    x = torch.randn(2, 5, 6, 3)
+    view = bench.torch_view(x, -1)
+    assert view.shape == (2, 3, 5, 6) and view.data_ptr() == x.data_ptr()  # a view, no copy
+    assert bench.torch_view(x, 1) is x
+    assert bench.torch_view(x, 2).shape == (2, 6, 5, 3)
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 5, 6, 3), -1), ((2, 4, 3, 5), 2)])
+def test_torch_eager_on_the_view_matches_tritonbn(shape, axis):
+    import tritonbn
+
+    x = torch.randn(shape, dtype=torch.float64)
+    channels = shape[axis]
+    gamma, beta = torch.rand(channels, dtype=torch.float64) + 0.5, torch.randn(channels, dtype=torch.float64)
+    mm, mv = torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)
+    expected = tritonbn.batch_norm(x, gamma, beta, mm.clone(), mv.clone(), fix_gamma=False, axis=axis, training=True)
+    got = bench._torch_batch_norm(bench.torch_view(x, axis), gamma, beta, mm.clone(), mv.clone(), True)
+    torch.testing.assert_close(got.movedim(1, axis), expected)
+
+
+# ----------------------------------------------------------------------------- the timed path
+
+
+class StubTimer:
+    """Calls fn once (so every provider really runs) and returns fixed times in call order:
+    the copy, then per mode tritonbn, torch, torch.compile."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def __call__(self, fn):
+        fn()
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("stub failure")
+        index = (self.calls - 2) % 3
+        ms = 0.5 if self.calls == 1 else (1.0, 2.0, 4.0)[index]
+        return Timing(ms, 0.9 * ms, 1.1 * ms)
+
+
+def _point(layout="axis=-1", dtype="fp32", logical=(2, 4, 3, 5)):
+    return sweeps.points([sweeps.Case("test", "tiny", logical)], [layout], [dtype])[0]
+
+
+def test_timed_point_formulas_and_restored_statistics(monkeypatch):
+    created = []
+    real_inputs = bench._inputs
+    monkeypatch.setattr(bench, "_inputs", lambda point, device: created.append(real_inputs(point, device)) or created[-1])
+    point = _point()
+    rows = bench.time_point(point, torch.device("cpu"), StubTimer(), compile_fn=lambda fn: fn)
+    s = point.data_bytes
+    copy = rows[0]
+    assert (copy.provider, copy.mode, copy.ms) == ("copy", "copy", 0.5)
+    assert copy.gbps == pytest.approx(2 * s / 0.5e6)
+    assert len(rows) == 1 + 3 * len(sweeps.MODES)
+    for row in rows[1:]:
+        assert row.kind == "measured"
+        assert row.gbps == pytest.approx(sweeps.MIN_PASSES[row.mode] * s / (row.ms * 1e6))
+        assert row.pct_copy == pytest.approx(100 * row.gbps / copy.gbps)
+        if row.provider != "tritonbn":
+            assert "movedim(3, 1)" in row.note
+    tritonbn_rows = [r for r in rows if r.provider == "tritonbn"]
+    assert {r.mode for r in tritonbn_rows} == set(sweeps.MODES)
+    for row in tritonbn_rows:
+        assert (row.ms, row.ms_q25, row.ms_q75) == (1.0, 0.9, 1.1)
+        assert row.speedup_vs_torch == 2.0 and row.speedup_vs_compile == 4.0
+    inp = created[0]
+    assert torch.equal(inp.moving_mean, torch.zeros(4)) and torch.equal(inp.moving_var, torch.ones(4))
+
+
+def test_a_failing_provider_is_a_note_not_a_crash():
+    rows = bench.time_point(_point("NCHW"), torch.device("cpu"), StubTimer(fail_on=3), compile_fn=lambda fn: fn,
+                            modes=("inference",))
+    failed = [r for r in rows if r.note.startswith("failed")]
+    assert len(failed) == 1 and failed[0].provider == "torch" and math.isnan(failed[0].ms)
+    assert "stub failure" in failed[0].note
+
+
+def test_written_outputs_on_the_timed_path(tmp_path):
+    points = [_point(layout, dtype, logical) for layout in ("NCHW", "axis=-1") for dtype in ("fp32", "bf16")
+              for logical in ((2, 4, 3, 5), (4, 3, 2, 2))]
+    rows = bench.time_sweep(points, "cpu", StubTimer(), compile_fn=lambda fn: fn, progress=False)
+    meta = report.Meta(device="stub GPU", timed=True, date="2026-01-01 00:00", command="tritonbn bench --quick")
+    written = report.write(rows, tmp_path, meta)
+    names = sorted(p.name for p in written)
+    assert names == sorted(["results.csv", "report.md", "speedup.png", *(f"{m}.png" for m in sweeps.MODES)])
+    with open(tmp_path / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(rows)
+    assert {"provider", "mode", "layout", "dtype", "shape", "ms", "gbps", "pct_copy", "speedup_vs_torch"} <= set(table[0])
+    assert {r["provider"] for r in table} == {"tritonbn", "torch", "torch.compile", "copy"}
+    text = (tmp_path / "report.md").read_text()
+    for needle in ("stub GPU", "torch 2", "Triton", "2026-01-01", "`tritonbn bench --quick`", "](speedup.png)",
+                   "](inference.png)", "movedim", "measured"):
+        assert needle in text
+    for png in tmp_path.glob("*.png"):
+        assert 1000 < png.stat().st_size < 200_000
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _args(*argv):
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_subcommands_are_registered():
+    assert _args("--quick").quick
+    assert build_parser().parse_args(["traffic"]).op == "all"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtypes", "fp8"], "--dtypes"),
+    (["--layouts", "diagonal"], "--layouts"),
+    (["--device", "mps"], "only cuda and cpu"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_a_gpu_exits_2(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_run_with_injected_timer_takes_the_timed_path(tmp_path, capsys):
+    args = _args("--device", "cpu", "--families", "mlp", "--dtypes", "fp32", "--modes", "inference,backward",
+                 "--out", str(tmp_path), "--no-progress")
+    assert bench.run(args, timer=StubTimer(), compile_fn=lambda fn: fn) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "--families mlp" in text and "measured" in text
+    assert "x torch" in capsys.readouterr().out
+
+
+def test_cpu_run_counts_and_models(tmp_path, capsys):
+    assert main(["bench", "--quick", "--device", "cpu", "--families", "mlp,transformer", "--dtypes", "bf16",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    with open(tmp_path / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    kinds = {(r["provider"], r["kind"]) for r in table}
+    assert kinds == {("tritonbn", "counted"), ("torch", "modelled")}
+    assert all(r["ms"] == "" for r in table)  # nothing is a time
+    for r in table:
+        if r["provider"] == "tritonbn":
+            assert float(r["bytes_per_s"]) >= sweeps.MIN_PASSES[r["mode"]]
+            assert int(r["launches"]) == len(r["programs_per_launch"].split("/"))
+        else:
+            assert float(r["bytes_per_s"]) == sweeps.TORCH_PASSES[r["mode"]]
+    text = (tmp_path / "report.md").read_text()
+    assert "counted" in text and "modelled" in text and "nothing here is a time" in text
+    assert "(forward.png)" in text and not (tmp_path / "speedup.png").exists()
+    assert "counted (tritonbn" in capsys.readouterr().out
+
+
+def test_scripts_bench_runs_the_quick_sweep():
+    script = (REPO / "scripts" / "bench").read_text()
+    assert "-m tritonbn bench --quick" in script and '"$@"' in script

@@ -1,0 +1,13 @@
+"""Performance tooling: what the ops cost, on any machine.
+
+- ``traffic``: global-memory bytes moved per op, counted by instrumenting the loads and stores
+  of Triton's interpreter (``TRITON_INTERPRET=1``), with the launches from ``tritonbn.trace``
+  (``tritonbn traffic``).
+- ``sweeps``: the shapes, layouts, dtypes and modes of the benchmark sweep (GitHub issue 5).
+- ``bench``: the sweep itself (``tritonbn bench``): timed against torch eager, torch.compile
+  and a copy on CUDA; counted (tritonbn) next to modelled (torch) pass counts on CPU.
+- ``report``: the CSV, the plots and ``report.md`` of a sweep.
+
+Nothing here imports Triton at module level: the interpreter must be chosen (the environment
+variable set) before Triton is first imported.
+"""

@@ -1,0 +1,422 @@
+"""``tritonbn bench``: the performance sweep of GitHub issue 5.
+
+On CUDA every (case, layout, dtype, mode) is timed with ``triton.testing.do_bench`` (L2
+flushed before every run; median and quartiles) for four providers in one run:
+
+- ``tritonbn``: ``tritonbn.batch_norm`` on the tensor as it lies (any axis, no copy);
+- ``torch``: ``torch.nn.functional.batch_norm``, eager (cuDNN or native, as torch dispatches);
+- ``torch.compile``: the same function through ``torch.compile(dynamic=False)``;
+- ``copy``: a device-to-device copy of S bytes (reads S, writes S): the bandwidth reference.
+
+torch's batch_norm only takes the channel at axis 1: for another axis both torch providers get
+``x.movedim(axis, 1)``, a view (no copy), and their gradient flows back through it.  Effective
+bandwidth counts the *minimal* bytes of a mode (``sweeps.MIN_PASSES``: 2 S inference and
+forward, 3 S backward, 5 S forward + backward), whatever a provider really moves.  Modes that
+update the moving statistics get them restored after each measurement.
+
+Without a GPU the same command counts instead of timing: the CPU-sized cases run under
+``TRITON_INTERPRET=1`` and the traffic counter (``traffic.py``) reports bytes moved / S,
+launches and programs per launch of tritonbn ("counted"), next to the pass counts of torch's
+documented CUDA design ("modelled": ``sweeps.TORCH_PASSES``).  Nothing there is a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import sweeps, traffic
+from ..autotune.tuner import restored  # the moving statistics between measurements
+from .sweeps import MIN_PASSES, MODES, TORCH_PASSES, Point
+
+__all__ = ["Row", "Timing", "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "add_arguments", "run"]
+
+MEASURED, COUNTED, MODELLED = "measured", "counted", "modelled"
+PROVIDERS = ("tritonbn", "torch", "torch.compile")
+COPY = "copy"
+MXNET_MOMENTUM = 0.9
+EPS = 1e-3
+
+
+@dataclass
+class Row:
+    """One CSV row: a (provider, mode, layout, dtype, shape) and what was measured/counted/modelled."""
+
+    provider: str
+    kind: str  # measured | counted | modelled
+    mode: str
+    family: str
+    case: str
+    layout: str
+    dtype: str
+    shape: str  # the tensor run, e.g. 32x56x56x64
+    axis: int
+    logical_shape: str  # (N, C, *spatial)
+    data_bytes: int  # S
+    min_bytes_per_s: float
+    ms: float = math.nan  # median
+    ms_q25: float = math.nan
+    ms_q75: float = math.nan
+    gbps: float = math.nan  # minimal bytes / median time
+    pct_copy: float = math.nan  # gbps / measured copy bandwidth, %
+    speedup_vs_torch: float = math.nan  # torch eager ms / this ms
+    speedup_vs_compile: float = math.nan  # torch.compile ms / this ms
+    bytes_moved: float = math.nan
+    bytes_per_s: float = math.nan
+    data_bytes_per_s: float = math.nan  # x/y/dy/dx only (counted)
+    launches: float = math.nan
+    programs_per_launch: str = ""
+    kernels: str = ""
+    torch_copies: float = math.nan  # copies torch made around tritonbn's kernels (counted)
+    note: str = ""
+
+
+FIELDS = [f.name for f in dataclasses.fields(Row)]
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _base(point: Point, provider: str, kind: str, mode: str) -> Row:
+    return Row(provider=provider, kind=kind, mode=mode, family=point.case.family, case=point.case.label,
+               layout=point.layout, dtype=point.dtype, shape=_shape_text(point.shape), axis=point.axis,
+               logical_shape=_shape_text(point.case.logical), data_bytes=point.data_bytes,
+               min_bytes_per_s=MIN_PASSES.get(mode, 2))
+
+
+def _progress(items: Sequence, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="point", file=sys.stderr, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- counting (no GPU)
+
+
+def count_point(point: Point) -> list[Row]:
+    """tritonbn's counted traffic of every mode at ``point``, and torch's modelled passes."""
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # the interpreter's numpy, e.g. 1/sqrt(0) under tl.where
+        results = traffic.measure("all", point.shape, point.memory, point.torch_dtype, point.axis)
+    rows = []
+    for mode in MODES:
+        result = results[mode]
+        row = _base(point, "tritonbn", COUNTED, mode)
+        row.bytes_moved = result.total
+        row.bytes_per_s = result.per_s
+        row.data_bytes_per_s = result.data_per_s
+        row.launches = result.n_launches
+        row.programs_per_launch = "/".join(str(p) for p in result.programs)
+        row.kernels = "/".join(launch.kernel for launch in result.launches)
+        row.torch_copies = len(result.copies)
+        rows.append(row)
+        model = _base(point, "torch", MODELLED, mode)
+        model.bytes_per_s = TORCH_PASSES[mode]
+        model.data_bytes_per_s = TORCH_PASSES[mode]
+        model.bytes_moved = TORCH_PASSES[mode] * point.data_bytes
+        model.note = "passes of torch's CUDA design (stats + elementwise; reduce + elementwise)"
+        rows.append(model)
+    return rows
+
+
+def count_sweep(points: Sequence[Point], progress: bool = True) -> list[Row]:
+    """Counted (tritonbn) and modelled (torch) rows of every point, under the interpreter."""
+    traffic.ensure_interpreter()
+    rows: list[Row] = []
+    for point in _progress(points, "counting", progress):
+        rows.extend(count_point(point))
+    return rows
+
+
+# ----------------------------------------------------------------------------- timing (CUDA)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and quartiles."""
+
+    median: float
+    q25: float
+    q75: float
+
+
+def do_bench_timer(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> Timing:
+    """``triton.testing.do_bench`` (L2 flushed before every run) as median and quartiles."""
+    from triton.testing import do_bench
+
+    params = inspect.signature(do_bench).parameters
+    if "quantiles" in params:
+        median, q25, q75 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.25, 0.75])
+        return Timing(median, q25, q75)
+    times = sorted(do_bench(fn, warmup=warmup, rep=rep, return_mode="all"))  # pragma: no cover
+
+    def quantile(q: float) -> float:  # pragma: no cover
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return Timing(quantile(0.5), quantile(0.25), quantile(0.75))  # pragma: no cover
+
+
+def torch_view(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` with its channel axis moved to 1, as torch's batch_norm needs: a view, no copy."""
+    axis = axis % t.dim()
+    return t if axis == 1 else t.movedim(axis, 1)
+
+
+def default_compile(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False)``, with room for one graph per shape of the sweep."""
+    import torch._dynamo.config as dynamo_config
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 4096))
+    return torch.compile(fn, dynamic=False)
+
+
+@dataclass
+class _Inputs:
+    x: torch.Tensor  # no grad (inference)
+    xg: torch.Tensor  # leaf with grad (training)
+    dy: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    gamma_g: torch.Tensor
+    beta_g: torch.Tensor
+    moving_mean: torch.Tensor
+    moving_var: torch.Tensor
+    axis: int
+
+
+def _inputs(point: Point, device: torch.device) -> _Inputs:
+    x = traffic.make_data(point.shape, point.memory, point.torch_dtype, seed=0, device=device)
+    dy = traffic.make_data(point.shape, point.memory, point.torch_dtype, seed=1, device=device)
+    channels = point.shape[point.axis]
+    gamma = torch.rand(channels, device=device) + 0.5
+    beta = torch.randn(channels, device=device)
+    return _Inputs(x, x.detach().clone().requires_grad_(True), dy, gamma, beta,
+                   gamma.clone().requires_grad_(True), beta.clone().requires_grad_(True),
+                   torch.zeros(channels, device=device), torch.ones(channels, device=device), point.axis)
+
+
+def _torch_batch_norm(x, gamma, beta, moving_mean, moving_var, training: bool):
+    # torch's momentum weighs the new batch: MXNet's 0.9 is torch's 0.1
+    return torch.nn.functional.batch_norm(x, moving_mean, moving_var, gamma, beta, training,
+                                          1.0 - MXNET_MOMENTUM, EPS)
+
+
+def _forward(provider: str, inp: _Inputs, training: bool, compiled: Callable | None) -> Callable[[], torch.Tensor]:
+    """A call of ``provider``'s forward (training with grad-requiring inputs, else without)."""
+    x = inp.xg if training else inp.x
+    gamma, beta = (inp.gamma_g, inp.beta_g) if training else (inp.gamma, inp.beta)
+    if provider == "tritonbn":
+        import tritonbn
+
+        return lambda: tritonbn.batch_norm(x, gamma, beta, inp.moving_mean, inp.moving_var, eps=EPS,
+                                           momentum=MXNET_MOMENTUM, fix_gamma=False, axis=inp.axis,
+                                           training=training)
+    fn = _torch_batch_norm if provider == "torch" else compiled
+    return lambda: fn(torch_view(x, inp.axis), gamma, beta, inp.moving_mean, inp.moving_var, training)
+
+
+def _mode_fn(provider: str, mode: str, inp: _Inputs, compiled: Callable | None) -> Callable[[], Any]:
+    """The callable timed for (provider, mode); backward builds its graph once, here."""
+    training = mode != "inference"
+    forward = _forward(provider, inp, training, compiled)
+    dy = inp.dy if provider == "tritonbn" else torch_view(inp.dy, inp.axis)
+    wrt = (inp.xg, inp.gamma_g, inp.beta_g)
+    if mode in ("inference", "forward"):
+        return forward
+    if mode == "backward":
+        y = forward()
+        return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(forward(), wrt, dy)
+
+
+def _timed(row: Row, timer: Callable, fn_factory: Callable[[], Callable[[], Any]], restore: Sequence[torch.Tensor]):
+    try:
+        with restored(*restore):
+            timing = timer(fn_factory())
+        row.ms, row.ms_q25, row.ms_q75 = timing.median, timing.q25, timing.q75
+    except Exception as exc:  # noqa: BLE001 - one failing provider must not end the sweep
+        row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def time_point(point: Point, device: torch.device, timer: Callable[[Callable[[], Any]], Timing],
+               compile_fn: Callable[[Callable], Callable] = default_compile,
+               providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES) -> list[Row]:
+    """Timed rows of every (provider, mode) at ``point``, plus the copy reference."""
+    inp = _inputs(point, device)
+    compiled = compile_fn(_torch_batch_norm) if "torch.compile" in providers else None
+    rows: list[Row] = []
+    src = torch.empty(inp.x.numel(), dtype=inp.x.dtype, device=device).copy_(inp.x.reshape(-1))
+    dst = torch.empty_like(src)
+    copy = _base(point, COPY, MEASURED, COPY)
+    copy.note = "device-to-device copy of S bytes; GB/s counts 2 S (read + write)"
+    _timed(copy, timer, lambda: (lambda: dst.copy_(src)), ())
+    copy.gbps = 2 * point.data_bytes / (copy.ms * 1e6)
+    rows.append(copy)
+    for mode in modes:
+        by_provider: dict[str, Row] = {}
+        for provider in providers:
+            row = _base(point, provider, MEASURED, mode)
+            if provider != "tritonbn" and point.axis != 1:
+                row.note = f"x.movedim({point.axis}, 1) (a view) for torch"
+            _timed(row, timer, lambda: _mode_fn(provider, mode, inp, compiled),
+                   (inp.moving_mean, inp.moving_var))
+            row.gbps = MIN_PASSES[mode] * point.data_bytes / (row.ms * 1e6)
+            row.pct_copy = 100.0 * row.gbps / copy.gbps
+            by_provider[provider] = row
+        for row in by_provider.values():
+            if "torch" in by_provider:
+                row.speedup_vs_torch = by_provider["torch"].ms / row.ms
+            if "torch.compile" in by_provider:
+                row.speedup_vs_compile = by_provider["torch.compile"].ms / row.ms
+        rows.extend(by_provider.values())
+    return rows
+
+
+def time_sweep(points: Sequence[Point], device: torch.device | str, timer: Callable[[Callable[[], Any]], Timing],
+               compile_fn: Callable[[Callable], Callable] = default_compile,
+               providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
+               progress: bool = True) -> list[Row]:
+    """Timed rows of every point (see ``time_point``); ``timer`` is injectable (tests stub it)."""
+    device = torch.device(device)
+    rows: list[Row] = []
+    for point in _progress(points, "timing", progress):
+        rows.extend(time_point(point, device, timer, compile_fn, providers, modes))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- the subcommand
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the quick subset (a few shapes, bf16 and fp32)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default perf/results/<device>/<date>/)")
+    parser.add_argument("--device", default=None,
+                        help="cuda[:i] (timed) or cpu (counted under TRITON_INTERPRET=1); default: cuda if available")
+    parser.add_argument("--dtypes", default=None, help=f"comma-separated subset of {','.join(sweeps.DTYPES)}")
+    parser.add_argument("--layouts", default=None, help=f"comma-separated subset of {','.join(sweeps.LAYOUTS)}")
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--families", default=None, help="comma-separated case families (resnet50, small-C, ...)")
+    parser.add_argument("--providers", default=None, help=f"GPU: comma-separated subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--warmup", type=int, default=25, help="GPU: do_bench warmup, ms")
+    parser.add_argument("--rep", type=int, default=100, help="GPU: do_bench repetition time, ms")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _subset(text: str | None, allowed: Sequence[str], what: str) -> list[str] | None:
+    if text is None:
+        return None
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in chosen if part not in allowed]
+    if unknown or not chosen:
+        raise ValueError(f"--{what}: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name of a device: "cpu" or the GPU's name, e.g. "nvidia-h100-80gb-hbm3"."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores): Triton interpreter"
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["tritonbn", "bench"]
+    if args.quick:
+        parts.append("--quick")
+    for name in ("device", "dtypes", "layouts", "modes", "families", "providers"):
+        value = getattr(args, name)
+        if value is not None:
+            parts += [f"--{name}", str(value)]
+    for name, default in (("warmup", 25), ("rep", 100)):
+        if getattr(args, name) != default:
+            parts += [f"--{name}", str(getattr(args, name))]
+    if args.out is not None:
+        parts += ["--out", str(args.out)]
+    return " ".join(parts)
+
+
+def select_points(args: argparse.Namespace, cpu: bool) -> tuple[list[Point], list[str]]:
+    """The sweep's points and modes for ``args`` (CPU: the quick cases at their CPU sizes)."""
+    quick = args.quick or cpu
+    cases = sweeps.QUICK_CASES if quick else sweeps.FULL_CASES
+    if cpu:
+        cases = tuple(case.for_cpu() for case in cases)
+    families = _subset(args.families, sorted({c.family for c in sweeps.FULL_CASES}), "families")
+    if families:
+        cases = tuple(c for c in cases if c.family in families)
+    dtypes = _subset(args.dtypes, list(sweeps.DTYPES), "dtypes") or (
+        list(sweeps.QUICK_DTYPES) if quick else list(sweeps.DTYPES))
+    layouts = _subset(args.layouts, list(sweeps.LAYOUTS), "layouts") or list(sweeps.LAYOUTS)
+    modes = _subset(args.modes, list(MODES), "modes") or list(MODES)
+    return sweeps.points(cases, layouts, dtypes), modes
+
+
+def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Callable | None = None) -> int:
+    """Run the sweep and write CSV, plots and report.md; ``timer``/``compile_fn`` are for tests."""
+    from . import report
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available (use --device cpu to count traffic)")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"--device {args.device}: only cuda and cpu are supported")
+        # A GPU is timed; a CPU is counted, unless a timer is injected (tests time the GPU path on CPU).
+        timed = device.type == "cuda" or timer is not None
+        if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("TRITON_INTERPRET=1 would interpret the kernels on the GPU: unset it to time them")
+        if device.type == "cpu":
+            traffic.ensure_interpreter()  # before anything imports Triton: CPU tensors run interpreted
+        points, modes = select_points(args, cpu=device.type == "cpu")
+        providers = _subset(args.providers, list(PROVIDERS), "providers") or list(PROVIDERS)
+    except (ValueError, RuntimeError) as exc:
+        print(f"tritonbn bench: {exc}", file=sys.stderr)
+        return 2
+    if not points:
+        print("tritonbn bench: the selection is empty", file=sys.stderr)
+        return 2
+    now = datetime.datetime.now()
+    out = args.out or Path("perf/results") / device_slug(device) / now.strftime("%Y-%m-%d")
+    if device.type == "cpu" and not args.quick:
+        print("no GPU: the CPU-sized quick subset, counted under Triton's interpreter (not timed)", file=sys.stderr)
+    if timed:
+        timer = timer or (lambda fn: do_bench_timer(fn, warmup=args.warmup, rep=args.rep))
+        rows = time_sweep(points, device, timer, compile_fn or default_compile, providers, modes,
+                          progress=not args.no_progress)
+    else:
+        rows = [row for row in count_sweep(points, progress=not args.no_progress) if row.mode in modes]
+    meta = report.Meta(device=device_description(device), timed=timed,
+                       date=now.strftime("%Y-%m-%d %H:%M"), command=_command(args))
+    written = report.write(rows, out, meta)
+    print(report.console_summary(rows, timed))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
