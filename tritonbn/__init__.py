@@ -8,6 +8,7 @@ on first use.
 from . import trace
 from .autotune import KernelConfig
 from .ops import batch_norm
+from .nn import convert  # torch.nn layers (tritonbn.nn), SyncBatchNorm, torch.compile op
 
-__all__ = ["batch_norm", "trace", "KernelConfig"]
+__all__ = ["batch_norm", "convert", "trace", "KernelConfig"]
 __version__ = "0.1.0"

@@ -1,0 +1,228 @@
+"""SyncBatchNorm: training statistics of the batch concatenated across a process group.
+
+Exact also when the ranks hold different batch sizes (SPEC "SyncBatchNorm"):
+
+forward (one all_gather of a [3, C] float64 tensor per step)
+    each rank: n_r = elements per channel, mean_r, M2_r = sum((x - mean_r)^2)
+    all ranks: n = sum n_r, mean = sum(n_r * mean_r) / n,
+               M2 = sum(M2_r + n_r * (mean_r - mean)^2)          (Chan et al., exact)
+    y = (x - mean) / sqrt(M2 / n + eps) * gamma + beta            (the operator's scale-shift kernels)
+    running_mean, running_var <- torch's update with the unbiased M2 / (n - 1)
+backward (one all_reduce of a [2, C] float64 tensor per step)
+    each rank: S_r = sum(dy), D_r = sum((x - mean) * dy)          (the operator's backward kernels)
+    all ranks: S, D = sum over ranks
+    dx = gamma * invstd * (dy - S / n - (x - mean) * D * invstd^2 / n)
+    dgamma = D_r * invstd, dbeta = S_r: local, as data-parallel training expects (DDP averages them)
+
+The per-rank moments come from ``torch.var_mean`` and dx from torch elementwise ops; the
+normalisation and the S/D reductions run the operator's backends (Triton kernels on CUDA and
+under TRITON_INTERPRET=1, the reference otherwise).  Works with NCCL (CUDA) and gloo (CPU).
+Outside training, with a group of one rank, or when torch.distributed is not initialised, the
+layer is the local ``BatchNorm`` (the compilable custom op); the synchronised path itself runs
+eagerly (``torch.compile`` breaks the graph around it: collectives and a host read of the count).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import reference
+from .nn import _affine, _BatchNorm
+from .ops import backend_for
+from .validation import Settings, validate
+
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    """[world, *t.shape]: ``t`` of every rank of ``group``."""
+    world = dist.get_world_size(group)
+    out = t.new_empty((world * t.shape[0], *t.shape[1:]))  # the concatenated form (every backend)
+    # all_gather_single is all_gather_into_tensor's name from torch 2.13 on (the old one warns).
+    gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+    if gather is not None:
+        gather(out, t.contiguous(), group=group)
+    else:
+        dist.all_gather(list(out.chunk(world)), t.contiguous(), group=group)
+    return out.view(world, *t.shape)
+
+
+def _local_moments(x: Tensor) -> Tensor:
+    """[3, C] float64: (count, mean, M2) per channel (axis 1) of this rank's batch."""
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    stats = torch.zeros((3, channels), dtype=torch.float64, device=x.device)
+    stats[0] = count
+    if count:
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x.to(reference.stat_dtype(x.dtype)), dim=dims, correction=0)
+        stats[1] = mean
+        stats[2] = var.double() * count
+    return stats
+
+
+def chan_merge(moments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-rank [world, 3, C] (count, mean, M2) into the global (count, mean, M2), each [C].
+
+    The pairwise Chan update generalised to all ranks at once; ranks with no elements drop out.
+    """
+    counts, means, m2s = moments.double().unbind(1)
+    total = counts.sum(0)
+    safe = total.clamp(min=1)
+    mean = (counts * means).sum(0) / safe
+    m2 = (m2s + counts * (means - mean) ** 2).sum(0)
+    return total, mean, m2
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training forward/backward with statistics across ``group`` (channel axis 1)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, running_mean, running_var, eps, momentum, fix_gamma, group, average_count):
+        backend = backend_for(x.device)
+        acc = reference.stat_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            count, mean, m2 = chan_merge(_all_gather(_local_moments(x), group))
+            n = int(count.max().item()) if count.numel() else 0
+            if n <= 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel across the process group when training, got {n}")
+            var = m2 / n
+            # Normalise with the global statistics: the operator's scale-shift path reads them as
+            # "moving" statistics.  eps = 0 with var = 0 gives invstd = 0 (SPEC), via rsqrt(inf).
+            var_in = torch.where(var == 0, torch.full_like(var, float("inf")), var) if eps == 0 else var
+            settings = Settings(axis=1, eps=eps, momentum=0.0, fix_gamma=fix_gamma, batch_stats=False,
+                                unbiased_update=False)
+            y, _, invstd, _, x_read = backend.forward(x, gamma, beta, mean.to(acc), var_in.to(acc), settings, None)
+            if running_mean is not None and running_var is not None:
+                if average_count is not None:
+                    momentum = 1.0 - 1.0 / float(average_count.item())
+                reference.moving_update(running_mean, mean, momentum)
+                reference.moving_update(running_var, m2 / (n - 1), momentum)
+        ctx.save_for_backward(x_read, gamma, mean.to(acc), invstd)
+        ctx.fix_gamma, ctx.group, ctx.n, ctx.beta_dtype = fix_gamma, group, n, beta.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gamma, mean, invstd = ctx.saved_tensors
+        backend = backend_for(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            # Local S and D through the operator's backward: with gamma = invstd = 1 and the
+            # scale-shift formulas, dgamma = sum((x - mean) * dy) = D and dbeta = sum(dy) = S.
+            ones = torch.ones_like(invstd)
+            center = torch.stack([mean, torch.zeros_like(mean)])
+            settings = Settings(axis=1, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=False,
+                                unbiased_update=False)
+            _, d_local, s_local = backend.backward(dy, x, ones, center, ones, settings, ones.dtype)
+            sums = torch.stack([s_local, d_local]).double()
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+            s_all, d_all = sums.to(mean.dtype).unbind(0)
+            g = torch.ones_like(invstd) if ctx.fix_gamma else gamma.to(invstd.dtype)
+            bshape = [1] * x.dim()
+            bshape[1] = -1
+            n = ctx.n
+            centered = x.to(mean.dtype) - mean.view(bshape)
+            dx = (dy.to(mean.dtype) - (s_all / n).view(bshape)
+                  - centered * (d_all * invstd * invstd / n).view(bshape)) * (g * invstd).view(bshape)
+        needs = ctx.needs_input_grad
+        dgamma = None
+        if needs[1]:
+            dgamma = torch.zeros_like(gamma) if ctx.fix_gamma else (d_local * invstd).to(gamma.dtype)
+        dbeta = s_local.to(ctx.beta_dtype) if needs[2] else None
+        return (dx.to(x.dtype) if needs[0] else None, dgamma, dbeta) + (None,) * 7
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    group: Any = None,
+    *,
+    average_count: Optional[Tensor] = None,
+) -> Tensor:
+    """Training batch norm (channel axis 1) with statistics across ``group`` (default WORLD).
+
+    torch's conventions: ``momentum`` is torch's (``average_count``: cumulative average), the
+    running variance gets the unbiased variance of the whole group's batch.
+    """
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if running_mean is None or running_var is None:
+        running_mean = running_var = None
+    gamma, beta, fix_gamma = _affine(input, weight, bias, running_mean)
+    tracked = (running_mean, running_var) if running_mean is not None else (gamma, gamma)
+    validate(input, (gamma, beta, *tracked), eps=eps, momentum=0.0, fix_gamma=fix_gamma,
+             use_global_stats=False, axis=1, out=None, training=False, unbiased_update=False)
+    tritonbn_momentum = 1.0 - (momentum if momentum is not None else 0.0)
+    group = group if group is not None else dist.group.WORLD
+    return _SyncBatchNormFunction.apply(input, gamma, beta, running_mean, running_var, eps, tritonbn_momentum,
+                                        fix_gamma, group, average_count)
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_sync_batch_norm() -> Callable[..., Tensor]:
+    """``sync_batch_norm`` behind ``torch.compiler.disable``: a compiled model runs it eagerly
+    (a graph break).  Made on first use: the decorator imports Dynamo (and Triton with it)."""
+    return torch.compiler.disable(sync_batch_norm, recursive=True)
+
+
+class SyncBatchNorm(_BatchNorm):
+    """``torch.nn.SyncBatchNorm`` on tritonbn: (N, C, ...) input, statistics across a group.
+
+    Same constructor, parameters, buffers and state_dict keys as torch's.  In training with a
+    process group of more than one rank the statistics are those of the batch concatenated
+    over the group (exact for unequal per-rank batches); otherwise it is the local batch norm.
+    Unlike torch's, it also runs on CPU tensors (gloo).  Not a subclass of
+    ``torch.nn.SyncBatchNorm`` (DDP refuses those on CPU), but of torch's ``_BatchNorm``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
+    def _group(self) -> Any:
+        """The process group to synchronise over, or None when there is nothing to synchronise."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group = self._group()
+        if group is None:
+            return super().forward(input)
+        running_mean, running_var, _, momentum, average_count = self._batch_norm_args()
+        return _eager_sync_batch_norm()(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                               group, average_count=average_count)
