@@ -22,3 +22,22 @@ def path(request, monkeypatch) -> str:
     """Run the test once through the interpreted Triton kernels and once through the reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
     return request.param
+
+
+# Hypothesis profiles (tests/test_properties.py): "ci" is the default, a bounded, derandomized
+# run (the same examples every time, no example database written) that keeps the property
+# tests within about a minute on two CPU cores; "long" (``--hypothesis-profile=long``) draws
+# ten times as many random examples and remembers failures in .hypothesis/ for local runs.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test dependency; without it the property tests are skipped
+    pass
+else:
+    settings.register_profile(
+        "ci", max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "long", max_examples=250, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.load_profile("ci")

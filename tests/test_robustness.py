@@ -1,0 +1,599 @@
+"""Numerical robustness (issue 7): hard data through every path, each with a stated tolerance.
+
+Extends tests/test_numerics.py (which runs its cases forward-only or on the default path):
+here every case runs forward *and* backward, on both kernel families, through three variants:
+
+* ``triton``: the interpreted Triton kernels as dispatched (single-pass at these sizes);
+* ``triton-split``: the split path (persistent kernels off) with several programs per channel,
+  so the Welford/Chan merges of the finalize see the hard data too;
+* ``reference``: the plain-torch CPU path.
+
+Expected values are ``tritonbn.reference`` evaluated in float64 on the same (rounded) inputs.
+Cases: offset half data, constant channels (eps = 0 and eps > 0), one element per channel,
+magnitudes from 1e-41 (float32 subnormals) to 1e37, and channels of 1e30 and 1e-30 side by side
+(SPEC asks for finite, correct results; float32 squares overflow / underflow there), data at the
+float16 maximum, NaN/Inf confined to their channel.  Known failures are ``xfail(strict=True)``
+with the exact reason, so they flip when fixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import tritonbn
+from tritonbn import reference
+from tritonbn.autotune import PERSISTENT_OFF, KernelConfig, override_configs
+from tritonbn.plan import CHANNEL_MAJOR, plan_view
+from helpers import TOLERANCES, apply_layout
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+VARIANTS = ("triton", "triton-split", "reference")
+
+# Forced split-path configs: several programs per channel (or channel block), so partials merge.
+SPLIT_CONFIG = {
+    "channel_major": KernelConfig(2, 8, split_rows=2, split_cols=2),
+    "channel_minor": KernelConfig(4, 8, split_rows=3),
+}
+# (shape, axis, layout) of each kernel family
+FAMILIES = {
+    "channel_major": ((4, 3, 20), 1, "contiguous"),
+    "channel_minor": ((2, 3, 4, 5), 1, "channels_last"),
+}
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch) -> str:
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "reference" else "1")
+    return request.param
+
+
+def _family(x: torch.Tensor, axis: int) -> str:
+    plan = plan_view(x.shape, axis % x.dim(), [x.stride()])
+    return plan.family if plan is not None else CHANNEL_MAJOR
+
+
+@contextlib.contextmanager
+def _configs(variant: str, x: torch.Tensor, axis: int):
+    if variant != "triton-split":
+        yield
+        return
+    with override_configs(persistent=PERSISTENT_OFF, reduce=SPLIT_CONFIG[_family(x, axis)]):
+        yield
+
+
+def _params(channels: int, dtype=F32, seed: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    gamma = (torch.rand(channels, generator=gen, dtype=F64) + 0.5).to(dtype)
+    beta = torch.randn(channels, generator=gen, dtype=F64).to(dtype)
+    return gamma, beta, torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype)
+
+
+def step(variant, x, dy, *, axis=1, eps=1e-3, momentum=0.9, fix_gamma=False, training=True,
+         use_global_stats=False, params=None):
+    """One forward (output_mean_var) and backward; returns (got, expected) dicts of tensors."""
+    channels = x.shape[axis]
+    gamma, beta, mm, mv = params if params is not None else _params(channels, reference.stat_dtype(x.dtype))
+    ax = axis % x.dim()
+    batch_stats = training and not use_global_stats
+    mm_ref, mv_ref = mm.double().clone(), mv.double().clone()
+    y_ref, mean_ref, inv_ref = reference.forward(
+        x.double(), gamma.double(), beta.double(), mm_ref, mv_ref, axis=ax, eps=eps, momentum=momentum,
+        fix_gamma=fix_gamma, batch_stats=batch_stats, update_moving=batch_stats)
+    dx_ref, dg_ref, db_ref = reference.backward(dy.double(), x.double(), gamma.double(), mean_ref, inv_ref,
+                                                axis=ax, fix_gamma=fix_gamma, batch_stats=batch_stats)
+    xg = x.detach().requires_grad_(True)
+    g = gamma.clone().requires_grad_(True)
+    b = beta.clone().requires_grad_(True)
+    with _configs(variant, x, axis), tritonbn.trace.capture() as trace:
+        y, mean, invstd = tritonbn.batch_norm(xg, g, b, mm, mv, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
+                                              use_global_stats=use_global_stats, output_mean_var=True,
+                                              axis=axis, training=training)
+        dx, dgamma, dbeta = torch.autograd.grad(y, (xg, g, b), dy)
+    assert set(trace.paths) == {variant.split("-")[0]}
+    if variant == "triton-split" and batch_stats:
+        reductions = [launch for launch in trace.launches if launch.kernel.startswith("channel_")
+                       and launch.kernel.endswith(("_stats", "_backward_reduce"))]
+        assert reductions and all(launch.config.splits > 1 for launch in reductions), trace.kernels()
+    got = dict(y=y.detach(), mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv, dx=dx, dgamma=dgamma,
+               dbeta=dbeta)
+    want = dict(y=y_ref, mean=mean_ref, invstd=inv_ref, moving_mean=mm_ref, moving_var=mv_ref, dx=dx_ref,
+                dgamma=dg_ref, dbeta=db_ref)
+    return got, want
+
+
+def close(got, want, what, *, rtol, atol=0.0, scale=None):
+    """|got - want| <= atol * scale + rtol * |want|, where ``scale`` defaults to max(1, max |want|):
+    an element that cancels to ~0 still carries the rounding of terms as large as the largest."""
+    want = want.double()
+    if scale is None:
+        finite = want[torch.isfinite(want)]
+        scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _data(shape, axis, layout, dtype, *, offset, std, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (offset + std * torch.randn(shape, generator=gen, dtype=F64)).to(dtype)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=F64).to(dtype)
+    return apply_layout(x, layout, axis % len(shape)), apply_layout(dy, layout, axis % len(shape))
+
+
+def _all_finite(got, names=("y", "mean", "invstd", "moving_mean", "moving_var", "dx", "dgamma", "dbeta")):
+    for name in names:
+        assert torch.isfinite(got[name]).all(), f"{name} has NaN/Inf: {got[name]}"
+
+
+# ----------------------------------------------------------------------------- offset half data
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "dtype, offset, std",
+    [
+        pytest.param(F16, 1000.0, 2.0, id="float16-offset-1000-std-2"),
+        pytest.param(F16, 3e4, 100.0, id="float16-offset-3e4"),
+        pytest.param(BF16, 1e4, 50.0, id="bfloat16-offset-1e4-std-50"),
+        pytest.param(BF16, 1e20, 1e18, id="bfloat16-offset-1e20"),
+    ],
+)
+def test_offset_half_data_forward_and_backward(dtype, offset, std, family, variant):
+    """Half data whose mean is 10-500 times its std, forward and backward: every output finite;
+    y and dx within the dtype's tolerance (TOLERANCES, scaled by the tensor's largest value),
+    dgamma and dbeta too (times m: sums of m terms); mean, invstd (float32, from float32
+    accumulation) within 1e-6 / 1e-5 relative -- the statistics of the rounded data itself,
+    which is what the kernels see."""
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, dtype, offset=offset, std=std)
+    got, want = step(variant, x, dy, axis=axis)
+    _all_finite(got)
+    atol, rtol = TOLERANCES[dtype]
+    close(got["y"], want["y"], "y", rtol=rtol, atol=atol)
+    close(got["dx"], want["dx"], "dx", rtol=rtol, atol=atol)
+    close(got["mean"], want["mean"], "mean", rtol=1e-6)
+    close(got["invstd"], want["invstd"], "invstd", rtol=1e-5)
+    close(got["moving_var"], want["moving_var"], "moving_var", rtol=1e-5)
+    m = x.numel() // x.shape[axis]
+    for name in ("dgamma", "dbeta"):  # sums of m terms of size ~max|dy|: atol scales with m
+        close(got[name], want[name], name, rtol=rtol, atol=atol * m)
+
+
+REFERENCE_FLOAT32_MEAN = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="reference path: ReferenceBackend.forward saves the float32-rounded mean for the backward "
+           "(center = stack([mean, 0])); at mean 1e4, std 1e-2 that mean is off by up to ulp(1e4)/2 = "
+           "4.9e-4, 5% of the std, so reference.backward's x - mean, dx and dgamma are off by up to "
+           "0.8 where max|dx| is 377 (2e-3 of it; 0.39 relative elementwise)",
+)
+
+
+@pytest.mark.parametrize(
+    "family, variant_name",
+    [pytest.param(family, v, marks=[REFERENCE_FLOAT32_MEAN] if v == "reference" else [], id=f"{v}-{family}")
+     for family in FAMILIES for v in VARIANTS],
+)
+def test_offset_float32_backward_is_accurate(family, variant_name, monkeypatch):
+    """float32 data at 1e4 with std 1e-2 (test_numerics checks the forward): dx, dgamma and y keep
+    1e-4 of their largest value (dgamma: of sqrt(numel) times it).  The kernels compute x - mean as
+    (x - pilot) - shifted mean; x - mean with a float32 mean would be off by up to 5% of the std."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if variant_name == "reference" else "1")
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=1e4, std=1e-2, seed=3)
+    got, want = step(variant_name, x, dy, axis=axis, eps=0.0)
+    _all_finite(got)
+    close(got["y"], want["y"], "y", rtol=1e-4, atol=1e-4)
+    close(got["dx"], want["dx"], "dx", rtol=1e-4, atol=1e-4)
+    close(got["dgamma"], want["dgamma"], "dgamma", rtol=1e-4, atol=1e-4 * math.sqrt(x.numel()))
+
+
+def assert_rounded(got: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """``got`` is ``exact`` rounded to got's dtype: bitwise, except bfloat16 within one ulp (Triton's
+    interpreter converts float32 to bfloat16 by truncation; compiled kernels round to nearest)."""
+    rounded = exact.to(got.dtype)
+    if got.dtype == BF16:
+        torch.testing.assert_close(got.double(), rounded.double(), rtol=2.0**-7, atol=0, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(got, rounded), f"{what}: {got} != {rounded}"
+
+
+# ----------------------------------------------------------------------------- constant channels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
+@pytest.mark.parametrize("eps", [0.0, 1e-3], ids=["eps0", "eps1e-3"])
+def test_constant_channel(eps, dtype, family, variant):
+    """A constant channel (at ~1e3, so a shift-free float32 sum would round): exactly var = 0;
+    invstd = 0 (eps = 0) or 1/sqrt(eps) to 1e-6; y = beta exactly for eps = 0 (to the dtype's
+    tolerance for eps > 0, where (x - mean) = 0 exactly too, so exactly as well); dgamma = 0
+    exactly; dx = 0 exactly for eps = 0 (g / sqrt(eps) * (dy - mean(dy)) for eps > 0, to the
+    dtype's tolerance); the update stores momentum * moving_var (the true variance 0); the
+    other channels are untouched by it (checked against float64)."""
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, dtype, offset=0.0, std=1.0, seed=5)
+    level = torch.tensor(1000.5, dtype=dtype).item()  # 1000.5 (float16, wider), 1000 (bfloat16)
+    x.select(axis, 1).fill_(level)
+    got, want = step(variant, x, dy, axis=axis, eps=eps, momentum=0.5)
+    _all_finite(got)
+    expected_invstd = 0.0 if eps == 0 else 1 / math.sqrt(eps)
+    assert got["mean"][1].item() == level
+    torch.testing.assert_close(got["invstd"][1].double(), torch.tensor(expected_invstd, dtype=F64), rtol=1e-6, atol=0)
+    beta = want["y"].select(axis, 1)  # beta broadcast (float64 reference: exactly beta)
+    assert_rounded(got["y"].select(axis, 1), beta, "y on a constant channel must be beta")
+    if eps == 0:
+        assert not got["dx"].select(axis, 1).any(), "eps = 0: dx must be exactly 0 on a constant channel"
+    assert got["dgamma"][1].item() == 0.0
+    assert got["moving_var"][1].item() == 0.5  # 0.5 * 1 + 0.5 * 0
+    atol, rtol = TOLERANCES[dtype]
+    for name in ("y", "dx", "invstd"):
+        close(got[name], want[name], name, rtol=rtol, atol=atol)
+
+
+FLOAT64_MEAN_NOT_EXACT = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="reference path: reference.forward takes mean = x.mean() of float64 data in float64; the mean "
+           "of 117 copies of 31946.364823168726 comes out 3.6e-12 (1 ulp) high, so var = 1.3e-23 instead "
+           "of 0 and, with eps = 0, invstd = 2.7e11 instead of 0, y = beta - g (every x - mean is -3.6e-12) "
+           "instead of beta, dx up to 6.4e11 instead of 0 (SPEC: constant channel, eps = 0: invstd = 0, "
+           "out = beta, dx = 0); the kernels shift by the channel's first element and get 0 exactly",
+)
+
+
+@pytest.mark.parametrize(
+    "variant_name", [pytest.param(v, marks=[FLOAT64_MEAN_NOT_EXACT] if v == "reference" else [], id=v)
+                     for v in VARIANTS])
+def test_float64_constant_channel_with_a_full_mantissa(variant_name, monkeypatch):
+    """A float64 constant channel whose value uses all 53 bits: its float64 sum is not exact, so a
+    mean taken as sum / m is off by an ulp; SPEC's eps = 0 rule must still see var = 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if variant_name == "reference" else "1")
+    level = 31946.364823168726
+    x = torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(23), dtype=F64)
+    x[:, 1] = level
+    dy = torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(24), dtype=F64)
+    got, _ = step(variant_name, x, dy, eps=0.0, momentum=0.5)
+    gamma, beta, _, _ = _params(2, F64)
+    assert got["mean"][1].item() == level
+    assert got["invstd"][1].item() == 0.0, f"invstd {got['invstd'][1].item()}"
+    assert torch.equal(got["y"][:, 1], beta[1].expand(3, 39)), "y must be beta"
+    assert not got["dx"][:, 1].any(), "dx must be 0"
+    assert got["moving_var"][1].item() == 0.5
+
+
+def test_constant_data_everywhere_eps0_inference_and_global_stats(variant):
+    """eps = 0 with a zero moving_var in inference / use_global_stats: SPEC gives invstd =
+    1/sqrt(0) there (the var == 0 exception is the training rule); the reference maps it to 0
+    like training.  Both paths must agree with the reference and stay finite."""
+    x = torch.full((3, 2, 4), 2.0)
+    dy = torch.ones_like(x)
+    gamma, beta, mm, mv = _params(2)
+    mv.zero_()
+    for training, use_global_stats in ((False, False), (True, True)):
+        got, want = step(variant, x, dy, eps=0.0, training=training, use_global_stats=use_global_stats,
+                         params=(gamma, beta, mm.clone(), mv.clone()))
+        for name in ("y", "invstd", "dx", "dgamma", "dbeta"):
+            close(got[name], want[name], f"{name} (training={training})", rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one element per channel
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [pytest.param((1,), 0, id="rank1-one-channel"), pytest.param((7,), -1, id="rank1"),
+     pytest.param((1, 70), 1, id="two-channel-blocks"), pytest.param((1, 3, 1, 1), 1, id="1x3x1x1")],
+)
+@pytest.mark.parametrize("dtype", [F16, BF16, F64])
+@pytest.mark.parametrize("eps", [0.0, 1e-3], ids=["eps0", "eps1e-3"])
+def test_one_element_per_channel(shape, axis, dtype, eps, variant):
+    """m = 1 (test_numerics covers float32, eps = 1e-3): var = 0, y = beta exactly, dx = 0
+    exactly, dgamma = 0, dbeta = dy, invstd = 0 (eps = 0) or 1/sqrt(eps), moving_var =
+    momentum * moving_var; everything finite, in every dtype."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+    got, want = step(variant, x, dy, axis=axis, eps=eps, momentum=0.25)
+    _all_finite(got)
+    pdt = reference.stat_dtype(dtype)
+    gamma, beta, _, _ = _params(x.shape[axis], pdt)
+    assert_rounded(got["y"].reshape(-1), beta, "y must be beta")
+    assert not got["dx"].any() and not got["dgamma"].any()
+    assert torch.equal(got["dbeta"], dy.reshape(-1).to(pdt))
+    expected_invstd = torch.full_like(want["invstd"], 0.0 if eps == 0 else 1 / math.sqrt(eps))
+    close(got["invstd"], expected_invstd, "invstd", rtol=1e-6)
+    assert torch.equal(got["moving_var"], torch.full_like(got["moving_var"], 0.25))
+    close(got["moving_mean"], want["moving_mean"], "moving_mean", rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- extreme magnitudes
+
+
+def _extreme_cases():
+    for dtype in (F32, BF16, F64):
+        for scale in (1e30, 1e-30, 1e37, 1e-37):
+            if dtype == F64 and scale in (1e37, 1e-37):
+                continue  # float64 has the range: 1e30 / 1e-30 already show its accumulators are exact
+            for family in FAMILIES:
+                for variant in VARIANTS:
+                    name = {F32: "float32", BF16: "bfloat16", F64: "float64"}[dtype]
+                    yield pytest.param(dtype, scale, family, variant, id=f"{name}-{scale:g}-{family}-{variant}")
+
+
+@pytest.mark.parametrize("dtype, scale, family, variant_name", list(_extreme_cases()))
+def test_extreme_magnitudes(dtype, scale, family, variant_name, monkeypatch):
+    """Data ~ scale * (1 + N(0, 1)) with eps = 0 (with eps > 0 a 1e-60 variance vanishes in var + eps
+    in float64 too): SPEC requires finite, correct results.  1e37 keeps x - mean within float32;
+    at 1e-37 the few values that would be subnormal are moved to the smallest normal float32
+    (Triton's interpreter converts bfloat16 subnormals to float32 wrongly: 5e-39 -> 8.1e-39,
+    1e-40 -> 0; compiled kernels do not; subnormal data has its own test below).  Tolerances (relative): mean 1e-5,
+    invstd and y 1e-4 (float32 accumulation; bfloat16 y at its TOLERANCES), dx 1e-4 of its largest
+    value, dgamma/dbeta 1e-4 of sqrt(m) times the largest.  moving_var follows the float64
+    reference rounded to the parameter dtype: 0.1 * 1e60 is not a float32, so inf there is the
+    correctly rounded update (not an error)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if variant_name == "reference" else "1")
+    shape, axis, layout = FAMILIES[family]
+    gen = torch.Generator().manual_seed(2)
+    x = scale * (1 + torch.randn(shape, generator=gen, dtype=F64))
+    tiny = torch.finfo(F32).tiny
+    x = torch.where(x.abs() < tiny, torch.full_like(x, tiny), x).to(dtype)
+    x = apply_layout(x, layout, axis)
+    dy = apply_layout(torch.randn(shape, generator=gen, dtype=F64).to(dtype), layout, axis)
+    got, want = step(variant_name, x, dy, axis=axis, eps=0.0)
+    m = x.numel() // x.shape[axis]
+    rtol_y = TOLERANCES[BF16][1] if dtype == BF16 else 1e-4
+    close(got["mean"], want["mean"], "mean", rtol=1e-5)
+    close(got["invstd"], want["invstd"], "invstd", rtol=1e-4)
+    close(got["y"], want["y"], "y", rtol=rtol_y, atol=rtol_y)
+    pdt = got["moving_var"].dtype
+    close(got["moving_var"], want["moving_var"].to(pdt), "moving_var", rtol=1e-5)
+    close(got["moving_mean"], want["moving_mean"], "moving_mean", rtol=1e-5)
+    for name in ("dx", "dgamma", "dbeta"):
+        finite = want[name].abs().max().item()
+        factor = math.sqrt(m) if name != "dx" else 1.0
+        close(got[name], want[name], name, rtol=rtol_y, atol=rtol_y * factor, scale=finite)
+    _all_finite(got, ("y", "mean", "invstd", "dx", "dgamma", "dbeta"))
+
+
+SUBNORMAL_SPREAD = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="kernels: common.spread_scale takes the power-of-two rescale from the exponent bits of "
+           "|last - first| and uses scale 1 when that exponent is 0 (a subnormal spread), so data of "
+           "1e-41 is not rescaled, its squared deviations underflow to var = 0, and with eps = 0 "
+           "invstd = 0 and y = beta (relative error ~1 in y; the reference gives invstd = inf, "
+           "the float32 rounding of 1.2e41, and the right y)",
+)
+
+
+@pytest.mark.parametrize(
+    "family, variant_name",
+    [pytest.param(family, v, marks=[SUBNORMAL_SPREAD] if v != "reference" else [], id=f"{v}-{family}")
+     for family in FAMILIES for v in VARIANTS],
+)
+def test_subnormal_float32_data(family, variant_name, monkeypatch):
+    """float32 data of ~1e-41 (subnormal: ~13 significant bits; the reference sees the same values),
+    eps = 0: y is representable and must be right (1e-4 relative); invstd ~1e41 is beyond float32,
+    so its correctly rounded value is inf; the mean is within 2 subnormal ulps (2.8e-45)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if variant_name == "reference" else "1")
+    shape, axis, layout = FAMILIES[family]
+    gen = torch.Generator().manual_seed(2)
+    x = apply_layout((1e-41 * (1 + torch.randn(shape, generator=gen, dtype=F64))).float(), layout, axis)
+    dy = apply_layout(torch.randn(shape, generator=gen, dtype=F64).float(), layout, axis)
+    got, want = step(variant_name, x, dy, axis=axis, eps=0.0)
+    close(got["y"], want["y"], "y", rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got["y"]).all()
+    assert torch.equal(got["invstd"], want["invstd"].float()), f"invstd {got['invstd']} (float32 of {want['invstd']})"
+    close(got["mean"], want["mean"], "mean", rtol=0, atol=2.8e-45, scale=1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channels_of_very_different_magnitudes_side_by_side(family, variant):
+    """float32 channels at 1e30, 1e-30 and 1 in one tensor (neighbours in a channel-minor tile, and
+    in the finalize's channel block): each channel is normalised with its own scale -- y, invstd,
+    dx to 1e-4 relative, all finite."""
+    shape, axis, layout = FAMILIES[family]
+    gen = torch.Generator().manual_seed(29)
+    base = 1 + torch.randn(shape, generator=gen, dtype=F64)
+    scales = torch.tensor([1e30, 1e-30, 1.0], dtype=F64).reshape(reference.channel_shape(len(shape), axis, 3))
+    x = apply_layout((base * scales).float(), layout, axis)
+    dy = apply_layout(torch.randn(shape, generator=gen, dtype=F64).float(), layout, axis)
+    got, want = step(variant, x, dy, axis=axis, eps=0.0)
+    _all_finite(got, ("y", "mean", "invstd", "dx", "dgamma", "dbeta"))
+    close(got["invstd"], want["invstd"], "invstd", rtol=1e-4)
+    close(got["mean"], want["mean"], "mean", rtol=1e-5)
+    close(got["y"], want["y"], "y", rtol=1e-4, atol=1e-4)
+    for c in range(3):
+        close(got["dx"].select(axis, c), want["dx"].select(axis, c), f"dx[channel {c}]", rtol=1e-4, atol=1e-4,
+              scale=want["dx"].select(axis, c).abs().max().item())
+
+
+# ----------------------------------------------------------------------------- float16 maximum
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float16_data_at_its_maximum(family, variant):
+    """float16 data at +-65504 (the largest float16) and a channel all at 65504: the float32
+    accumulators hold 65504^2 * m easily; y, dx within float16's tolerance, all finite; dy at
+    +-65504 too (dbeta = S is float32, so it does not overflow); dgamma, dbeta within 1e-5 of
+    sum |dy| (float32 sums of terms as large as 65504)."""
+    shape, axis, layout = FAMILIES[family]
+    signs = torch.where(torch.arange(math.prod(shape)).reshape(shape) % 3 == 0, -1.0, 1.0)
+    x = (65504.0 * signs).to(F16)
+    x.select(axis, 2).fill_(65504.0)  # constant at the maximum: var = 0 exactly
+    dy = (65504.0 * signs.flip(-1)).to(F16)
+    # on the constant channel dx = g / sqrt(eps) * (dy - mean(dy)): keep dy ~1 there, or dx
+    # itself (31.6 * 65504) is beyond float16
+    dy.select(axis, 2).copy_(signs.select(axis, 2))
+    x, dy = apply_layout(x, layout, axis), apply_layout(dy, layout, axis)
+    got, want = step(variant, x, dy, axis=axis)
+    _all_finite(got)
+    atol, rtol = TOLERANCES[F16]
+    for name in ("y", "dx", "invstd", "mean", "moving_mean", "moving_var"):
+        close(got[name], want[name], name, rtol=rtol, atol=atol)
+    for name in ("dgamma", "dbeta"):
+        close(got[name], want[name], name, rtol=1e-5, atol=1e-5, scale=65504.0 * x.numel())
+
+
+# ----------------------------------------------------------------------------- NaN / Inf confinement
+
+
+def _poison(t: torch.Tensor, axis: int, channel: int, value: float, at: int = 1) -> None:
+    """Write ``value`` into one element of ``channel``: its first element (the kernels' shift
+    pilot) for at = 0, an inner one for at = 1."""
+    target = t.select(axis, channel)
+    target[tuple(min(at, s - 1) for s in target.shape)] = value
+
+
+def _confined(got, want, axis, bad_channels, names, check_bad=True):
+    """Every channel but ``bad_channels`` is finite and within float32 tolerance (x4: dgamma and
+    dbeta sum a few dozen terms); with ``check_bad`` the bad channels match the reference NaN for
+    NaN."""
+    channels = got["y"].shape[axis]
+    good = [c for c in range(channels) if c not in bad_channels]
+    atol, rtol = TOLERANCES[F32]
+    for name in names:
+        t, ref = got[name], want[name]
+        per_channel = t.dim() == 1
+        for c in good:
+            value = t[c] if per_channel else t.select(axis, c)
+            expect = ref[c] if per_channel else ref.select(axis, c)
+            assert torch.isfinite(value).all(), f"{name}: channel {c} picked up a NaN/Inf from channels {bad_channels}"
+            close(value, expect, f"{name}[channel {c}]", rtol=rtol * 4, atol=atol * 4)
+        for c in bad_channels if check_bad else ():
+            value = t[c] if per_channel else t.select(axis, c)
+            expect = ref[c] if per_channel else ref.select(axis, c)
+            assert torch.equal(torch.isnan(value), torch.isnan(expect)), f"{name}[channel {c}]: NaN pattern differs"
+
+
+FORWARD_OUT = ("y", "mean", "invstd", "moving_mean", "moving_var")
+BACKWARD_OUT = ("dx", "dgamma", "dbeta")
+
+
+POISONS = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf"),
+           pytest.param(float("-inf"), id="-inf")]
+POSITIONS = [pytest.param(1, id="inner-element"), pytest.param(0, id="first-element")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("at", POSITIONS)
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_nonfinite_data_stays_in_its_channel(poison, at, family, mode, variant):
+    """One NaN/Inf element in channel 0 of the data: every other channel -- neighbours in the same
+    channel-minor tile and in the same split -- is finite and correct, forward and backward.
+    Training: channel 0's y and dx are NaN throughout, as the formulas give (var is NaN).
+    Inference: y is elementwise, so only that element of y is non-finite.  ``first-element``
+    puts it where the kernels take their shift pilot."""
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=13)
+    _poison(x, axis, 0, poison, at=at)
+    training = mode == "training"
+    got, want = step(variant, x, dy, axis=axis, training=training)
+    _confined(got, want, axis, [0], FORWARD_OUT + BACKWARD_OUT, check_bad=False)
+    bad_y, bad_dx = got["y"].select(axis, 0), got["dx"].select(axis, 0)
+    if training:
+        assert torch.isnan(bad_y).all() and torch.isnan(bad_dx).all()
+        assert torch.isnan(got["invstd"][0]) and torch.isnan(got["moving_var"][0])
+    else:
+        assert (~torch.isfinite(bad_y)).sum() == 1, "inference: only the element itself"
+        assert torch.equal(torch.isnan(bad_y), torch.isnan(want["y"].select(axis, 0)))
+
+
+def _inf_mean_marks(variant, at):
+    """Which variants give a NaN mean for a channel holding +-inf (today)."""
+    if variant == "triton-split":
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "split path: the Chan merge of the Welford partials computes delta = mean_b - mean_a = inf - inf "
+            "once two partials (lanes or splits) are infinite, so mean and moving_mean are NaN, not +-inf"))]
+    if variant == "triton" and at == 0:
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "single-pass kernel: the shift pilot is the channel's first element; when it is +-inf every "
+            "x - pilot is NaN (inf - inf), so mean and moving_mean are NaN, not +-inf"))]
+    return []
+
+
+@pytest.mark.parametrize(
+    "family, poison, at, variant_name",
+    [pytest.param(family, poison, at, v, marks=_inf_mean_marks(v, at),
+                  id=f"{v}-{family}-{'+' if poison > 0 else '-'}inf-{'first' if at == 0 else 'inner'}-element")
+     for family in FAMILIES for poison in (float("inf"), float("-inf")) for at in (1, 0) for v in VARIANTS],
+)
+def test_infinite_data_gives_an_infinite_mean(family, poison, at, variant_name, monkeypatch):
+    """SPEC: "NaN and Inf in the data propagate as the formulas say": mean = sum(x) / m = +-inf for
+    a channel holding one +-inf (its var and invstd are NaN), and moving_mean becomes +-inf."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if variant_name == "reference" else "1")
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=13)
+    _poison(x, axis, 0, poison, at=at)
+    got, want = step(variant_name, x, dy, axis=axis)
+    assert want["mean"][0].item() == poison
+    assert got["mean"][0].item() == poison, f"mean {got['mean'][0].item()}, expected {poison}"
+    assert got["moving_mean"][0].item() == poison, f"moving_mean {got['moving_mean'][0].item()}"
+
+
+def _nan_x_inference_marks(variant):
+    if variant == "triton":
+        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "single-pass backward with moving statistics (inference / use_global_stats): dx is computed as "
+            "(x - mean) * 0 + dy * g * r, so a NaN/Inf in x gives dx = NaN at that element; SPEC: dx = dy * g * r "
+            "(x is not read; the split path launches the dx kernel with HAS_X=False and is right)"))]
+    return []
+
+
+@pytest.mark.parametrize(
+    "family, poison, use_global_stats, variant_name",
+    [pytest.param(family, poison, ugs, v, marks=_nan_x_inference_marks(v),
+                  id=f"{v}-{family}-{name}-{'global-stats' if ugs else 'inference'}")
+     for family in FAMILIES for poison, name in ((float("nan"), "nan"), (float("inf"), "inf"))
+     for ugs in (False, True) for v in VARIANTS],
+)
+def test_nonfinite_data_does_not_reach_the_scale_shift_dx(family, poison, use_global_stats, variant_name, monkeypatch):
+    """Inference and use_global_stats backward: dx = dy * g / sqrt(moving_var + eps) does not
+    depend on x, so a NaN/Inf in x leaves dx finite and exact (to float32 tolerance); dgamma of
+    that channel is NaN/Inf (it sums dy * (x - moving_mean)), the others finite."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if variant_name == "reference" else "1")
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=13)
+    _poison(x, axis, 0, poison)
+    got, want = step(variant_name, x, dy, axis=axis, training=use_global_stats, use_global_stats=use_global_stats)
+    assert torch.isfinite(got["dx"]).all(), f"dx has {(~torch.isfinite(got['dx'])).sum().item()} non-finite elements"
+    atol, rtol = TOLERANCES[F32]
+    close(got["dx"], want["dx"], "dx", rtol=rtol, atol=atol)
+    assert not torch.isfinite(got["dgamma"][0]) and torch.isfinite(got["dgamma"][1:]).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_nonfinite_grad_stays_in_its_channel(family, mode, variant):
+    """NaN and Inf in dy (channels 0 and 2): dx, dgamma, dbeta of channel 1 are finite and correct;
+    the forward outputs are all finite."""
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=17)
+    _poison(dy, axis, 0, float("nan"))
+    _poison(dy, axis, 2, float("inf"), at=0)
+    got, want = step(variant, x, dy, axis=axis, training=mode == "training")
+    _all_finite(got, FORWARD_OUT)
+    _confined(got, want, axis, [0, 2], BACKWARD_OUT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nonfinite_parameters_stay_in_their_channel(family, variant):
+    """NaN gamma in channel 0, Inf moving_var in channel 2 (inference), NaN moving_mean in channel 2
+    (training: the update is NaN only there)."""
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=19)
+    gamma, beta, mm, mv = _params(3)
+    gamma[0] = float("nan")
+    mv[2] = float("inf")
+    got, want = step(variant, x, dy, axis=axis, training=False, params=(gamma, beta, mm.clone(), mv.clone()))
+    _confined(got, want, axis, [0, 2], ("y", "dx", "dgamma", "dbeta", "invstd"))
+    mm[2] = float("nan")
+    mv[2] = 1.0
+    got, want = step(variant, x, dy, axis=axis, training=True, params=(gamma, beta, mm.clone(), mv.clone()))
+    _confined(got, want, axis, [0], ("y", "dx", "dgamma", "dbeta", "invstd", "mean", "moving_var"))
+    assert torch.isnan(got["moving_mean"][2]) and torch.isfinite(got["moving_mean"][:2]).all()
