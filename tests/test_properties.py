@@ -23,7 +23,7 @@ fix_gamma gives a zero dgamma.
 The float64 oracle is made exact where the SPEC has a discontinuity: a constant channel holds a
 float32 value (its float64 mean is then exact, so var = 0 there too), and a value beyond the
 output dtype's range is expected as the +-inf it rounds to.  A failure found by the search is
-kept as an explicit ``@example`` (the reference path's float32-mean bug: ``.xfail``, strict).
+kept as an explicit ``@example`` (the reference path's former float32-mean bug).
 
 Profiles (tests/conftest.py): ``ci`` (default, bounded, derandomized) and ``long``
 (``pytest tests/test_properties.py --hypothesis-profile=long``).
@@ -427,12 +427,6 @@ def test_triton_split_path_matches_float64_reference(call):
     _check_on("triton-split", call)
 
 
-def _reference_float32_mean_bug(call: Call) -> bool:
-    """Calls that hit the reference path's float32 mean in the backward (the xfail example below):
-    float32 data whose mean is ~1000 times its std, in training."""
-    return call.dtype == F32 and call.offset_ratio >= 1000 and call.batch_stats
-
-
 REFERENCE_FLOAT32_MEAN_EXAMPLE = Call(
     shape=(1, 1, 1, 2), axis=0, dtype=F32, param_dtype=F32, layout=Layout("contiguous", (0, 1, 2, 3)),
     dy_layout=Layout("contiguous", (0, 1, 2, 3)), training=True, fix_gamma=False, use_global_stats=False,
@@ -440,15 +434,11 @@ REFERENCE_FLOAT32_MEAN_EXAMPLE = Call(
     seed=0)
 
 
-@example(call=REFERENCE_FLOAT32_MEAN_EXAMPLE).xfail(
-    raises=AssertionError,
-    reason="reference path: the backward recomputes x - mean with the float32-rounded mean the forward saved "
-           "(ReferenceBackend: center = stack([mean, 0])); x = [1540.7026, 1538.8173]: dx should be ~1e-16 "
-           "(exactly 0 for m = 2), got -5.0e-05 (allowed 3.0e-05)")
+# Found by the search: the backward recomputed x - mean with the float32-rounded mean the forward
+# saved; x = [1540.7026, 1538.8173], m = 2: dx should be ~1e-16, was -5.0e-05 (allowed 3.0e-05).
+@example(call=REFERENCE_FLOAT32_MEAN_EXAMPLE)
 @_examples(3)
 @given(call=calls())
 def test_reference_path_matches_float64_reference(call):
-    """The plain-torch CPU path.  Calls hitting its known float32-mean bug (the xfail example) are
-    left to that example, so the random search looks for other failures."""
-    hypothesis.assume(not _reference_float32_mean_bug(call))
+    """The plain-torch CPU path."""
     _check_on("reference", call)

@@ -434,12 +434,18 @@ class ReferenceBackend:
     name: str = REFERENCE
 
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
-        y, mean, invstd = reference.forward(
+        y, mean64, invstd64 = reference.forward(
             x, gamma, beta, moving_mean, moving_var, axis=settings.axis, eps=settings.eps,
             momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
             update_moving=settings.batch_stats, unbiased_update=settings.unbiased_update,
-            out=out if out is not None else empty_like_layout(x))
-        return y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x
+            out=out if out is not None else empty_like_layout(x), stats_dtype=torch.float64)
+        acc = reference.stat_dtype(x.dtype)
+        mean, invstd = mean64.to(acc, copy=True), invstd64.to(acc)  # copy: never alias moving_mean
+        # center = (mean, rounding remainder), summed in float64 by the backward (as the kernels'
+        # (pilot, shifted mean)): a float32 mean alone is off by up to ulp/2, 5% of the std at
+        # mean 1e4, std 1e-2, and x - mean in the backward would carry that error.
+        center = torch.stack([mean, (mean64 - mean.double()).to(acc)])
+        return y, mean, invstd, center, x
 
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         mean = center[0].double() + center[1].double()

@@ -2,7 +2,9 @@
 
 Everything here is computed in float64 and cast back at the end, so it is the most accurate
 answer torch can give for a call; the Triton kernels accumulate in float32 (float64 for float64
-data) and are compared against it with per-dtype tolerances.
+data) and are compared against it with per-dtype tolerances.  The float64 work streams over
+chunks of at most ``CHUNK_ELEMENTS`` elements (per-channel float64 sums, then the output chunk by
+chunk), so besides its output a call allocates O(C) plus a few chunks, as the kernels do.
 
 The functions take already-validated arguments (see ``tritonbn.validation``): they are the
 semantics, not the argument checking.
@@ -10,16 +12,26 @@ semantics, not the argument checking.
 
 from __future__ import annotations
 
+import math
+from typing import Iterator
+
 import torch
 
 __all__ = [
     "stat_dtype",
     "reduce_dims",
     "channel_shape",
+    "batch_statistics",
     "forward",
     "backward",
     "moving_update",
+    "CHUNK_ELEMENTS",
 ]
+
+# Formulas are evaluated in float64 on chunks of at most this many elements (256 KiB of
+# float64), chunk by chunk into the output: the CPU path's workspace beyond its output is O(C)
+# plus a few chunks, never a temporary the size of the data (issue: memory).
+CHUNK_ELEMENTS = 32 * 1024
 
 
 def stat_dtype(data_dtype: torch.dtype) -> torch.dtype:
@@ -53,6 +65,69 @@ def _invstd(var: torch.Tensor, eps: float) -> torch.Tensor:
     return invstd
 
 
+def _blocks(shape: torch.Size, limit: int) -> Iterator[tuple[slice, ...]]:
+    """Index tuples tiling ``shape`` with blocks of at most ``limit`` elements: whole slices of
+    the leading dimension where a slice fits, otherwise one index of it and recursion inwards."""
+    if math.prod(shape) <= limit:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if inner <= limit:
+        step = limit // max(inner, 1)
+        for start in range(0, shape[0], step):
+            yield (slice(start, start + step),)
+        return
+    for i in range(shape[0]):
+        for rest in _blocks(shape[1:], limit):
+            yield (slice(i, i + 1), *rest)
+
+
+def _chunks(axis: int, *tensors: torch.Tensor) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """(channel slice, views with the channel dimension first) over chunks of same-shaped
+    ``tensors``.  Blocks split the first tensor's outermost dimensions in memory first, so a
+    dense chunk is one contiguous run whatever the layout; views never copy."""
+    order = sorted(range(tensors[0].dim()), key=lambda d: -abs(tensors[0].stride(d)))
+    where = order.index(axis)
+    views = [t.permute(order) for t in tensors]
+    for index in _blocks(views[0].shape, CHUNK_ELEMENTS):
+        channels = index[where] if where < len(index) else slice(None)
+        yield channels, [v[index].movedim(where, 0) for v in views]
+
+
+def _per_channel(values: torch.Tensor, channels: slice, like: torch.Tensor) -> torch.Tensor:
+    """``values[channels]`` shaped to broadcast against a channel-first chunk ``like``."""
+    return values[channels].reshape([-1] + [1] * (like.dim() - 1))
+
+
+def _channel_sum(chunk: torch.Tensor) -> torch.Tensor:
+    """Sum of a channel-first chunk over everything but its first dimension."""
+    return chunk.sum(dim=tuple(range(1, chunk.dim()))) if chunk.dim() > 1 else chunk
+
+
+def batch_statistics(data: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel in float64, streamed over chunks; needs m > 0.
+
+    mean = x0 + sum(x - x0) / m with x0 the channel's first element (0 if not finite, so that
+    +-inf data still gives an infinite mean): exact for a constant channel, whose plain float64
+    sum may round (SPEC's var == 0 rule needs exactly 0), and the shifted terms are small.  var
+    is a second pass over (x - mean)^2 (SPEC: never E[x^2] - E[x]^2)."""
+    channels = data.shape[axis]
+    m = data.numel() // max(channels, 1)
+    if m == 0:  # nothing to average (validation rejects this in training)
+        return (torch.full((channels,), math.nan, dtype=torch.float64, device=data.device),) * 2
+    first = data.movedim(axis, 0)[(slice(None),) + (0,) * (data.dim() - 1)].double()
+    shift = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+    shifted_sum = torch.zeros(channels, dtype=torch.float64, device=data.device)
+    for c, (x,) in _chunks(axis, data):
+        shifted_sum[c] += _channel_sum(x - _per_channel(shift, c, x))
+    mean = shift + shifted_sum / m
+    squares = torch.zeros_like(shifted_sum)
+    for c, (x,) in _chunks(axis, data):
+        centered = x - _per_channel(mean, c, x)
+        squares[c] += _channel_sum(centered.mul_(centered))
+    return mean, squares / m
+
+
 def forward(
     data: torch.Tensor,
     gamma: torch.Tensor,
@@ -68,6 +143,7 @@ def forward(
     update_moving: bool,
     unbiased_update: bool = False,
     out: torch.Tensor | None = None,
+    stats_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm forward of SPEC.md.
 
@@ -79,33 +155,29 @@ def forward(
         update_moving: update moving_mean/moving_var in place (only with batch_stats).
         unbiased_update: use var * m / (m - 1) in the moving_var update (m > 1 required).
         out: written in place when given (same shape and dtype as data).
+        stats_dtype: dtype of the returned mean/invstd (default ``stat_dtype(data.dtype)``);
+            torch.float64 gives them unrounded (what the CPU path's backward needs).
     Returns:
-        (out, mean, invstd); mean and invstd are (C,) in ``stat_dtype(data.dtype)``.
+        (out, mean, invstd); mean and invstd are (C,) in ``stats_dtype``.
     """
-    channels = data.shape[axis]
-    bshape = channel_shape(data.dim(), axis, channels)
-    x = data.double()
     if batch_stats:
-        dims = reduce_dims(data.dim(), axis)
-        mean = x.mean(dim=dims) if dims else x.clone()
-        centered = x - mean.reshape(bshape)
-        var = (centered * centered).mean(dim=dims) if dims else torch.zeros_like(mean)
+        mean, var = batch_statistics(data, axis)
     else:
-        mean = moving_mean.double()
-        var = moving_var.double()
-        centered = x - mean.reshape(bshape)
+        mean, var = moving_mean.double(), moving_var.double()
     invstd = _invstd(var, eps)
     g = torch.ones_like(mean) if fix_gamma else gamma.double()
-    y = centered * (invstd * g).reshape(bshape) + beta.double().reshape(bshape)
+    coef, bias = invstd * g, beta.double()
+    if out is None:
+        out = torch.empty_like(data)
+    for c, (x, y) in _chunks(axis, data, out):  # x - mean promotes to float64 chunk by chunk
+        centered = x - _per_channel(mean, c, x)
+        y.copy_(centered.mul_(_per_channel(coef, c, x)).add_(_per_channel(bias, c, x)))
     if batch_stats and update_moving:
-        m = data.numel() // max(channels, 1)
+        m = data.numel() // max(data.shape[axis], 1)
         var_for_update = var * (m / (m - 1)) if unbiased_update else var
         moving_update(moving_mean, mean, momentum)
         moving_update(moving_var, var_for_update, momentum)
-    sdt = stat_dtype(data.dtype)
-    if out is None:
-        out = torch.empty_like(data)
-    out.copy_(y)
+    sdt = stats_dtype or stat_dtype(data.dtype)
     return out, mean.to(sdt), invstd.to(sdt)
 
 
@@ -132,30 +204,29 @@ def backward(
         batch_stats: the forward used batch statistics (gradient flows through them).
         beta_dtype: dtype of dbeta (default: gamma's dtype).
     Returns:
-        (dx, dgamma, dbeta): dx like data; dgamma (C,) in gamma's dtype, dbeta (C,) in
-        ``beta_dtype``.
+        (dx, dgamma, dbeta): dx like data (dtype) in grad_out's layout; dgamma (C,) in gamma's
+        dtype, dbeta (C,) in ``beta_dtype``.
     """
     channels = data.shape[axis]
-    bshape = channel_shape(data.dim(), axis, channels)
-    dims = reduce_dims(data.dim(), axis)
-    dy = grad_out.double()
-    x = data.double()
-    mean64 = mean.double()
-    inv64 = invstd.double()
+    mean64, inv64 = mean.double(), invstd.double()
     g = torch.ones_like(inv64) if fix_gamma else gamma.double()
-    centered = x - mean64.reshape(bshape)
-    sum_dy = dy.sum(dim=dims) if dims else dy.clone()
-    sum_dy_xmu = (centered * dy).sum(dim=dims) if dims else centered * dy
-    scale = (g * inv64).reshape(bshape)
-    if batch_stats:
-        m = data.numel() // max(channels, 1)
-        dx = scale * (
-            dy
-            - (sum_dy / m).reshape(bshape)
-            - centered * (sum_dy_xmu * inv64 * inv64 / m).reshape(bshape)
-        )
-    else:
-        dx = dy * scale
+    sum_dy = torch.zeros(channels, dtype=torch.float64, device=data.device)
+    sum_dy_xmu = torch.zeros_like(sum_dy)
+    for c, (x, dy) in _chunks(axis, data, grad_out):
+        dy64 = dy.double()
+        sum_dy[c] += _channel_sum(dy64)
+        sum_dy_xmu[c] += _channel_sum((x - _per_channel(mean64, c, x)).mul_(dy64))
+    scale = g * inv64
+    m = data.numel() // max(channels, 1)
+    mean_dy, x_coef = sum_dy / m, sum_dy_xmu * inv64 * inv64 / m
+    dx = torch.empty_like(grad_out, dtype=data.dtype)
+    for c, (x, dy, dx_chunk) in _chunks(axis, data, grad_out, dx):
+        # every in-place op below acts on a fresh float64 chunk (dy.double() may be dy itself)
+        if batch_stats:  # scale * (dy - S / m - (x - mean) * D * invstd^2 / m)
+            centered = x - _per_channel(mean64, c, x)
+            inner = (dy - _per_channel(mean_dy, c, x)).sub_(centered.mul_(_per_channel(x_coef, c, x)))
+            dx_chunk.copy_(inner.mul_(_per_channel(scale, c, x)))
+        else:
+            dx_chunk.copy_(dy * _per_channel(scale, c, x))
     dgamma = torch.zeros_like(inv64) if fix_gamma else sum_dy_xmu * inv64
-    dbeta = sum_dy
-    return dx.to(data.dtype), dgamma.to(gamma.dtype), dbeta.to(beta_dtype or gamma.dtype)
+    return dx, dgamma.to(gamma.dtype), sum_dy.to(beta_dtype or gamma.dtype)
