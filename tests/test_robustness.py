@@ -162,19 +162,9 @@ def test_offset_half_data_forward_and_backward(dtype, offset, std, family, varia
         close(got[name], want[name], name, rtol=rtol, atol=atol * m)
 
 
-REFERENCE_FLOAT32_MEAN = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="reference path: ReferenceBackend.forward saves the float32-rounded mean for the backward "
-           "(center = stack([mean, 0])); at mean 1e4, std 1e-2 that mean is off by up to ulp(1e4)/2 = "
-           "4.9e-4, 5% of the std, so reference.backward's x - mean, dx and dgamma are off by up to "
-           "0.8 where max|dx| is 377 (2e-3 of it; 0.39 relative elementwise)",
-)
-
-
 @pytest.mark.parametrize(
     "family, variant_name",
-    [pytest.param(family, v, marks=[REFERENCE_FLOAT32_MEAN] if v == "reference" else [], id=f"{v}-{family}")
+    [pytest.param(family, v, id=f"{v}-{family}")
      for family in FAMILIES for v in VARIANTS],
 )
 def test_offset_float32_backward_is_accurate(family, variant_name, monkeypatch):
@@ -234,19 +224,8 @@ def test_constant_channel(eps, dtype, family, variant):
         close(got[name], want[name], name, rtol=rtol, atol=atol)
 
 
-FLOAT64_MEAN_NOT_EXACT = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="reference path: reference.forward takes mean = x.mean() of float64 data in float64; the mean "
-           "of 117 copies of 31946.364823168726 comes out 3.6e-12 (1 ulp) high, so var = 1.3e-23 instead "
-           "of 0 and, with eps = 0, invstd = 2.7e11 instead of 0, y = beta - g (every x - mean is -3.6e-12) "
-           "instead of beta, dx up to 6.4e11 instead of 0 (SPEC: constant channel, eps = 0: invstd = 0, "
-           "out = beta, dx = 0); the kernels shift by the channel's first element and get 0 exactly",
-)
-
-
 @pytest.mark.parametrize(
-    "variant_name", [pytest.param(v, marks=[FLOAT64_MEAN_NOT_EXACT] if v == "reference" else [], id=v)
+    "variant_name", [pytest.param(v, id=v)
                      for v in VARIANTS])
 def test_float64_constant_channel_with_a_full_mantissa(variant_name, monkeypatch):
     """A float64 constant channel whose value uses all 53 bits: its float64 sum is not exact, so a
@@ -359,22 +338,8 @@ def test_extreme_magnitudes(dtype, scale, family, variant_name, monkeypatch):
     _all_finite(got, ("y", "mean", "invstd", "dx", "dgamma", "dbeta"))
 
 
-SUBNORMAL_SPREAD = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="kernels: common.spread_scale takes the power-of-two rescale from the exponent bits of "
-           "|last - first| and uses scale 1 when that exponent is 0 (a subnormal spread), so data of "
-           "1e-41 is not rescaled, its squared deviations underflow to var = 0, and with eps = 0 "
-           "invstd = 0 and y = beta (relative error ~1 in y; the reference gives invstd = inf, "
-           "the float32 rounding of 1.2e41, and the right y)",
-)
-
-
-@pytest.mark.parametrize(
-    "family, variant_name",
-    [pytest.param(family, v, marks=[SUBNORMAL_SPREAD] if v != "reference" else [], id=f"{v}-{family}")
-     for family in FAMILIES for v in VARIANTS],
-)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant_name", VARIANTS)
 def test_subnormal_float32_data(family, variant_name, monkeypatch):
     """float32 data of ~1e-41 (subnormal: ~13 significant bits; the reference sees the same values),
     eps = 0: y is representable and must be right (1e-4 relative); invstd ~1e41 is beyond float32,
@@ -388,6 +353,26 @@ def test_subnormal_float32_data(family, variant_name, monkeypatch):
     close(got["y"], want["y"], "y", rtol=1e-4, atol=1e-4)
     assert torch.isfinite(got["y"]).all()
     assert torch.equal(got["invstd"], want["invstd"].float()), f"invstd {got['invstd']} (float32 of {want['invstd']})"
+    close(got["mean"], want["mean"], "mean", rtol=0, atol=2.8e-45, scale=1.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("magnitude", [1e-39, 1e-40, 1e-43], ids=["1e-39", "1e-40", "1e-43"])
+def test_tiny_float32_data_whose_invstd_overflows(magnitude, family, variant):
+    """float32 data from just below the normal range (1e-39) down to 1e-43 (a few significant bits),
+    eps = 0: invstd = 1/std is beyond float32 (its correctly rounded value, inf, is what comes out),
+    yet y = (x - mean) * invstd * g + beta is representable: the kernels normalise in their scaled
+    units there (split path: through the apply coefficients).  y to 1e-4, mean within 2 ulps of
+    the smallest subnormal."""
+    shape, axis, layout = FAMILIES[family]
+    gen = torch.Generator().manual_seed(31)
+    x = apply_layout((magnitude * (1 + torch.randn(shape, generator=gen, dtype=F64))).float(), layout, axis)
+    dy = apply_layout(torch.randn(shape, generator=gen, dtype=F64).float(), layout, axis)
+    got, want = step(variant, x, dy, axis=axis, eps=0.0)
+    assert torch.isinf(want["invstd"].float()).all()
+    assert torch.equal(got["invstd"], want["invstd"].float()), f"invstd {got['invstd']}"
+    assert torch.isfinite(got["y"]).all()
+    close(got["y"], want["y"], "y", rtol=1e-4, atol=1e-4)
     close(got["mean"], want["mean"], "mean", rtol=0, atol=2.8e-45, scale=1.0)
 
 
@@ -504,22 +489,9 @@ def test_nonfinite_data_stays_in_its_channel(poison, at, family, mode, variant):
         assert torch.equal(torch.isnan(bad_y), torch.isnan(want["y"].select(axis, 0)))
 
 
-def _inf_mean_marks(variant, at):
-    """Which variants give a NaN mean for a channel holding +-inf (today)."""
-    if variant == "triton-split":
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "split path: the Chan merge of the Welford partials computes delta = mean_b - mean_a = inf - inf "
-            "once two partials (lanes or splits) are infinite, so mean and moving_mean are NaN, not +-inf"))]
-    if variant == "triton" and at == 0:
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "single-pass kernel: the shift pilot is the channel's first element; when it is +-inf every "
-            "x - pilot is NaN (inf - inf), so mean and moving_mean are NaN, not +-inf"))]
-    return []
-
-
 @pytest.mark.parametrize(
     "family, poison, at, variant_name",
-    [pytest.param(family, poison, at, v, marks=_inf_mean_marks(v, at),
+    [pytest.param(family, poison, at, v,
                   id=f"{v}-{family}-{'+' if poison > 0 else '-'}inf-{'first' if at == 0 else 'inner'}-element")
      for family in FAMILIES for poison in (float("inf"), float("-inf")) for at in (1, 0) for v in VARIANTS],
 )
@@ -536,19 +508,9 @@ def test_infinite_data_gives_an_infinite_mean(family, poison, at, variant_name, 
     assert got["moving_mean"][0].item() == poison, f"moving_mean {got['moving_mean'][0].item()}"
 
 
-def _nan_x_inference_marks(variant):
-    if variant == "triton":
-        return [pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "single-pass backward with moving statistics (inference / use_global_stats): dx is computed as "
-            "(x - mean) * 0 + dy * g * r, so a NaN/Inf in x gives dx = NaN at that element; SPEC: dx = dy * g * r "
-            "(x is not read; the split path launches the dx kernel with HAS_X=False and is right)"))]
-    return []
-
-
 @pytest.mark.parametrize(
     "family, poison, use_global_stats, variant_name",
-    [pytest.param(family, poison, ugs, v, marks=_nan_x_inference_marks(v),
-                  id=f"{v}-{family}-{name}-{'global-stats' if ugs else 'inference'}")
+    [pytest.param(family, poison, ugs, v, id=f"{v}-{family}-{name}-{'global-stats' if ugs else 'inference'}")
      for family in FAMILIES for poison, name in ((float("nan"), "nan"), (float("inf"), "inf"))
      for ugs in (False, True) for v in VARIANTS],
 )
@@ -565,6 +527,53 @@ def test_nonfinite_data_does_not_reach_the_scale_shift_dx(family, poison, use_gl
     atol, rtol = TOLERANCES[F32]
     close(got["dx"], want["dx"], "dx", rtol=rtol, atol=atol)
     assert not torch.isfinite(got["dgamma"][0]) and torch.isfinite(got["dgamma"][1:]).all()
+
+
+# (shape, axis, layout) with four channels: +-inf mixtures in three, the fourth finite
+FOUR_CHANNELS = {
+    "channel_major": ((4, 4, 20), 1, "contiguous"),
+    "channel_minor": ((2, 4, 4, 5), 1, "channels_last"),
+}
+
+
+@pytest.mark.parametrize("family", FOUR_CHANNELS)
+def test_infinities_in_many_lanes_and_splits(family, variant):
+    """Every third element of channel 0 is +inf (so several Welford lanes, splits and finalize
+    partials are infinite at once): mean = moving_mean = +inf.  Channel 1 holds +inf and -inf,
+    channel 2 +inf and NaN: their means are NaN (sum(x) / m).  Channel 3 is finite and right."""
+    shape, axis, layout = FOUR_CHANNELS[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=37)
+    flat = x.select(axis, 0)
+    flat.copy_(torch.where(torch.arange(flat.numel()).reshape(flat.shape) % 3 == 0, float("inf"), flat))
+    _poison(x, axis, 1, float("inf"), at=0)
+    _poison(x, axis, 1, float("-inf"), at=1)
+    _poison(x, axis, 2, float("inf"), at=1)
+    _poison(x, axis, 2, float("nan"), at=0)
+    got, want = step(variant, x, dy, axis=axis)
+    assert want["mean"][0].item() == float("inf")
+    assert got["mean"][0].item() == float("inf") and got["moving_mean"][0].item() == float("inf")
+    assert torch.isnan(got["mean"][1:3]).all() and torch.isnan(got["moving_mean"][1:3]).all()
+    assert torch.isnan(got["invstd"][:3]).all() and torch.isnan(got["moving_var"][:3]).all()
+    _confined(got, want, axis, [0, 1, 2], FORWARD_OUT + BACKWARD_OUT, check_bad=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("use_global_stats", [False, True], ids=["inference", "global-stats"])
+def test_scale_shift_backward_with_fix_gamma_needs_no_x(family, use_global_stats, variant):
+    """fix_gamma with moving statistics: dx = dy / sqrt(moving_var + eps), dgamma = 0, dbeta = S
+    -- nothing depends on x (the single-pass backward does not even read it), so NaN/Inf in x
+    reach no gradient."""
+    shape, axis, layout = FAMILIES[family]
+    x, dy = _data(shape, axis, layout, F32, offset=0.0, std=1.0, seed=41)
+    _poison(x, axis, 0, float("nan"))
+    _poison(x, axis, 1, float("inf"), at=0)
+    got, want = step(variant, x, dy, axis=axis, fix_gamma=True, training=use_global_stats,
+                     use_global_stats=use_global_stats)
+    _all_finite(got, BACKWARD_OUT)
+    assert not got["dgamma"].any()
+    atol, rtol = TOLERANCES[F32]
+    for name in BACKWARD_OUT:
+        close(got[name], want[name], name, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

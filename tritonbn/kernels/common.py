@@ -7,9 +7,13 @@ the count-weighted mean of the parts, and M2 = sum(M2_k + n_k * (mean_k - mean)^
 non-negative terms with no cancellation.
 
 Every program of a channel accumulates z = (x - pilot) * scale: the pilot (the channel's first
-element) removes the offset, and the scale, a power of two from the spread |last - first|,
-brings the values near 1 so that squares neither overflow nor underflow float32 (data of 1e30
-or 1e-30).  Powers of two scale exactly; the epilogues undo the scale.
+element, or its last where the first is NaN/Inf) removes the offset, and the scale, a power of
+two from the spread |last - first|, brings the values near 1 so that squares neither overflow
+nor underflow float32 (data of 1e30, 1e-30, or float32 subnormals).  Powers of two scale
+exactly; the epilogues undo the scale, or normalise in z units where 1/std itself overflows.
+
+NaN/Inf: a finite pilot keeps one +-inf from turning every x - pilot into NaN, so mean =
+pilot + mean_z / scale is +-inf as sum(x) / m is (var is NaN, as the formula gives).
 """
 
 import triton
@@ -60,30 +64,63 @@ def safe_invstd(var, eps):
 
 
 @triton.jit
+def finite_pilot(first, last):
+    """The shift pilot of a channel: its first element, or its last where the first is NaN/Inf,
+    or 0 where both are (an infinite pilot would make every x - pilot NaN, and the mean NaN
+    instead of +-inf)."""
+    return tl.where(tl.abs(first) < float("inf"), first, tl.where(tl.abs(last) < float("inf"), last, 0.0))
+
+
+@triton.jit
 def spread_scale(first, last):
-    """A power of two s with |last - first| * s in [1, 2) (1 where that spread is 0, inf or NaN,
-    and always 1 for float64, whose range needs no rescaling)."""
+    """A power of two s with |last - first| * s in [1, 2) for a normal spread, in [2^-22, 2) for a
+    subnormal one (s = 2^127, the largest float32 power of two: z = spread * s is normal then, and
+    its square too); 1 where the spread is 0, inf or NaN, and always 1 for float64, whose range
+    needs no rescaling."""
+    # (if/else, not an early return: the compiler would also build the float32 code for float64)
     if first.dtype == tl.float64:
-        return tl.full(first.shape, 1.0, tl.float64)
-    bits = tl.abs(last - first).to(tl.int32, bitcast=True)
-    exponent = (bits >> 23) & 0xFF
-    normal = (exponent > 0) & (exponent < 255)
-    scale_exponent = tl.minimum(tl.maximum(254 - exponent, 1), 254)
-    return (tl.where(normal, scale_exponent, 127) << 23).to(tl.float32, bitcast=True)
+        scale = tl.full(first.shape, 1.0, tl.float64)
+    else:
+        bits = tl.abs(last - first).to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) & 0xFF
+        # exponent 0 with bits != 0 is a subnormal spread: 254 - 0 clamps to 254, s = 2^127
+        rescale = (bits != 0) & (exponent < 255)
+        scale_exponent = tl.minimum(tl.maximum(254 - exponent, 1), 254)
+        scale = (tl.where(rescale, scale_exponent, 127) << 23).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def inverse_scale(scale):
+    """1 / scale, exactly, for a float32 power of two scale in [2^-126, 2^127] (bit arithmetic:
+    no division).  2^e has the biased exponent e + 127, 2^-e has 127 - e = 254 - (e + 127),
+    except 2^-127, which is subnormal."""
+    bits = (254 << 23) - scale.to(tl.int32, bitcast=True)
+    return tl.where(bits == 0, 1 << 22, bits).to(tl.float32, bitcast=True)  # 1 << 22: 2^-127
 
 
 @triton.jit
 def scaled_invstd(var_z, scale, eps):
-    """invstd of var = var_z / scale^2, without the overflow or underflow of var itself.
+    """(var, invstd, invstd_z) of var = var_z / scale^2, without the overflow or underflow of var.
 
     var, rounded to the accumulation dtype, is what float math says the variance is (it may be
     inf or 0); where it is inf, or eps is 0, 1/sqrt(var) is taken from the scaled variance
-    instead, which stays finite: scale / sqrt(var_z).
+    instead, which stays finite: scale / sqrt(var_z).  invstd_z = invstd / scale, exactly, is
+    1/std in z units: (z - mean_z) * invstd_z is the normalised value, (x - mean) * invstd, also
+    where invstd itself overflows (float32 data of ~1e-41: std ~1e-41, invstd ~1e41 > 3.4e38).
     """
     var = var_z / scale / scale
-    from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0) * scale)
     use_scaled = ((tl.zeros_like(var) + eps) == 0) | (var == float("inf"))
-    return var, tl.where(use_scaled, from_scaled, safe_invstd(var, eps))
+    if scale.dtype == tl.float64:  # scale is 1
+        from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0) * scale)
+        invstd = tl.where(use_scaled, from_scaled, safe_invstd(var, eps))
+        invstd_z = invstd
+    else:
+        from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0))
+        invstd_var = safe_invstd(var, eps)
+        invstd = tl.where(use_scaled, from_scaled * scale, invstd_var)
+        invstd_z = tl.where(use_scaled, from_scaled, invstd_var * inverse_scale(scale))
+    return var, invstd, invstd_z
 
 
 @triton.jit
@@ -147,6 +184,33 @@ def scalar_offset(index, stride, INT64: tl.constexpr):
 
 
 @triton.jit
+def apply_coefficients(invstd, invstd_z, g, beta, mean_z, scale):
+    """(x_scale, x_coef, const): y = (((x - pilot) - shifted_mean) * x_scale) * x_coef + const.
+
+    The forward coefficients of the elementwise kernel (``elementwise.py``), which sees x, not z.
+    Normally (invstd, g, beta): y = ((x - mean) * invstd) * g + beta, as before.  Where invstd
+    overflowed (float32 data of ~1e-41: std ~1e-41, invstd ~1e41), the normalisation goes
+    through z units instead: (scale, invstd_z * g, beta - residual * invstd_z * g).  There
+    (x - pilot) - shifted_mean is exact (subnormal operands), and so is its product with the
+    power of two scale; residual = mean_z - shifted_mean * scale puts back the part of the mean
+    below shifted_mean's subnormal resolution.  (A select per channel rather than the z form
+    everywhere: the common case keeps the float results of the split path as they were.)
+    """
+    if invstd.dtype == tl.float64:  # 1/sqrt of the smallest float64 is finite
+        x_scale = invstd
+        x_coef = g
+        const = beta
+    else:
+        overflow = invstd == float("inf")
+        z_coef = invstd_z * g
+        residual = mean_z - (mean_z / scale) * scale
+        x_scale = tl.where(overflow, scale, invstd)
+        x_coef = tl.where(overflow, z_coef, g)
+        const = tl.where(overflow, beta - residual * z_coef, beta)
+    return x_scale, x_coef, const
+
+
+@triton.jit
 def finish_statistics(
     c, c_mask, C, pilot, mean_z, var_z, scale, m,
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, center_ptr,
@@ -158,11 +222,12 @@ def finish_statistics(
     Takes the mean and biased variance of z = (x - pilot) * scale.  Writes mean = pilot +
     mean_z / scale and invstd (outputs), center[2, C] = (pilot, shifted mean) for the backward,
     and ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if
-    UNBIASED).  Returns (invstd, g, beta): y = ((x - pilot) - shifted_mean) * invstd * g + beta.
+    UNBIASED).  Returns (invstd, invstd_z, g, beta): y = ((x - pilot) - shifted_mean) * invstd *
+    g + beta = ((z - mean_z) * invstd_z) * g + beta, the second form also where invstd overflows.
     """
     ACC: tl.constexpr = var_z.dtype
     shifted_mean = mean_z / scale
-    var, invstd = scaled_invstd(var_z, scale, split_f64(eps_hi, eps_lo, ACC))
+    var, invstd, invstd_z = scaled_invstd(var_z, scale, split_f64(eps_hi, eps_lo, ACC))
     mean = pilot + shifted_mean
     if FIX_GAMMA:
         g = tl.full(invstd.shape, 1.0, ACC)
@@ -183,7 +248,7 @@ def finish_statistics(
         new_var = old_var * momentum + var * (1.0 - momentum)
         tl.store(moving_mean_ptr + c, new_mean.to(moving_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(moving_var_ptr + c, new_var.to(moving_var_ptr.dtype.element_ty), mask=c_mask)
-    return invstd, g, beta
+    return invstd, invstd_z, g, beta
 
 
 @triton.jit

@@ -10,7 +10,14 @@ Channel-major programs own one channel (a [BLOCK_O, BLOCK_I] tile covering outer
 channel-minor programs own BLOCK_C channels (a [BLOCK_R, BLOCK_C] tile covering every row).
 The statistics are exact two-pass sums over registers, on z = (x - pilot) * scale as in the
 split path (see ``common.py``); the epilogues are the split path's (``common.finish_*``), so both
-paths compute the same formulas.
+paths compute the same formulas.  The forward normalises the z it holds from its variance
+pass, y = ((z - mean_z) * invstd_z) * g + beta: the float result of ((x - pilot) -
+shifted_mean) * invstd * g + beta (scaling by a power of two is exact), right also where invstd
+itself overflows (float32 subnormal data), and with three per-channel coefficients live
+instead of five.
+The backward with moving statistics computes dx = dy * g * invstd without x (SPEC: x is not
+used there, so a NaN/Inf in x stays out of dx); it reads x only for dgamma, and not at all
+with fix_gamma.
 """
 
 import triton
@@ -22,6 +29,7 @@ from .common import (
     element_offset,
     finish_backward,
     finish_statistics,
+    finite_pilot,
     scalar_offset,
     spread_scale,
 )
@@ -31,12 +39,13 @@ from .common import (
 def _two_pass_rows(x, mask, pilot, scale, m):
     """Mean and biased variance of z = (x - pilot) * scale down each column of a [R, K] tile.
 
-    pilot, scale: [1, K]; returns ([K], [K]).
+    pilot, scale: [1, K]; returns (mean_z [K], var_z [K], z [R, K], z - mean_z [R, K]), z and
+    z - mean_z 0 where masked.
     """
     z = tl.where(mask, (x - pilot) * scale, 0.0)
     mean_z = tl.sum(z, 0) / m
     centred_z = tl.where(mask, z - mean_z[None, :], 0.0)
-    return mean_z, tl.sum(centred_z * centred_z, 0) / m
+    return mean_z, tl.sum(centred_z * centred_z, 0) / m, z, centred_z
 
 
 @triton.jit
@@ -62,20 +71,20 @@ def channel_major_persistent_forward_kernel(
     x = tl.load(x_base + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
                 mask=mask, other=0.0).to(ACC)
     first = tl.zeros([1], tl.int32)
-    pilot = tl.load(x_base + first).to(ACC)
     last = tl.load(x_base + first + element_offset(outer - 1, inner - 1, outer_lo, stride_xoh, stride_xo,
                                                     stride_xi, INT64)).to(ACC)
+    pilot = finite_pilot(tl.load(x_base + first).to(ACC), last)
     scale = spread_scale(pilot, last)
-    mean_z, var_z = _two_pass_rows(
+    mean_z, var_z, z, _ = _two_pass_rows(
         tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], scale[None, :], m)
-    invstd, g, beta = finish_statistics(
+    _, invstd_z, g, beta = finish_statistics(
         c, c < C, C, pilot, mean_z, var_z, scale, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    shifted_mean = tl.sum(mean_z / scale, 0)
-    centred = tl.where(mask, (x - tl.sum(pilot, 0)) - shifted_mean, 0.0)
-    y = (centred * tl.sum(invstd, 0)) * tl.sum(g, 0) + tl.sum(beta, 0)
+    # z - mean_z again rather than the variance pass's copy: fewer registers here (ptxas)
+    centred_z = tl.reshape(z, [BLOCK_O, BLOCK_I]) - tl.sum(mean_z, 0)
+    y = (centred_z * tl.sum(invstd_z, 0)) * tl.sum(g, 0) + tl.sum(beta, 0)
     y_offsets = scalar_offset(c_scalar, stride_yc, INT64) + channel_major_offsets(
         o, i, outer_lo, stride_yoh, stride_yo, stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -101,18 +110,18 @@ def channel_minor_persistent_forward_kernel(
     x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi,
                                               INT64), mask=mask, other=0.0).to(ACC)
     channel_offsets = scalar_offset(c, stride_xc, INT64)
-    pilot = tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC)
     last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_lo, stride_xoh, stride_xo,
                                  stride_xi, INT64)
-    scale = spread_scale(pilot, tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC))
-    mean_z, var_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows)
-    invstd, g, beta = finish_statistics(
+    last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
+    pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
+    scale = spread_scale(pilot, last)
+    mean_z, var_z, _, centred_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows)
+    _, invstd_z, g, beta = finish_statistics(
         c, c_mask, C, pilot, mean_z, var_z, scale, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    centred = tl.where(mask, (x - pilot[None, :]) - (mean_z / scale)[None, :], 0.0)
-    y = (centred * invstd[None, :]) * g[None, :] + beta[None, :]
+    y = (centred_z * invstd_z[None, :]) * g[None, :] + beta[None, :]
     y_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_yoh, stride_yo, stride_yc, stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -136,21 +145,27 @@ def channel_major_persistent_backward_kernel(
     o = tl.arange(0, BLOCK_O)
     i = tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
-    x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
-                + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
-                mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + scalar_offset(c_scalar, stride_dyc, INT64)
                  + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64),
                  mask=mask, other=0.0).to(ACC)
-    pilot = tl.load(center_ptr + c_scalar)
-    shifted_mean = tl.load(center_ptr + C + c_scalar)
-    centred = tl.where(mask, (x - pilot) - shifted_mean, 0.0)
     sum_dy = tl.sum(tl.reshape(dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
-    sum_dy_xmu = tl.sum(tl.reshape(centred * dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
+    if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
+        x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
+                    + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
+                    mask=mask, other=0.0).to(ACC)
+        pilot = tl.load(center_ptr + c_scalar)
+        shifted_mean = tl.load(center_ptr + C + c_scalar)
+        centred = tl.where(mask, (x - pilot) - shifted_mean, 0.0)
+        sum_dy_xmu = tl.sum(tl.reshape(centred * dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
+    else:
+        sum_dy_xmu = tl.zeros([1], ACC)
     invstd = tl.load(invstd_ptr + c)
     x_coef, dy_coef, const = finish_backward(
         c, c < C, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr, FIX_GAMMA, BATCH_STATS)
-    dx = (centred * tl.sum(invstd, 0)) * tl.sum(x_coef, 0) + dy * tl.sum(dy_coef, 0) + tl.sum(const, 0)
+    if BATCH_STATS:
+        dx = (centred * tl.sum(invstd, 0)) * tl.sum(x_coef, 0) + dy * tl.sum(dy_coef, 0) + tl.sum(const, 0)
+    else:
+        dx = dy * tl.sum(dy_coef, 0)  # moving statistics: dx = dy * g * invstd, x not used
     dx_offsets = scalar_offset(c_scalar, stride_dxc, INT64) + channel_major_offsets(
         o, i, outer_lo, stride_dxoh, stride_dxo, stride_dxi, INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -174,18 +189,25 @@ def channel_minor_persistent_backward_kernel(
     r = tl.arange(0, BLOCK_R)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi,
-                                              INT64), mask=mask, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc,
                                                 stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
-    pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
-    shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
-    centred = tl.where(mask, (x - pilot[None, :]) - shifted_mean[None, :], 0.0)
+    if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
+        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc,
+                                                  stride_xi, INT64), mask=mask, other=0.0).to(ACC)
+        pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
+        shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
+        centred = tl.where(mask, (x - pilot[None, :]) - shifted_mean[None, :], 0.0)
+        sum_dy_xmu = tl.sum(centred * dy, 0)
+    else:
+        sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
     invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
     x_coef, dy_coef, const = finish_backward(
-        c, c_mask, tl.sum(dy, 0), tl.sum(centred * dy, 0), invstd, rows, gamma_ptr, dgamma_ptr, dbeta_ptr,
+        c, c_mask, tl.sum(dy, 0), sum_dy_xmu, invstd, rows, gamma_ptr, dgamma_ptr, dbeta_ptr,
         FIX_GAMMA, BATCH_STATS)
-    dx = (centred * invstd[None, :]) * x_coef[None, :] + dy * dy_coef[None, :] + const[None, :]
+    if BATCH_STATS:
+        dx = (centred * invstd[None, :]) * x_coef[None, :] + dy * dy_coef[None, :] + const[None, :]
+    else:
+        dx = dy * dy_coef[None, :]  # moving statistics: dx = dy * g * invstd, x not used
     dx_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
                                        INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)

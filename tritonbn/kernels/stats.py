@@ -11,22 +11,30 @@ Partials live in one buffer ``partial[5, C, P]``: planes 0-4 hold mean and M2 of
 the pilot and the scale of split p of channel c at ``k * C * P + c * P + p``; P = splits.
 
 Shift and scale: every program of a channel accumulates z = (x - pilot) * scale, with the same
-pilot (the channel's first element) and scale (a power of two from |last - first|), so the
-accumulators see values near 1 even when the mean is 1e4 times the std, or the data 1e30 or
-1e-30.  The mean is carried as the pair (pilot, shifted mean) to the apply and backward
-kernels, which compute x - mean as (x - pilot) - shifted_mean: exact where it matters.
+pilot (the channel's first element; its last where the first is NaN/Inf) and scale (a power of
+two from |last - first|), so the accumulators see values near 1 even when the mean is 1e4 times
+the std, or the data 1e30 or 1e-30.  The mean is carried as the pair (pilot, shifted mean) to
+the apply and backward kernels, which compute x - mean as (x - pilot) - shifted_mean: exact
+where it matters.
+
+Infinite data: a Welford lane that has seen +-inf and then a finite value holds mean
+inf + (-inf) / n = NaN, where sum(x) / m is +-inf.  A program whose merged mean comes out NaN
+(never, for finite data) takes it again as a plain sum of z over its split, which is +-inf,
+or NaN where the data holds NaN or both infinities; its M2 is NaN either way.
 """
 
 import triton
 import triton.language as tl
 
 from .common import (
+    apply_coefficients,
     chan_merge_rows,
     channel_major_offsets,
     channel_major_split,
     channel_minor_offsets,
     element_offset,
     finish_statistics,
+    finite_pilot,
     scalar_offset,
     spread_scale,
     welford_update,
@@ -55,9 +63,10 @@ def channel_major_stats_kernel(
     c, split, o_begin, o_end, i_begin, i_end = channel_major_split(
         outer, inner, rows_per_split, cols_per_split, SPLIT_O, SPLIT_I)
     base = x_ptr + scalar_offset(c, stride_c, INT64)
-    pilot = tl.load(base).to(ACC)
     last = tl.load(base + element_offset(outer - 1, inner - 1, outer_lo, stride_oh, stride_o, stride_i, INT64))
-    scale = spread_scale(pilot, last.to(ACC))
+    last = last.to(ACC)
+    pilot = finite_pilot(tl.load(base).to(ACC), last)
+    scale = spread_scale(pilot, last)
 
     mean = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     m2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
@@ -75,6 +84,18 @@ def channel_major_stats_kernel(
     mean, m2, count = chan_merge_rows(
         tl.reshape(mean, [lanes, 1]), tl.reshape(m2, [lanes, 1]), tl.reshape(count, [lanes, 1])
     )
+    if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
+        total = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+        for o1 in range(o_begin, o_end, BLOCK_O):
+            o_redo = o1 + tl.arange(0, BLOCK_O)
+            for i1 in range(i_begin, i_end, BLOCK_I):
+                i_redo = i1 + tl.arange(0, BLOCK_I)
+                in_split = (o_redo < o_end)[:, None] & (i_redo < i_end)[None, :]
+                redo_offsets = channel_major_offsets(o_redo, i_redo, outer_lo, stride_oh, stride_o, stride_i, INT64)
+                z = (tl.load(base + redo_offsets, mask=in_split, other=0.0).to(ACC) - pilot) * scale
+                total += tl.where(in_split, z, 0.0)
+        mean = tl.sum(tl.reshape(total, [lanes, 1]), 0) / tl.maximum(count, 1.0)
+        m2 = tl.full([1], float("nan"), ACC)
     slot = scalar_offset(c, num_splits, INT64) + split + tl.arange(0, 1)
     plane = C * num_splits
     tl.store(partial_ptr + slot, mean)
@@ -108,10 +129,10 @@ def channel_minor_stats_kernel(
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
     channel_offsets = scalar_offset(c, stride_c, INT64)
-    pilot = tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC)
     last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_lo, stride_oh, stride_o, stride_i,
                                  INT64)
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
+    pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
 
     mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
@@ -125,6 +146,18 @@ def channel_minor_stats_kernel(
         mean, m2, count = welford_update(mean, m2, count, x, mask)
 
     mean, m2, count = chan_merge_rows(mean, m2, count)
+    if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
+        total = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+        for r1 in range(r_begin, r_end, BLOCK_R):
+            r_redo = r1 + tl.arange(0, BLOCK_R)
+            in_split = (r_redo < r_end)[:, None] & c_mask[None, :]
+            redo_offsets = channel_minor_offsets(r_redo, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i,
+                                                 INT64)
+            z = (tl.load(x_ptr + redo_offsets, mask=in_split, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :]
+            total += tl.where(in_split, z, 0.0)
+        redo = mean != mean
+        mean = tl.where(redo, tl.sum(total, 0) / tl.maximum(count, 1.0), mean)
+        m2 = tl.where(redo, float("nan"), m2)
     slot = scalar_offset(c, SPLIT, INT64) + split
     plane = C * SPLIT
     tl.store(partial_ptr + slot, mean, mask=c_mask)
@@ -135,12 +168,28 @@ def channel_minor_stats_kernel(
 
 
 @triton.jit
+def _merged_partials(partial_ptr, c, c_mask, C, P, BLOCK_P: tl.constexpr):
+    """(pilot, mean_z, var_z, scale) of channels ``c`` ([BLOCK_C]) from their P partials."""
+    p = tl.arange(0, BLOCK_P)
+    mask = (p < P)[:, None] & c_mask[None, :]
+    slots = c[None, :] * P + p[:, None]  # [BLOCK_P, BLOCK_C]: partials of a channel down a column
+    plane = C * P
+    part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0)
+    part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0)
+    part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0)
+    mean_z, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
+    pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
+    scale = tl.load(partial_ptr + 4 * plane + c * P, mask=c_mask, other=1.0)
+    return pilot, mean_z, m2 / tl.maximum(count, 1.0), scale
+
+
+@triton.jit
 def finalize_stats_kernel(
     partial_ptr,  # [5, C, P] Welford partials of z, pilots and scales (accumulation dtype)
     gamma_ptr, beta_ptr,  # [C] parameters (float32 or the data dtype; float64 for float64)
     moving_mean_ptr, moving_var_ptr,  # [C] updated in place when UPDATE_MOVING
     mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype
-    coef_ptr,  # [6, C] out: (pilot, shifted mean, invstd, x coef, dy coef, const); rows 0-1: center
+    coef_ptr,  # [6, C] out: (pilot, shifted mean, x scale, x coef, dy coef, const); rows 0-1: center
     C, P, m,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -151,25 +200,19 @@ def finalize_stats_kernel(
     grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.  Writes mean, invstd = 1/sqrt(var + eps), the
     apply coefficients of ``y = (x - mean) * invstd * g + beta``, and
     ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if UNBIASED).
+    Where invstd overflowed (float32 data of ~1e-41), the apply coefficients are the z-unit ones
+    of ``common.apply_coefficients``.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.arange(0, BLOCK_P)
     c_mask = c < C
-    mask = (p < P)[:, None] & c_mask[None, :]
-    slots = c[None, :] * P + p[:, None]  # [BLOCK_P, BLOCK_C]: partials of a channel down a column
-    plane = C * P
-    part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0)
-    part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0)
-    part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0)
-    mean_z, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
-    pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
-    scale = tl.load(partial_ptr + 4 * plane + c * P, mask=c_mask, other=1.0)
-    invstd, g, beta = finish_statistics(
-        c, c_mask, C, pilot, mean_z, m2 / tl.maximum(count, 1.0), scale, m, gamma_ptr, beta_ptr,
+    pilot, mean_z, var_z, scale = _merged_partials(partial_ptr, c, c_mask, C, P, BLOCK_P)
+    invstd, invstd_z, g, beta = finish_statistics(
+        c, c_mask, C, pilot, mean_z, var_z, scale, m, gamma_ptr, beta_ptr,
         moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, coef_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    tl.store(coef_ptr + 2 * C + c, invstd, mask=c_mask)
-    tl.store(coef_ptr + 3 * C + c, g, mask=c_mask)
-    tl.store(coef_ptr + 4 * C + c, tl.zeros_like(g), mask=c_mask)
-    tl.store(coef_ptr + 5 * C + c, beta, mask=c_mask)
+    x_scale, x_coef, const = apply_coefficients(invstd, invstd_z, g, beta, mean_z, scale)
+    tl.store(coef_ptr + 2 * C + c, x_scale, mask=c_mask)
+    tl.store(coef_ptr + 3 * C + c, x_coef, mask=c_mask)
+    tl.store(coef_ptr + 4 * C + c, tl.zeros_like(x_coef), mask=c_mask)
+    tl.store(coef_ptr + 5 * C + c, const, mask=c_mask)
