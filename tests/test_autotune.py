@@ -159,16 +159,16 @@ def _train_step(shape, axis=1, dtype=torch.float32):
 
 
 def test_the_stored_config_reaches_the_launch(isolated_stores):
-    shape = (4, 3, 256)  # channel-major, C = 3, m = 1024
+    shape = (4, 3, 1024)  # channel-major, C = 3, m = 4096
     reduce_fwd = Knobs(tile=128, split=3, num_warps=2)
     reduce_bwd = Knobs(tile=64, split=2, num_warps=1)
-    apply_inf = Knobs(tile=64, num_warps=1)
+    apply_fwd = Knobs(tile=1024, num_warps=1)
     _write(isolated_stores, [
-        _entry("float32", "channel_major", "forward", "persistent", 3, 1024, {"enabled": False}),
-        _entry("float32", "channel_major", "forward", "reduce", 3, 1024, reduce_fwd.to_json()),
-        _entry("float32", "channel_major", "backward", "persistent", 3, 1024, {"enabled": False}),
-        _entry("float32", "channel_major", "backward", "reduce", 3, 1024, reduce_bwd.to_json()),
-        _entry("float32", "channel_major", "inference", "elementwise", 3, 1024, apply_inf.to_json()),
+        _entry("float32", "channel_major", "forward", "persistent", 3, 4096, {"enabled": False}),
+        _entry("float32", "channel_major", "forward", "reduce", 3, 4096, reduce_fwd.to_json()),
+        _entry("float32", "channel_major", "backward", "persistent", 3, 4096, {"enabled": False}),
+        _entry("float32", "channel_major", "backward", "reduce", 3, 4096, reduce_bwd.to_json()),
+        _entry("float32", "channel_major", "forward", "elementwise", 3, 4096, apply_fwd.to_json()),
     ])
     fwd, bwd = _train_step(shape)
     assert fwd.kernels() == ["channel_major_stats", "finalize_stats", "channel_major_elementwise"]
@@ -181,8 +181,8 @@ def test_the_stored_config_reaches_the_launch(isolated_stores):
     assert fwd.launches[0].programs == 3 * 3
     assert bwd.launches[0].config == C.reduce_from_knobs(bwd_plan, reduce_bwd) == \
         KernelConfig(1, 64, split_rows=2, split_cols=1, num_warps=1)
-    # the two-tensor elementwise launch (apply) is looked up as inference
-    assert fwd.launches[2].config == C.elementwise_from_knobs(fwd_plan, apply_inf) == KernelConfig(1, 64, num_warps=1)
+    # the training forward's elementwise launch (apply) is looked up under its op, forward
+    assert fwd.launches[2].config == C.elementwise_from_knobs(fwd_plan, apply_fwd) == KernelConfig(1, 1024, num_warps=1)
     decision = C.explain("reduce", fwd_plan, H100_PROFILE, dtype=torch.float32)
     assert decision.source == "store" and decision.entry.knobs == reduce_fwd
 
@@ -298,7 +298,7 @@ def test_modelled_data_bytes_match_the_interpreters_count():
     small = DeviceProfile("tiny GPU (test)", sm_count=4, tile_elements=4096)
     spec, seen = GPUS["h100-sxm"], set()
     for shape, layout in (((2, 6, 10, 10), "contiguous"), ((2, 20, 6, 6), "channels_last"),
-                          ((1, 3, 130, 130), "contiguous"), ((1, 4, 72, 72), "channels_last")):
+                          ((1, 3, 130, 130), "contiguous"), ((1, 4, 100, 100), "channels_last")):
         case = tuner.TuneCase(shape, "NCHW" if layout == "contiguous" else "channels_last", torch.float32)
         with C.override_profile(small):
             counted = traffic.measure("all", shape, layout, torch.float32, 1)

@@ -194,7 +194,7 @@ def test_data_needing_four_groups_is_copied_once(path):
     for name in expected:
         assert_close(got[name], expected[name], F32, name, scale=4.0)
     if path == "triton":
-        assert trace.copies == ["data layout needs more than three reduced groups; copied to contiguous"]
+        assert trace.copies == ["data layout needs more than three reduced groups; copied to a dense tensor"]
 
 
 def test_out_needing_four_groups_is_filled_through_a_temporary(path):
@@ -240,6 +240,17 @@ def test_no_gradient_flows_through_mean_and_invstd(path):
     _, mean, invstd = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
                                           training=True, output_mean_var=True)
     assert not mean.requires_grad and not invstd.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float64], ids=["float32", "float64"])
+def test_inference_mean_is_a_new_tensor_not_the_moving_mean(dtype, path):
+    """The returned mean equals moving_mean in inference but never aliases it: a later moving
+    update must not change a mean the caller already holds."""
+    inp = make_inputs((4, 3, 2), 1, dtype)
+    _, mean, _ = tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
+                                     output_mean_var=True)
+    assert torch.equal(mean, inp.moving_mean.to(mean.dtype))
+    assert mean.untyped_storage().data_ptr() != inp.moving_mean.untyped_storage().data_ptr()
 
 
 def test_fix_gamma_leaves_gamma_untouched_and_gives_zero_grad(path):

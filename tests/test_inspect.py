@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,17 +26,21 @@ KERNEL_NAMES = {
 } | {"finalize_stats", "finalize_backward"}
 
 
+def _inspect(arguments: list[str]) -> list[dict]:
+    """Run ``tritonbn inspect`` with ``arguments`` in a compiling (not interpreting) process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "kernels.json"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        result = subprocess.run([sys.executable, "-m", "tritonbn", "inspect", *arguments, "--json", str(out)],
+                                capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
-def sm90_fp16_report(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("inspect") / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-m", "tritonbn", "inspect", "--arch", "sm_90", "--dtype", "fp16", "--json", str(out)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+def sm90_fp16_report() -> list[dict]:
+    return _inspect(["--arch", "sm_90", "--dtype", "fp16"])
 
 
 def test_every_kernel_compiles_for_sm90(sm90_fp16_report):
@@ -48,15 +53,24 @@ def test_no_kernel_spills(sm90_fp16_report):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "axis-1"])
-def test_streaming_kernels_use_128_bit_loads_on_aligned_shapes(sm90_fp16_report, layout):
-    """The split-path kernels of the large, aligned shape of each layout read 128 bits at a time."""
-    streaming = [row for row in sm90_fp16_report if row["layout"] == layout
-                 and row["role"] in ("stats", "apply", "backward") and row["config"]["split_rows"] >= 1
-                 and not row["kernel"].startswith("finalize")]
-    assert streaming
-    widest = {(row["kernel"], row["op"]): row["max_load_bits"] for row in streaming}
-    assert max(widest.values()) == 128
-    assert all(bits == 128 for (kernel, _), bits in widest.items() if "_stats" in kernel or "reduce" in kernel)
+def test_streaming_kernels_use_128_bit_accesses_on_aligned_shapes(sm90_fp16_report, layout):
+    """Every kernel that streams the data of a vector-aligned call reads 128 bits at a time, and
+    the ones that write y or dx store 128 bits at a time; scalar-load layouts (7x7 images, C = 6
+    channels_last) are compiled too and marked."""
+    streaming = [row for row in sm90_fp16_report if row["layout"] == layout and row["role"] != "finalize"]
+    aligned = [row for row in streaming if row["vector_aligned"]]
+    assert aligned and {row["role"] for row in aligned} >= {"stats", "apply", "backward", "persistent"}
+    assert [(row["kernel"], row["shape"]) for row in aligned if row["max_load_bits"] != 128] == []
+    writers = [row for row in aligned if row["role"] in ("apply", "persistent")]
+    assert [(row["kernel"], row["shape"]) for row in writers if row["max_store_bits"] != 128] == []
+
+
+def test_float64_kernels_compile_without_spills():
+    """float64 data (float64 accumulation, half the single-pass capacity) is real GPU code too."""
+    rows = _inspect(["--arch", "sm_90", "--dtype", "fp64", "--layout", "nchw", "--layout", "channels_last"])
+    assert {row["kernel"] for row in rows} >= {"channel_major_persistent_forward", "channel_minor_stats",
+                                              "channel_minor_persistent_backward", "finalize_stats"}
+    assert [row for row in rows if row["spills"]] == []
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,23 @@ def test_multi_program_finalize_and_multi_tile_elementwise():
 
 
 @pytest.mark.parametrize(
+    "shape, axis, layout, config",
+    [pytest.param((2, 5, 3, 7), 1, "channels_last", KernelConfig(4, 4, row_tiles=3), id="nhwc-partial-last-run"),
+     pytest.param((3, 4, 16), -1, "contiguous", KernelConfig(2, 8, row_tiles=4), id="axis-1-whole-runs")],
+)
+def test_channel_minor_elementwise_runs_several_row_tiles(shape, axis, layout, config):
+    """A channel-minor elementwise program may run several row tiles with its coefficients loaded
+    once (apply, and dx with batch statistics); the tail run is masked."""
+    with override_configs(elementwise=config, persistent=PERSISTENT_OFF):
+        trace = _train_step(shape, axis, layout)
+    elementwise = [launch for launch in trace.launches if launch.kernel == "channel_minor_elementwise"]
+    rows = torch.Size(shape).numel() // shape[axis]
+    assert len(elementwise) == 2
+    run = config.block_rows * config.row_tiles
+    assert all(launch.programs == -(-rows // run) * -(-shape[axis] // config.block_cols) for launch in elementwise)
+
+
+@pytest.mark.parametrize(
     "shape, axis, layout",
     [pytest.param((2, 3, 4, 5), 1, "contiguous", id="channel-major"),
      pytest.param((2, 3, 4, 5), 1, "channels_last", id="channel-minor"),
@@ -145,7 +162,7 @@ def test_single_pass_kernels_run_one_launch_per_op(shape, axis, layout, family):
 
 def test_slices_beyond_capacity_take_the_split_path():
     from tritonbn.autotune.config import PERSISTENT_CAPACITY
-    inner = PERSISTENT_CAPACITY["forward"] + 1  # the tile covering it would be twice the capacity
+    inner = PERSISTENT_CAPACITY["forward"]["channel_major"] + 16  # its tile is twice the capacity
     inp = make_inputs((1, 2, inner), 1, torch.float32)
     with tritonbn.trace.capture() as trace:
         tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, training=True)
@@ -170,3 +187,80 @@ def _contiguous_strides(shape):
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
+
+
+# ----------------------------------------------------------------------------- launch decisions
+
+H100 = DeviceProfile("H100", sm_count=132, tile_elements=4096)
+
+
+def _plan_of(shape, axis=1, memory_format=None):
+    x = torch.empty(shape, device="meta")
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    return plan_view(shape, axis, [x.stride(), x.stride()])
+
+
+@pytest.mark.parametrize(
+    "shape, memory_format, op, element_size, tile",
+    [
+        pytest.param((32, 64, 32, 32), None, "forward", 2, (32, 1024), id="nchw-forward-at-vector-capacity"),
+        pytest.param((33, 64, 32, 32), None, "forward", 2, None, id="nchw-forward-beyond-capacity"),
+        pytest.param((32, 64, 32, 32), None, "backward", 2, None, id="nchw-backward-beyond-capacity"),
+        pytest.param((16, 64, 32, 32), None, "forward", 8, (16, 1024), id="nchw-float64-at-half-capacity"),
+        pytest.param((32, 64, 32, 32), None, "forward", 8, None, id="nchw-float64-beyond-half"),
+        pytest.param((128, 4, 7, 7), None, "forward", 2, (128, 64), id="7x7-scalar-loads-at-8192"),
+        pytest.param((256, 4, 7, 7), None, "forward", 2, None, id="7x7-scalar-loads-beyond-8192"),
+        pytest.param((1, 64, 16, 16), torch.channels_last, "backward", 2, (256, 64), id="nhwc-at-capacity"),
+        pytest.param((4, 64, 16, 16), torch.channels_last, "forward", 2, (1024, 16), id="nhwc-one-sector-wide"),
+        pytest.param((8, 6, 32, 32), torch.channels_last, "forward", 2, (8192, 1), id="nhwc-small-C-co-resident"),
+        pytest.param((2, 200, 64, 64), torch.channels_last, "forward", 2, None, id="nhwc-too-many-narrow-programs"),
+    ],
+)
+def test_single_pass_tile_follows_the_capacities(shape, memory_format, op, element_size, tile):
+    """The single-pass tile covers the slice within the (op, family, alignment, dtype) capacity
+    that `tritonbn inspect` shows compiles without spills; None means the split path."""
+    from tritonbn.autotune.config import persistent_tile
+    assert persistent_tile(_plan_of(shape, 1, memory_format), op, element_size) == tile
+
+
+@pytest.mark.parametrize(
+    "shape, memory_format, op, programs_at_least, run_at_least",
+    [
+        pytest.param((4, 3, 16384), None, "forward", 128, 1024, id="nchw-small-C-training-spreads"),
+        pytest.param((4, 3, 128, 128), torch.channels_last, "forward", 128, 256, id="nhwc-small-C-training-spreads"),
+        pytest.param((32, 2048, 7, 7), torch.channels_last, "inference", 128, 512, id="nhwc-large-C-tall-tiles"),
+        pytest.param((32, 64, 56, 56), None, "inference", 128, 56 * 56, id="nchw-resnet"),
+    ],
+)
+def test_elementwise_tiles_spread_and_amortise_coefficients(shape, memory_format, op, programs_at_least,
+                                                              run_at_least):
+    """Training's elementwise launch gives the GPU enough programs; every program streams a long
+    run of each of its channels, so that its coefficient loads stay a small part of the traffic."""
+    from tritonbn.autotune.config import channel_run, elementwise_config, heuristic_only
+    plan = _plan_of(shape, 1, memory_format)
+    with heuristic_only():
+        config = elementwise_config(plan, H100, op=op, dtype=torch.bfloat16)
+    if plan.family == "channel_major":
+        programs = plan.channels * -(-plan.outer // config.block_rows) * -(-plan.inner // config.block_cols)
+    else:
+        programs = -(-plan.m // config.block_rows) * -(-plan.channels // config.block_cols)
+    assert programs >= programs_at_least
+    assert channel_run(plan, config) >= run_at_least
+
+
+def test_short_elementwise_runs_are_not_valid_stored_configs():
+    from tritonbn.autotune.config import elementwise_from_knobs
+    from tritonbn.autotune.store import Knobs
+    plan = _plan_of((32, 2048, 7, 7), 1, torch.channels_last)
+    assert elementwise_from_knobs(plan, Knobs(tile=4096, block_c=64)) is None  # 64-row runs
+    assert elementwise_from_knobs(plan, Knobs(tile=16384, block_c=16)) is not None
+
+
+def test_forced_column_splits_on_channel_minor_are_rejected_before_anything_runs():
+    inp = make_inputs((6, 5, 3, 4), 1, torch.float32, "channels_last")
+    mm, mv = inp.clone_stats()
+    with override_configs(persistent=PERSISTENT_OFF, reduce=KernelConfig(8, 8, split_rows=2, split_cols=2)):
+        with pytest.raises(ValueError, match="split_cols"):
+            tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, mm, mv, training=True)
+    assert torch.equal(mm, inp.moving_mean) and torch.equal(mv, inp.moving_var)

@@ -29,17 +29,21 @@ import torch
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on request: --dtype fp64
 
-# layout -> [(shape, axis, memory format)]: a large shape (split path), one whose slices are exactly
-# the persistent forward's capacity and one at the persistent backward's (16384 and 8192 elements);
-# channel-minor: also a single-pass tile of rows x one 32-byte sector of channels
+# layout -> [(shape, axis, memory format)]: a large shape (split path) and shapes whose single-pass
+# tiles are exactly at the capacities of config.PERSISTENT_CAPACITY: vector-aligned (NCHW: slices
+# of 32768 elements for the forward and 16384 for the backward; channel-minor: [256 rows, 64
+# channels] = 16384 for both, and a tile one 32-byte sector of channels wide) and scalar-load
+# layouts at SCALAR_LOAD_CAPACITY = 8192 (7x7 images: [128, 64]; small-C channels_last, C=6:
+# co-resident programs of [8192 rows, 1 channel])
 LAYOUTS = {
-    "nchw": [((32, 64, 56, 56), 1, None), ((16, 64, 32, 32), 1, None), ((8, 64, 32, 32), 1, None)],
+    "nchw": [((32, 64, 56, 56), 1, None), ((32, 64, 32, 32), 1, None), ((16, 64, 32, 32), 1, None),
+             ((128, 4, 7, 7), 1, None)],
     "channels_last": [((32, 64, 56, 56), 1, torch.channels_last), ((1, 64, 16, 16), 1, torch.channels_last),
-                      ((1, 64, 8, 16), 1, torch.channels_last), ((4, 64, 16, 16), 1, torch.channels_last)],
-    "axis-1": [((64, 512, 768), -1, None), ((2, 128, 64), -1, None), ((1, 128, 64), -1, None),
-               ((8, 128, 64), -1, None)],
+                      ((4, 64, 16, 16), 1, torch.channels_last), ((8, 6, 32, 32), 1, torch.channels_last)],
+    "axis-1": [((64, 512, 768), -1, None), ((2, 128, 64), -1, None), ((8, 128, 64), -1, None)],
 }
 OPS = ("inference", "training_forward", "backward")
 
@@ -60,6 +64,8 @@ class CompiledKernel:
     shared: int
     max_load_bits: int
     max_store_bits: int
+    shape: tuple = ()  # the representative call's data shape
+    vector_aligned: bool = True  # its rows provably 16-element aligned (128-bit accesses possible)
 
 
 def _role(kernel: str, op: str) -> str:
@@ -84,7 +90,8 @@ def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
     channels = shape[axis]
-    params = [torch.empty(channels, device="meta") for _ in range(4)]
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    params = [torch.empty(channels, dtype=param_dtype, device="meta") for _ in range(4)]
     training = op != "inference"
     settings = validate(x, tuple(params), eps=1e-5, momentum=0.9, fix_gamma=False, use_global_stats=False,
                         axis=axis, out=None, training=training, unbiased_update=False)
@@ -193,25 +200,39 @@ def inspect_kernels(archs: Iterable[str], dtypes: Iterable[str], layouts: Iterab
                                 progress(f"{arch} {dtype_name} {layout} {op} {launch.name}")
                             stats = compile_launch(launch, arch)
                             rows.append(CompiledKernel(launch.name, _role(launch.name, op), dtype_name, layout, op,
-                                                       asdict(launch.config), arch, **stats))
+                                                       asdict(launch.config), arch, **stats, shape=tuple(shape),
+                                                       vector_aligned=_aligned(shape, axis, memory_format)))
     return rows
+
+
+def _aligned(shape, axis, memory_format) -> bool:
+    from .autotune.config import vector_aligned
+    from .plan import plan_view
+
+    x = torch.empty(shape, device="meta")
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    return vector_aligned(plan_view(shape, axis, [x.stride(), x.stride()]))
 
 
 def format_table(rows: list[CompiledKernel]) -> str:
     """A readable table of the report."""
-    header = f"{'arch':6s} {'dtype':5s} {'layout':13s} {'kernel':36s} {'role':10s} {'warps':>5s} " \
+    header = f"{'arch':6s} {'dtype':5s} {'layout':13s} {'shape':16s} {'kernel':36s} {'role':10s} {'warps':>5s} " \
              f"{'regs':>4s} {'spill':>5s} {'smem':>6s} {'ld':>4s} {'st':>4s}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.arch:6s} {r.dtype:5s} {r.layout:13s} {r.kernel:36s} {r.role:10s} "
+        shape = "x".join(map(str, r.shape)) + ("" if r.vector_aligned else "*")
+        lines.append(f"{r.arch:6s} {r.dtype:5s} {r.layout:13s} {shape:16s} {r.kernel:36s} {r.role:10s} "
                      f"{r.config['num_warps']:5d} {r.registers:4d} {r.spills:5d} {r.shared:6d} "
                      f"{r.max_load_bits:4d} {r.max_store_bits:4d}")
+    lines.append("* scalar-load layout (strides or the fast extent not multiples of 16)")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target (repeatable; default both)")
-    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="data dtype (default all)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                        help="data dtype (repeatable; default fp16, bf16, fp32)")
     parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="layout (default all)")
     parser.add_argument("--json", metavar="FILE", help="write the report as a JSON list")
 
@@ -219,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("tritonbn inspect compiles kernels: unset TRITON_INTERPRET")
-    rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or ["fp16", "bf16", "fp32"],
+    rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or DEFAULT_DTYPES,
                            args.layout or list(LAYOUTS),
                            progress=lambda text: print(f"compiling {text}", file=sys.stderr, flush=True))
     print(format_table(rows))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ from . import reference, trace
 from .autotune.config import (
     BACKWARD,
     FORWARD,
+    INFERENCE,
     KernelConfig,
     device_profile,
     elementwise_config,
@@ -48,8 +50,15 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _f64_halves(value: float) -> tuple[float, float]:
-    """A float64 scalar as two float32 values whose sum is it to ~1e-16 (kernels take float32)."""
-    hi = float(np.float32(value))
+    """A float64 scalar as two float32 values whose sum is it to ~1e-16 (kernels take float32).
+
+    Beyond float32's range the pair is (+-inf, 0): an eps that large gives invstd = 0, the
+    float32 rounding of 1/sqrt(eps) to within 3e-20 (an inf - inf low half would give NaN).
+    """
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(value))
+    if math.isinf(hi):
+        return hi, 0.0
     return hi, float(np.float32(value - hi))
 
 
@@ -198,9 +207,9 @@ def launch_elementwise(
     else:
         c_blocks = _cdiv(plan.channels, cfg.block_cols)
         args = (*common, plan.channels, plan.inner, plan.m, *eps, plan.outer_lo,
-                *x_strides, *dy_strides, *out_strides, c_blocks)
+                *x_strides, *dy_strides, *out_strides, c_blocks, cfg.row_tiles)
         _launch(k.channel_minor_elementwise_kernel, "channel_minor_elementwise",
-                _cdiv(plan.m, cfg.block_rows) * c_blocks, cfg, args,
+                _cdiv(plan.m, cfg.block_rows * cfg.row_tiles) * c_blocks, cfg, args,
                 BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
 
 
@@ -349,13 +358,16 @@ class TritonBackend:
         profile = device_profile(x.device)
         if plan.m == 0 or channels == 0:
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
-        elementwise = elementwise_config(plan, profile)
-        single_pass = persistent_config(plan, FORWARD, profile, x.element_size()) if settings.batch_stats else None
+        # The store keys decisions by op and dtype: training forward and inference differ.
+        op, dtype = (FORWARD if settings.batch_stats else INFERENCE), x.dtype
+        elementwise = elementwise_config(plan, profile, op=op, dtype=dtype)
+        single_pass = (persistent_config(plan, FORWARD, profile, x.element_size(), dtype=dtype)
+                       if settings.batch_stats else None)
         if single_pass is not None:
             mean, invstd, center = launch_persistent_forward(
                 x, y_kernel, plan, single_pass, (gamma, beta, moving_mean, moving_var), settings, acc)
         elif settings.batch_stats:
-            partial = launch_statistics(x, plan, reduce_config(plan, profile), acc)
+            partial = launch_statistics(x, plan, reduce_config(plan, profile, op=op, dtype=dtype), acc)
             mean, invstd, coef = launch_finalize_statistics(
                 partial, gamma, beta, moving_mean, moving_var, settings, plan.m, update_moving=True)
             launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=coef,
@@ -385,6 +397,7 @@ class TritonBackend:
         """Returns (dx, dgamma, dbeta)."""
         gamma = gamma.contiguous()
         channels = x.shape[settings.axis]
+        x = _dense_if_unplannable(x, settings.axis)  # the forward saves the copy: no-op then
         dx = empty_like_layout(x)
         plan = _plan_for([x, dy, dx], settings.axis)
         if plan is None:
@@ -395,14 +408,15 @@ class TritonBackend:
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
             return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
         profile = device_profile(x.device)
-        single_pass = persistent_config(plan, BACKWARD, profile, x.element_size())
+        single_pass = persistent_config(plan, BACKWARD, profile, x.element_size(), dtype=x.dtype)
         if single_pass is not None:
             dgamma, dbeta = launch_persistent_backward(x, dy, dx, plan, single_pass, center, invstd, gamma,
                                                        beta_dtype, settings)
             return dx, dgamma, dbeta
-        partial = launch_backward_reduce(x, dy, center, plan, reduce_config(plan, profile))
+        reduce = reduce_config(plan, profile, op=BACKWARD, dtype=x.dtype)
+        partial = launch_backward_reduce(x, dy, center, plan, reduce)
         dgamma, dbeta, coef = launch_finalize_backward(partial, center, invstd, gamma, beta_dtype, settings, plan.m)
-        launch_elementwise(plan, elementwise_config(plan, profile), dx,
+        launch_elementwise(plan, elementwise_config(plan, profile, op=BACKWARD, dtype=x.dtype), dx,
                            x=x if settings.batch_stats else None, dy=dy, coef=coef,
                            stats_out=(center, invstd), settings=settings)
         return dx, dgamma, dbeta
@@ -416,15 +430,22 @@ def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Ten
     plan = _plan_for([x, y], axis)
     if plan is not None:
         return x, y, plan
-    y_dense = empty_like_layout(x)
-    plan = _plan_for([x, y_dense], axis)
+    x = _dense_if_unplannable(x, axis)
+    plan = _plan_for([x, y], axis)
     if plan is not None:
-        trace.record_copy("out layout does not share a view plan with data; writing through a temporary")
-        return x, y_dense, plan
-    trace.record_copy("data layout needs more than three reduced groups; copied to contiguous")
-    x = x.contiguous()
-    y_dense = torch.empty_like(x)
+        return x, y, plan
+    trace.record_copy("out layout does not share a view plan with data; writing through a temporary")
+    y_dense = empty_like_layout(x)
     return x, y_dense, _plan_for([x, y_dense], axis)
+
+
+def _dense_if_unplannable(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x``, or a dense copy in its dimension order when ``x`` needs more than three reduced
+    groups (step slices in two dimensions): the one full-size temporary tritonbn makes."""
+    if _plan_for([x], axis) is not None:
+        return x
+    trace.record_copy("data layout needs more than three reduced groups; copied to a dense tensor")
+    return empty_like_layout(x).copy_(x)
 
 
 @dataclass(frozen=True)

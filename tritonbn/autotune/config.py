@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..plan import CHANNEL_MAJOR, ViewPlan
+from ..plan import CHANNEL_MAJOR, CHANNEL_MINOR, ViewPlan
 from . import store as _store
 from .store import Knobs
 
@@ -73,6 +73,8 @@ class KernelConfig:
         block_cols: tile extent along the fast axis (channel-major: inner; channel-minor: channels).
         split_rows, split_cols: programs per channel (block) along rows / columns (reductions).
         num_warps, num_stages: Triton launch options.
+        row_tiles: channel-minor elementwise: tiles of block_rows rows each program runs, one
+            after the other, with its channels' coefficients loaded once.
     """
 
     block_rows: int
@@ -81,6 +83,7 @@ class KernelConfig:
     split_cols: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    row_tiles: int = 1
 
     @property
     def splits(self) -> int:
@@ -209,8 +212,9 @@ def _warps(tile_elements: int, per_thread: int = 16) -> int:
     return max(1, min(16, tile_elements // (per_thread * 32)))
 
 
-# A split shorter than this costs more in partials and launch width than it spreads.
-MIN_SPLIT_ELEMENTS = 256
+# Elements of one channel a split must cover: each (channel, split) writes five float32 partials
+# that the finalize reads back (40 bytes), at most 2% of what the split reads (1024 x 2 bytes).
+MIN_SPLIT_ELEMENTS = 1024
 MIN_TILE_ELEMENTS = 256
 MAX_SPLITS = 1024  # the finalize merges up to this many partials per channel in one tile
 # Bounds a stored knob must respect (anything outside is an invalid entry: heuristic instead).
@@ -235,13 +239,12 @@ def reduce_geometry(plan: ViewPlan, block_c: int = BLOCK_C) -> tuple[int, int]:
 def max_useful_split(plan: ViewPlan, tile: int, block_c: int = BLOCK_C) -> int:
     """The largest split worth launching: every split keeps MIN_SPLIT_ELEMENTS and at least one
     tile, and the finalize can merge them (MAX_SPLITS)."""
-    _, channel_elements = reduce_geometry(plan, block_c)
     block_rows, block_cols = _tile(plan, tile, block_c)
     if plan.family == CHANNEL_MAJOR:
         tiles = -(-plan.outer // block_rows) * -(-plan.inner // block_cols)
     else:
         tiles = -(-plan.m // block_rows)
-    return max(1, min(channel_elements // MIN_SPLIT_ELEMENTS, tiles, MAX_SPLITS))
+    return max(1, min(plan.m // MIN_SPLIT_ELEMENTS, tiles, MAX_SPLITS))
 
 
 def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C,
@@ -268,7 +271,7 @@ def heuristic_reduce_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
     """
     channel_programs, channel_elements = reduce_geometry(plan)
     wanted = -(-2 * profile.sm_count // channel_programs)
-    split = max(1, min(wanted, channel_elements // MIN_SPLIT_ELEMENTS, MAX_SPLITS))
+    split = max(1, min(wanted, plan.m // MIN_SPLIT_ELEMENTS, MAX_SPLITS))
     tile = max(MIN_TILE_ELEMENTS, min(profile.tile_elements, _pow2_floor(channel_elements // split)))
     return Knobs(tile=tile, split=split, block_c=None if plan.family == CHANNEL_MAJOR else BLOCK_C)
 
@@ -298,6 +301,10 @@ def reduce_config(plan: ViewPlan, profile: DeviceProfile, *, op: str | None = No
     store's (for ``op``/``dtype``; inferred/any when not given), else the heuristic's."""
     forced = _overrides.get().get(REDUCE)
     if forced is not None:
+        if plan.family != CHANNEL_MAJOR and forced.split_cols != 1:
+            # channel-minor programs span every column of their channel block: nothing to split
+            raise ValueError(f"override_configs: reduce config {forced} has split_cols="
+                             f"{forced.split_cols}; channel-minor layouts split rows only (split_cols=1)")
         return forced
     return _decide(REDUCE, plan, profile, op, _dtype_name(dtype), None).config
 
@@ -313,17 +320,93 @@ def realize_elementwise(plan: ViewPlan, tile: int, block_c: int = BLOCK_C, num_w
     return KernelConfig(block_rows, block_cols, num_warps=warps, num_stages=num_stages)
 
 
-def heuristic_elementwise_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
-    return Knobs(tile=profile.tile_elements, block_c=None if plan.family == CHANNEL_MAJOR else BLOCK_C)
+# Every elementwise program loads its channels' coefficients once (16-20 bytes a channel). A
+# program streams a run of MIN_CHANNEL_RUN elements of each of its channels or more (or the whole
+# slice), so that those loads stay within ~1% (channel-major: 1024 elements) or ~4% (channel-minor:
+# 256 rows) of S as counted: a GPU serves the repeats from L2, the traffic targets count them.
+MIN_CHANNEL_RUN = {CHANNEL_MAJOR: 1024, CHANNEL_MINOR: 256}
+MIN_WIDEST_PROGRAMS = 128  # about a wave of one program per SM on the GPUs we target
+# Channel-minor programs run row tiles of 16 channels (one or two 32-byte sectors a row) one after
+# the other, with their coefficients loaded once: runs of 256-1024 rows, as long as the launch
+# keeps MIN_WIDEST_PROGRAMS programs; tiles of at most 8192 elements (64 x 64 tiles re-loaded
+# coefficients for 12% of S; [1024, 16] tiles at 16 warps spilled 64 bytes on sm_90).
+ELEMENTWISE_BLOCK_C = 16
+CHANNEL_MINOR_ELEMENTWISE_TILE = 8192
+MAX_CHANNEL_MINOR_RUN = 1024
 
 
-def elementwise_from_knobs(plan: ViewPlan, knobs: Knobs) -> KernelConfig | None:
+def channel_run(plan: ViewPlan, config: KernelConfig) -> int:
+    """Elements of one channel an elementwise program of ``config`` streams (at most m)."""
+    if plan.family == CHANNEL_MAJOR:
+        return min(config.block_rows, plan.outer) * min(config.block_cols, plan.inner)
+    return min(config.block_rows * config.row_tiles, plan.m)
+
+
+def heuristic_channel_minor_elementwise(plan: ViewPlan, op: str) -> KernelConfig:
+    """Channel-minor elementwise config: runs of 1024 rows, as 4 row tiles a program; in training
+    (the split path's third launch) shorter runs, down to 256 rows, while the launch has fewer
+    than MIN_WIDEST_PROGRAMS programs, so that a small tensor still spreads over the GPU."""
+    block_cols = _pow2_cover(plan.channels, ELEMENTWISE_BLOCK_C)
+    row_programs = -(-MIN_WIDEST_PROGRAMS // -(-plan.channels // block_cols))
+    run = MAX_CHANNEL_MINOR_RUN if op == INFERENCE else plan.m // row_programs
+    run = min(max(run, MIN_CHANNEL_RUN[CHANNEL_MINOR]), MAX_CHANNEL_MINOR_RUN, plan.m)
+    block_rows = min(CHANNEL_MINOR_ELEMENTWISE_TILE // block_cols, _pow2_floor(max(1, run // 4)))
+    row_tiles = -(-run // block_rows) if run == plan.m else run // block_rows
+    return KernelConfig(block_rows, block_cols, num_warps=_warps(block_rows * block_cols), row_tiles=row_tiles)
+
+
+def heuristic_elementwise_tile(plan: ViewPlan, profile: DeviceProfile, op: str) -> int:
+    """Elements per channel-major elementwise program: the profile's tile; in training (forward,
+    backward: the split path's third launch) shrunk, down to runs of MIN_CHANNEL_RUN, until the
+    launch has MIN_WIDEST_PROGRAMS programs, so that a small-C tensor's widest launch still spreads
+    over the GPU (no further: every extra program re-loads its channel's coefficients)."""
+    if op == INFERENCE:
+        return profile.tile_elements
+    filling = _pow2_floor(max(1, plan.m * plan.channels // MIN_WIDEST_PROGRAMS))
+    return max(MIN_CHANNEL_RUN[CHANNEL_MAJOR], min(profile.tile_elements, filling))
+
+
+def heuristic_elementwise_knobs(plan: ViewPlan, profile: DeviceProfile, op: str = INFERENCE) -> Knobs:
+    """The heuristic's elementwise knobs (tile, channel block; its row tiles are not a knob)."""
+    if plan.family == CHANNEL_MAJOR:
+        return Knobs(tile=heuristic_elementwise_tile(plan, profile, op))
+    config = heuristic_channel_minor_elementwise(plan, op)
+    return Knobs(tile=config.block_rows * config.block_cols, block_c=ELEMENTWISE_BLOCK_C)
+
+
+def elementwise_programs(plan: ViewPlan, config: KernelConfig) -> int:
+    """Programs of an elementwise launch of ``config`` (what ops.launch_elementwise launches)."""
+    if plan.family == CHANNEL_MAJOR:
+        return plan.channels * -(-plan.outer // config.block_rows) * -(-plan.inner // config.block_cols)
+    return -(-plan.m // (config.block_rows * config.row_tiles)) * -(-plan.channels // config.block_cols)
+
+
+def elementwise_from_knobs(plan: ViewPlan, knobs: Knobs, min_run: int | None = None,
+                           min_programs: int = 1) -> KernelConfig | None:
+    """``knobs`` realised for ``plan``, or None when invalid: out-of-range values, runs per
+    channel shorter than ``min_run`` (default MIN_CHANNEL_RUN; lookups pass the heuristic's run:
+    a stored config may spend fewer coefficient loads than the heuristic, never more), or fewer
+    than ``min_programs`` programs (training lookups: the heuristic's, up to MIN_WIDEST_PROGRAMS)."""
     block_c = knobs.block_c or BLOCK_C
     if not (_is_pow2(knobs.tile) and knobs.tile <= MAX_TILE_ELEMENTS and _is_pow2(block_c)):
         return None
     if not _launch_options_ok(knobs):
         return None
-    return realize_elementwise(plan, knobs.tile, block_c, knobs.num_warps, knobs.num_stages)
+    config = realize_elementwise(plan, knobs.tile, block_c, knobs.num_warps, knobs.num_stages)
+    shortest = MIN_CHANNEL_RUN[plan.family] if min_run is None else min_run
+    if channel_run(plan, config) < min(shortest, plan.m):
+        return None  # too short a run per channel: its coefficient loads would weigh too much
+    if elementwise_programs(plan, config) < min_programs:
+        return None  # a small tensor's widest launch would not spread over the GPU
+    return config
+
+
+def heuristic_elementwise_bounds(plan: ViewPlan, profile: DeviceProfile, op: str) -> tuple[int, int]:
+    """(run per channel, programs) a stored elementwise config for ``op`` must reach: the
+    heuristic's run, and in training its program count up to MIN_WIDEST_PROGRAMS."""
+    config = _heuristic(ELEMENTWISE, plan, profile, op, None)
+    programs = 1 if op == INFERENCE else min(elementwise_programs(plan, config), MIN_WIDEST_PROGRAMS)
+    return channel_run(plan, config), programs
 
 
 def elementwise_config(plan: ViewPlan, profile: DeviceProfile, *, op: str | None = None,
@@ -352,31 +435,67 @@ def finalize_config(channels: int, partials: int) -> KernelConfig:
 
 
 # Largest slice (elements per channel-major program, or rows x BLOCK_C per channel-minor
-# program) that a persistent program keeps in registers.  Chosen from the compiled code:
-# `tritonbn inspect --arch sm_90` shows zero spills at these sizes with 16 warps (the backward
-# holds x and dy, so half the forward's).
-PERSISTENT_CAPACITY = {FORWARD: 16384, BACKWARD: 8192}
+# program) that a persistent program keeps in registers, per op and family, with 16 warps.
+# Chosen from the compiled code (`tritonbn inspect --arch sm_80|sm_90` compiles the kernels at
+# exactly these sizes; zero spills, the next power of two spills).  Vector loads share one
+# address among 16 bytes of elements; scalar loads (strides or the fast extent not multiples of
+# 16, e.g. 7x7 images) hold an address per element, so those tiles hold SCALAR_LOAD_CAPACITY
+# (at the vector capacities sm_90 spilled 16-752 bytes).  float64 takes two registers an element.
+PERSISTENT_CAPACITY = {
+    FORWARD: {CHANNEL_MAJOR: 32768, CHANNEL_MINOR: 16384},
+    BACKWARD: {CHANNEL_MAJOR: 16384, CHANNEL_MINOR: 16384},
+}
+SCALAR_LOAD_CAPACITY = 8192
+PERSISTENT_WARPS = 16  # the warps the capacities were measured with
 PERSISTENT_OFF = KernelConfig(0, 0)  # override_configs(persistent=PERSISTENT_OFF): split path only
-# Stored warps for a single-pass tile must leave each thread at most this many elements of each
-# tensor it holds (the heuristic's capacity over 16 warps, which compiles without spills).
-PERSISTENT_MAX_PER_THREAD = {FORWARD: 32, BACKWARD: 16}
+# A channel-minor single-pass launch with at most this many programs runs them all at once on
+# any target GPU (>= 108 SMs), so programs narrower than a 32-byte sector of channels share each
+# sector through L2 instead of fetching it once per program.
+CO_RESIDENT_PROGRAMS = 108
+
+
+def vector_aligned(plan: ViewPlan) -> bool:
+    """True when Triton can prove 16-element alignment of every row the kernels stream: each
+    non-unit stride and the fast extent (inner, or C for channel-minor) a multiple of 16 (what
+    its integer specialisation records), so loads and stores vectorise."""
+    fast_extent = plan.inner if plan.family == CHANNEL_MAJOR else plan.channels
+    strides_ok = all(stride % 16 == 0 for strides in plan.strides for stride in strides if stride != 1)
+    return strides_ok and fast_extent % 16 == 0
+
+
+def persistent_capacity(op: str, plan: ViewPlan, element_size: int = 4) -> int:
+    """Elements a single-pass program of ``op`` holds for ``plan``: PERSISTENT_CAPACITY, or
+    SCALAR_LOAD_CAPACITY for layouts without vector loads; half of that for float64."""
+    capacity = PERSISTENT_CAPACITY[op][plan.family] if vector_aligned(plan) else SCALAR_LOAD_CAPACITY
+    return capacity if element_size <= 4 else capacity // 2
+
+
+def persistent_max_per_thread(op: str, plan: ViewPlan, element_size: int = 4) -> int:
+    """Elements of each tensor a thread may hold in a single-pass tile: the capacity over
+    PERSISTENT_WARPS warps (fewer warps than that for the same tile would spill)."""
+    return persistent_capacity(op, plan, element_size) // (32 * PERSISTENT_WARPS)
 
 
 def persistent_tile(plan: ViewPlan, op: str, element_size: int) -> tuple[int, int] | None:
     """(block_rows, block_cols) of a single-pass tile covering a channel's slice, or None when
-    the slice does not fit PERSISTENT_CAPACITY[op].
+    the slice does not fit the capacity of (op, family).
 
-    Channel-minor tiles are [rows, BLOCK_C]: BLOCK_C shrinks from 64 to fit the capacity, but
-    never below one 32-byte sector of channels (narrower rows would waste most of every sector
-    they touch), so only slices of up to capacity / (32 / element_size) rows go single-pass.
+    Channel-minor tiles are [rows, BLOCK_C]: BLOCK_C shrinks from 64 to fit the capacity, down to
+    one 32-byte sector of channels (narrower rows would use part of every sector they touch);
+    below that only while the launch stays co-resident (CO_RESIDENT_PROGRAMS), where the
+    programs reading the same rows share their sectors in L2.  Small-C channels_last tensors
+    thus stay single-pass like their NCHW twins.
     """
-    capacity = PERSISTENT_CAPACITY[op]
+    capacity = persistent_capacity(op, plan, element_size)
     if plan.family == CHANNEL_MAJOR:
         block_rows, block_cols = _pow2_cover(plan.outer, 1 << 30), _pow2_cover(plan.inner, 1 << 30)
     else:
         block_rows, block_cols = _pow2_cover(plan.m, 1 << 30), _pow2_cover(plan.channels, BLOCK_C)
         sector_channels = max(1, 32 // element_size)
         while block_cols > sector_channels and block_rows * block_cols > capacity:
+            block_cols //= 2
+        while (block_cols > 1 and block_rows * block_cols > capacity
+               and -(-plan.channels // (block_cols // 2)) <= CO_RESIDENT_PROGRAMS):
             block_cols //= 2
     if block_rows * block_cols > capacity:
         return None
@@ -396,7 +515,7 @@ def persistent_from_knobs(plan: ViewPlan, op: str, element_size: int, knobs: Kno
     if tile is None or not _launch_options_ok(knobs):
         return _INVALID
     warps = knobs.num_warps if knobs.num_warps is not None else _warps(tile[0] * tile[1])
-    if tile[0] * tile[1] > PERSISTENT_MAX_PER_THREAD[op] * 32 * warps:
+    if tile[0] * tile[1] > persistent_max_per_thread(op, plan, element_size) * 32 * warps:
         return _INVALID  # too few warps for this slice: the registers would spill
     return KernelConfig(*tile, num_warps=warps, num_stages=knobs.num_stages)
 
@@ -500,9 +619,9 @@ def _decide_cached(role: str, plan: ViewPlan, profile: DeviceProfile, op: str | 
             if entry is None:
                 continue
             if entry.knobs == HEURISTIC_KNOBS:  # the tuner kept the heuristic for this bucket
-                return Decision(_heuristic(role, plan, profile, op, element_size), "store", entry, op,
+                return Decision(_heuristic(role, plan, profile, op, element_size, dtype), "store", entry, op,
                                 "the heuristic's choice")
-            config = _from_knobs(role, plan, op, element_size, entry.knobs)
+            config = _from_knobs(role, plan, op, element_size, entry.knobs, profile)
             if config is not _INVALID:
                 return Decision(config, "store", entry, op)
             log.debug("tritonbn: stored %s config %s (%s) is invalid for %s; heuristic instead",
@@ -513,7 +632,7 @@ def _decide_cached(role: str, plan: ViewPlan, profile: DeviceProfile, op: str | 
                 tuned = _tune_online(role, plan, profile, op, dtype, element_size)
                 if tuned is not None:
                     return tuned
-    return Decision(_heuristic(role, plan, profile, op, element_size), "heuristic", None, op)
+    return Decision(_heuristic(role, plan, profile, op, element_size, dtype), "heuristic", None, op)
 
 
 def _lookup(st: Any, dtypes: tuple[str, ...] | None, plan: ViewPlan, op: str, role: str) -> Any:
@@ -528,21 +647,36 @@ def _lookup(st: Any, dtypes: tuple[str, ...] | None, plan: ViewPlan, op: str, ro
     return best
 
 
-def _from_knobs(role: str, plan: ViewPlan, op: str, element_size: int | None, knobs: Knobs) -> Any:
+def _from_knobs(role: str, plan: ViewPlan, op: str, element_size: int | None, knobs: Knobs,
+                profile: DeviceProfile) -> Any:
     if role == PERSISTENT:
         return persistent_from_knobs(plan, op, element_size or 4, knobs)
     if not knobs.enabled:
         return _INVALID
-    config = reduce_from_knobs(plan, knobs) if role == REDUCE else elementwise_from_knobs(plan, knobs)
+    if role == REDUCE:
+        config = reduce_from_knobs(plan, knobs)
+    else:
+        config = elementwise_from_knobs(plan, knobs, *heuristic_elementwise_bounds(plan, profile, op))
     return _INVALID if config is None else config
 
 
-def _heuristic(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, element_size: int | None) -> Any:
+# float64 Welford lanes take two registers per accumulator: reduction tiles of 2048 elements at
+# 4 per thread (4096 at 8 spilled 24-120 bytes on sm_90).
+FLOAT64_REDUCE_TILE = 2048
+
+
+def _heuristic(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, element_size: int | None,
+               dtype: str | None = None) -> Any:
     if role == REDUCE:
         knobs = heuristic_reduce_knobs(plan, profile)
+        if dtype == "float64" or element_size == 8:
+            config = realize_reduce(plan, min(knobs.tile, FLOAT64_REDUCE_TILE), knobs.split, knobs.block_c or BLOCK_C)
+            return replace(config, num_warps=_warps(config.block_rows * config.block_cols, per_thread=4))
         return realize_reduce(plan, knobs.tile, knobs.split, knobs.block_c or BLOCK_C)
     if role == ELEMENTWISE:
-        return realize_elementwise(plan, profile.tile_elements)
+        if plan.family != CHANNEL_MAJOR:
+            return heuristic_channel_minor_elementwise(plan, op)
+        return realize_elementwise(plan, heuristic_elementwise_tile(plan, profile, op))
     return heuristic_persistent(plan, op, element_size or 4)
 
 
@@ -554,9 +688,9 @@ def _tune_online(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, dty
     if knobs is None:
         return None
     if knobs == HEURISTIC_KNOBS:
-        return Decision(_heuristic(role, plan, profile, op, element_size), "online", knobs, op,
+        return Decision(_heuristic(role, plan, profile, op, element_size, dtype), "online", knobs, op,
                         "the heuristic's choice")
-    config = _from_knobs(role, plan, op, element_size, knobs)
+    config = _from_knobs(role, plan, op, element_size, knobs, profile)
     return None if config is _INVALID else Decision(config, "online", knobs, op)
 
 

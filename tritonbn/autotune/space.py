@@ -52,8 +52,8 @@ TILES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 WARPS = (1, 2, 4, 8, 16, 32)
 BLOCK_CS = (16, 32, 64, 128)
 # elements per thread a tile may hold, per role (the Welford reductions keep three accumulators)
-PER_THREAD = {C.REDUCE: (2, 32), C.ELEMENTWISE: (4, 64), C.PERSISTENT: (1, 32)}  # persistent: see
-# config.PERSISTENT_MAX_PER_THREAD (the backward holds two tensors: 16)
+PER_THREAD = {C.REDUCE: (2, 32), C.ELEMENTWISE: (4, 64), C.PERSISTENT: (1, 64)}  # persistent: at most
+# config.persistent_max_per_thread(op, family) (the capacity over 16 warps)
 MAX_SPLIT_FACTOR = 8  # try splits up to this many times what fills the GPU twice
 
 
@@ -103,12 +103,12 @@ def split_choices(plan: ViewPlan, tile: int, block_c: int | None, profile: C.Dev
     """Powers of two up to MAX_SPLIT_FACTOR x what gives every SM two programs, and the
     heuristic's rule for this tile, all within ``config.max_useful_split``."""
     width = block_c or C.BLOCK_C
-    channel_programs, channel_elements = C.reduce_geometry(plan, width)
+    channel_programs, _ = C.reduce_geometry(plan, width)
     wanted = -(-2 * profile.sm_count // channel_programs)
     useful = C.max_useful_split(plan, tile, width)
     limit = min(useful, MAX_SPLIT_FACTOR * wanted)
     splits = {1 << k for k in range(0, limit.bit_length()) if 1 << k <= limit}
-    heuristic = max(1, min(wanted, channel_elements // C.MIN_SPLIT_ELEMENTS, C.MAX_SPLITS))
+    heuristic = max(1, min(wanted, plan.m // C.MIN_SPLIT_ELEMENTS, C.MAX_SPLITS))
     if heuristic <= useful:
         splits.add(heuristic)
     return sorted(splits)
@@ -138,14 +138,18 @@ def reduce_space(plan: ViewPlan, profile: C.DeviceProfile, element_size: int) ->
     return _dedupe(out)
 
 
-def elementwise_space(plan: ViewPlan, profile: C.DeviceProfile, element_size: int) -> list[Candidate]:
+def elementwise_space(plan: ViewPlan, profile: C.DeviceProfile, element_size: int,
+                      op: str = C.INFERENCE) -> list[Candidate]:
+    """Tiles, channel blocks and warps whose runs per channel and program counts are at least the
+    heuristic's (see config.elementwise_from_knobs)."""
     out = []
+    bounds = C.heuristic_elementwise_bounds(plan, profile, op)
     for block_c in block_c_choices(plan, element_size):
         for tile in tile_choices():
             rows, cols = C._tile(plan, tile, block_c or C.BLOCK_C)
             for warps in warp_choices(rows * cols, C.ELEMENTWISE):
                 knobs = Knobs(tile=tile, block_c=block_c, num_warps=warps)
-                config = C.elementwise_from_knobs(plan, knobs)
+                config = C.elementwise_from_knobs(plan, knobs, *bounds)
                 if config is not None:
                     out.append(Candidate(knobs, config))
     return _dedupe(out)
@@ -158,7 +162,7 @@ def persistent_space(plan: ViewPlan, op: str, element_size: int) -> list[Candida
     if tile is None:
         return []
     out = [Candidate(Knobs(enabled=False), None)]
-    for warps in warp_choices(tile[0] * tile[1], C.PERSISTENT, C.PERSISTENT_MAX_PER_THREAD[op]):
+    for warps in warp_choices(tile[0] * tile[1], C.PERSISTENT, C.persistent_max_per_thread(op, plan, element_size)):
         knobs = Knobs(num_warps=warps)
         config = C.persistent_from_knobs(plan, op, element_size, knobs)
         if isinstance(config, KernelConfig):
@@ -184,7 +188,10 @@ def candidates(role: str, plan: ViewPlan, op: str, profile: C.DeviceProfile, ele
     if role == C.REDUCE:
         return reduce_space(plan, profile, element_size)
     if role == C.ELEMENTWISE:
-        return elementwise_space(plan, profile, element_size)
+        cands = elementwise_space(plan, profile, element_size, op)
+        default = heuristic_candidate(role, plan, op, profile, element_size)
+        # channel-minor: the heuristic's row tiles are not a knob, so it is its own candidate
+        return cands if any(c.config == default.config for c in cands) else [default, *cands]
     if role == C.PERSISTENT:
         return persistent_space(plan, op, element_size)
     raise ValueError(f"no tuned space for role {role!r}")
@@ -201,9 +208,9 @@ def heuristic_candidate(role: str, plan: ViewPlan, op: str, profile: C.DevicePro
     if role == C.REDUCE:
         knobs = C.heuristic_reduce_knobs(plan, profile)
         config = C.realize_reduce(plan, knobs.tile, knobs.split, knobs.block_c or C.BLOCK_C)
-    else:
-        knobs = C.heuristic_elementwise_knobs(plan, profile)
-        config = C.realize_elementwise(plan, knobs.tile, knobs.block_c or C.BLOCK_C)
+    else:  # the heuristic's own config (channel-minor: with its row tiles, which are not a knob)
+        knobs = C.heuristic_elementwise_knobs(plan, profile, op)
+        config = C._heuristic(C.ELEMENTWISE, plan, profile, op, element_size)
     return Candidate(Knobs(tile=knobs.tile, split=knobs.split, block_c=knobs.block_c,
                            num_warps=config.num_warps), config)
 

@@ -37,6 +37,7 @@ def _coefficients(
     c, c_mask, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
     center_ptr, invstd_ptr, write_stats, eps_hi, eps_lo,
     FROM_MOVING: tl.constexpr, FIX_GAMMA: tl.constexpr, ACC: tl.constexpr,
+    HAS_X: tl.constexpr, HAS_DY: tl.constexpr,
 ):
     """(pilot, shifted_mean, invstd, x_coef, dy_coef, const) of channel(s) ``c`` (scalar or [BLOCK_C])."""
     if FROM_MOVING:
@@ -54,13 +55,22 @@ def _coefficients(
             tl.store(center_ptr + c, pilot, mask=c_mask)
             tl.store(center_ptr + C + c, shifted_mean, mask=c_mask)
             tl.store(invstd_ptr + c, invstd, mask=c_mask)
-    else:
-        pilot = tl.load(coef_ptr + c, mask=c_mask, other=0.0)
-        shifted_mean = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)
-        invstd = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0)
-        x_coef = tl.load(coef_ptr + 3 * C + c, mask=c_mask, other=0.0)
-        dy_coef = tl.load(coef_ptr + 4 * C + c, mask=c_mask, other=0.0)
+    else:  # only the rows the launch uses: every program loads them (HAS_X / HAS_DY)
         const = tl.load(coef_ptr + 5 * C + c, mask=c_mask, other=0.0)
+        if HAS_X:
+            pilot = tl.load(coef_ptr + c, mask=c_mask, other=0.0)
+            shifted_mean = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)
+            invstd = tl.load(coef_ptr + 2 * C + c, mask=c_mask, other=0.0)
+            x_coef = tl.load(coef_ptr + 3 * C + c, mask=c_mask, other=0.0)
+        else:
+            pilot = tl.zeros_like(const)
+            shifted_mean = tl.zeros_like(const)
+            invstd = tl.zeros_like(const)
+            x_coef = tl.zeros_like(const)
+        if HAS_DY:
+            dy_coef = tl.load(coef_ptr + 4 * C + c, mask=c_mask, other=0.0)
+        else:
+            dy_coef = tl.zeros_like(const)
     return pilot, shifted_mean, invstd, x_coef, dy_coef, const
 
 
@@ -90,7 +100,7 @@ def channel_major_elementwise_kernel(
     mask = (o < outer)[:, None] & (i < inner)[None, :]
     pilot, shifted_mean, invstd, x_coef, dy_coef, const = _coefficients(
         c, c < C, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
-        center_ptr, invstd_ptr, tile == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
+        center_ptr, invstd_ptr, tile == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC, HAS_X, HAS_DY,
     )
     result = tl.zeros([BLOCK_O, BLOCK_I], ACC) + const
     if HAS_X:
@@ -116,30 +126,34 @@ def channel_minor_elementwise_kernel(
     stride_xoh, stride_xo, stride_xc, stride_xi,
     stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
     stride_outoh, stride_outo, stride_outc, stride_outi,
-    c_blocks,
+    c_blocks, row_tiles,
     HAS_X: tl.constexpr, HAS_DY: tl.constexpr, FROM_MOVING: tl.constexpr,
     FIX_GAMMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One [BLOCK_R, BLOCK_C] tile: grid = (cdiv(rows, BLOCK_R) * c_blocks,), channel blocks fastest."""
+    """``row_tiles`` [BLOCK_R, BLOCK_C] tiles down the rows of one channel block, coefficients
+    loaded once: grid = (cdiv(rows, row_tiles * BLOCK_R) * c_blocks,), channel blocks fastest."""
     ACC: tl.constexpr = center_ptr.dtype.element_ty
     pid = tl.program_id(0)
     row_block = pid // c_blocks
-    r = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mask = (r < rows)[:, None] & c_mask[None, :]
     pilot, shifted_mean, invstd, x_coef, dy_coef, const = _coefficients(
         c, c_mask, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
-        center_ptr, invstd_ptr, row_block == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC,
+        center_ptr, invstd_ptr, row_block == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC, HAS_X, HAS_DY,
     )
-    result = tl.zeros([BLOCK_R, BLOCK_C], ACC) + const[None, :]
-    if HAS_X:
-        x_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi, INT64)
-        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
-        result += (((x - pilot[None, :]) - shifted_mean[None, :]) * invstd[None, :]) * x_coef[None, :]
-    if HAS_DY:
-        dy_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc, stride_dyi, INT64)
-        dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
-        result += dy * dy_coef[None, :]
-    out_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_outoh, stride_outo, stride_outc, stride_outi, INT64)
-    tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    for t in range(row_tiles):
+        r = (row_block * row_tiles + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (r < rows)[:, None] & c_mask[None, :]
+        result = tl.zeros([BLOCK_R, BLOCK_C], ACC) + const[None, :]
+        if HAS_X:
+            x_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi, INT64)
+            x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
+            result += (((x - pilot[None, :]) - shifted_mean[None, :]) * invstd[None, :]) * x_coef[None, :]
+        if HAS_DY:
+            dy_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
+                                               INT64)
+            dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
+            result += dy * dy_coef[None, :]
+        out_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_outoh, stride_outo, stride_outc, stride_outi,
+                                            INT64)
+        tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
