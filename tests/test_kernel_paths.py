@@ -170,15 +170,22 @@ def test_slices_beyond_capacity_take_the_split_path():
 
 
 @pytest.mark.parametrize(
-    "shape",
-    [pytest.param((20, 6, 65536), id="small-C-large-spatial"), pytest.param((32, 64, 56, 56), id="resnet")],
+    "shape, memory_format",
+    [pytest.param((20, 6, 65536), None, id="small-C-large-spatial"),
+     pytest.param((32, 64, 56, 56), None, id="resnet"),
+     pytest.param((32, 64, 56, 56), torch.channels_last, id="resnet-nhwc"),
+     pytest.param((16, 32, 128, 128), torch.channels_last, id="nhwc-C32")],
 )
-def test_reduction_fills_an_h100(shape):
-    """With C <= 64 the reduction launch still has >= 2 programs per SM of a 132-SM GPU."""
+def test_reduction_fills_an_h100(shape, memory_format):
+    """With C <= 64 the reduction launch still has >= 2 programs per SM of a 132-SM GPU
+    (channel-minor: narrower channel blocks when the splits are capped)."""
+    from tritonbn.autotune.config import heuristic_only
     h100 = DeviceProfile("H100", sm_count=132, tile_elements=4096)
-    plan = plan_view(shape, 1, [_contiguous_strides(shape)])
-    config = reduce_config(plan, h100)
-    assert plan.channels * config.splits >= 2 * 132
+    plan = _plan_of(shape, 1, memory_format)
+    with heuristic_only():
+        config = reduce_config(plan, h100)
+    channel_programs = plan.channels if plan.family == "channel_major" else -(-plan.channels // config.block_cols)
+    assert channel_programs * config.splits >= 2 * 132
 
 
 def _contiguous_strides(shape):

@@ -269,11 +269,33 @@ def heuristic_reduce_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
     cannot, as long as each split keeps MIN_SPLIT_ELEMENTS; tiles shrink (down to
     MIN_TILE_ELEMENTS) so that a split is still a whole number of tiles.
     """
-    channel_programs, channel_elements = reduce_geometry(plan)
-    wanted = -(-2 * profile.sm_count // channel_programs)
-    split = max(1, min(wanted, plan.m // MIN_SPLIT_ELEMENTS, MAX_SPLITS))
+    block_c = None if plan.family == CHANNEL_MAJOR else _reduce_block_c(plan, profile)
+    channel_programs, channel_elements = reduce_geometry(plan, block_c or BLOCK_C)
+    split = _reduce_split(plan, channel_programs, profile)
     tile = max(MIN_TILE_ELEMENTS, min(profile.tile_elements, _pow2_floor(channel_elements // split)))
-    return Knobs(tile=tile, split=split, block_c=None if plan.family == CHANNEL_MAJOR else BLOCK_C)
+    return Knobs(tile=tile, split=split, block_c=block_c)
+
+
+def _reduce_split(plan: ViewPlan, channel_programs: int, profile: DeviceProfile) -> int:
+    wanted = -(-2 * profile.sm_count // channel_programs)
+    return max(1, min(wanted, plan.m // MIN_SPLIT_ELEMENTS, MAX_SPLITS))
+
+
+# Narrowest channel-minor reduction tile: 16 channels, a 32-byte sector of half data per row.
+MIN_REDUCE_BLOCK_C = 16
+
+
+def _reduce_block_c(plan: ViewPlan, profile: DeviceProfile) -> int:
+    """Channels per channel-minor reduction program: BLOCK_C, narrowed (down to
+    MIN_REDUCE_BLOCK_C) while the launch falls short of two programs per SM because the
+    splits are capped (each keeps MIN_SPLIT_ELEMENTS rows): more channel blocks instead."""
+    block_c = BLOCK_C
+    while block_c > MIN_REDUCE_BLOCK_C:
+        programs, _ = reduce_geometry(plan, block_c)
+        if programs * _reduce_split(plan, programs, profile) >= 2 * profile.sm_count:
+            break
+        block_c //= 2
+    return block_c
 
 
 def reduce_from_knobs(plan: ViewPlan, knobs: Knobs) -> KernelConfig | None:
