@@ -10,8 +10,7 @@ over S, the bytes of the data tensor.  Targets:
     backward:          1 launch, <= 3.1 S when it fits, else <= 3 launches, <= 5.1 S
     split path, C <= 64: the widest launch has >= 128 programs
     no layout makes more launches than NCHW for the same shape, nor moves more bytes (within
-    0.015 S: on a small split-path tensor a channel-minor program covers several channels, so
-    its dx launch re-reads ~0.012 S more coefficients than NCHW's)
+    0.015 S: a channel-minor program covers several channels and loads each one's coefficients)
 
 The shapes keep realistic slices per channel (the ratio of per-channel bytes to data bytes is
 what the targets are about) with few channels, so the interpreter stays quick.

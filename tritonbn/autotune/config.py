@@ -365,10 +365,15 @@ def channel_run(plan: ViewPlan, config: KernelConfig) -> int:
 
 
 def heuristic_channel_minor_elementwise(plan: ViewPlan, op: str) -> KernelConfig:
-    """Channel-minor elementwise config: runs of 1024 rows, as 4 row tiles a program; in training
-    (the split path's third launch) shorter runs, down to 256 rows, while the launch has fewer
-    than MIN_WIDEST_PROGRAMS programs, so that a small tensor still spreads over the GPU."""
+    """Channel-minor elementwise config: runs of 1024 rows, as 4 row tiles a program.  In training
+    (the split path's third launch) a small tensor still gets MIN_WIDEST_PROGRAMS programs:
+    first from narrower channel blocks (same coefficient loads per element), then from shorter
+    runs, down to 256 rows."""
     block_cols = _pow2_cover(plan.channels, ELEMENTWISE_BLOCK_C)
+    if op != INFERENCE:  # more channel blocks before shorter runs (the programs share sectors in L2)
+        full_runs = plan.m // MAX_CHANNEL_MINOR_RUN
+        while block_cols > 1 and -(-plan.channels // block_cols) * full_runs < MIN_WIDEST_PROGRAMS:
+            block_cols //= 2
     row_programs = -(-MIN_WIDEST_PROGRAMS // -(-plan.channels // block_cols))
     run = MAX_CHANNEL_MINOR_RUN if op == INFERENCE else plan.m // row_programs
     run = min(max(run, MIN_CHANNEL_RUN[CHANNEL_MINOR]), MAX_CHANNEL_MINOR_RUN, plan.m)
