@@ -188,14 +188,6 @@ def test_reduction_fills_an_h100(shape, memory_format):
     assert channel_programs * config.splits >= 2 * 132
 
 
-def _contiguous_strides(shape):
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
 # ----------------------------------------------------------------------------- launch decisions
 
 H100 = DeviceProfile("H100", sm_count=132, tile_elements=4096)
