@@ -42,6 +42,26 @@ from .common import (
 
 
 @triton.jit
+def _channel_major_z(base, o, i, o_end, i_end, outer_lo, stride_oh, stride_o, stride_i, pilot, scale,
+                     ACC: tl.constexpr, INT64: tl.constexpr):
+    """z = (x - pilot) * scale of one channel's [BLOCK_O, BLOCK_I] tile (rows o, columns i) of a
+    split ending at (o_end, i_end), and the tile's mask."""
+    mask = (o < o_end)[:, None] & (i < i_end)[None, :]
+    offsets = channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64)
+    return (tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot) * scale, mask
+
+
+@triton.jit
+def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i,
+                     pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
+    """z = (x - pilot) * scale of a [BLOCK_R, BLOCK_C] tile (rows r of channels c) of a split
+    ending at row r_end, and the tile's mask; pilot, scale: [BLOCK_C]."""
+    mask = (r < r_end)[:, None] & c_mask[None, :]
+    offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64)
+    return (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :], mask
+
+
+@triton.jit
 def channel_major_stats_kernel(
     x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
@@ -74,11 +94,9 @@ def channel_major_stats_kernel(
     for o0 in range(o_begin, o_end, BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
         for i0 in range(i_begin, i_end, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            mask = (o < o_end)[:, None] & (i < i_end)[None, :]
-            offsets = channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64)
-            x = (tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot) * scale
-            mean, m2, count = welford_update(mean, m2, count, x, mask)
+            z, mask = _channel_major_z(base, o, i0 + tl.arange(0, BLOCK_I), o_end, i_end, outer_lo,
+                                       stride_oh, stride_o, stride_i, pilot, scale, ACC, INT64)
+            mean, m2, count = welford_update(mean, m2, count, z, mask)
 
     lanes: tl.constexpr = BLOCK_O * BLOCK_I
     mean, m2, count = chan_merge_rows(
@@ -89,10 +107,8 @@ def channel_major_stats_kernel(
         for o1 in range(o_begin, o_end, BLOCK_O):
             o_redo = o1 + tl.arange(0, BLOCK_O)
             for i1 in range(i_begin, i_end, BLOCK_I):
-                i_redo = i1 + tl.arange(0, BLOCK_I)
-                in_split = (o_redo < o_end)[:, None] & (i_redo < i_end)[None, :]
-                redo_offsets = channel_major_offsets(o_redo, i_redo, outer_lo, stride_oh, stride_o, stride_i, INT64)
-                z = (tl.load(base + redo_offsets, mask=in_split, other=0.0).to(ACC) - pilot) * scale
+                z, in_split = _channel_major_z(base, o_redo, i1 + tl.arange(0, BLOCK_I), o_end, i_end, outer_lo,
+                                               stride_oh, stride_o, stride_i, pilot, scale, ACC, INT64)
                 total += tl.where(in_split, z, 0.0)
         mean = tl.sum(tl.reshape(total, [lanes, 1]), 0) / tl.maximum(count, 1.0)
         m2 = tl.full([1], float("nan"), ACC)
@@ -139,21 +155,16 @@ def channel_minor_stats_kernel(
     m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     count = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     for r0 in range(r_begin, r_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < r_end)[:, None] & c_mask[None, :]
-        offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64)
-        x = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :]
-        mean, m2, count = welford_update(mean, m2, count, x, mask)
+        z, mask = _channel_minor_z(x_ptr, r0 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_lo,
+                                   stride_oh, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
+        mean, m2, count = welford_update(mean, m2, count, z, mask)
 
     mean, m2, count = chan_merge_rows(mean, m2, count)
     if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
         total = tl.zeros([BLOCK_R, BLOCK_C], ACC)
         for r1 in range(r_begin, r_end, BLOCK_R):
-            r_redo = r1 + tl.arange(0, BLOCK_R)
-            in_split = (r_redo < r_end)[:, None] & c_mask[None, :]
-            redo_offsets = channel_minor_offsets(r_redo, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i,
-                                                 INT64)
-            z = (tl.load(x_ptr + redo_offsets, mask=in_split, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :]
+            z, in_split = _channel_minor_z(x_ptr, r1 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_lo,
+                                           stride_oh, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
             total += tl.where(in_split, z, 0.0)
         redo = mean != mean
         mean = tl.where(redo, tl.sum(total, 0) / tl.maximum(count, 1.0), mean)
