@@ -197,6 +197,30 @@ def test_data_needing_four_groups_is_copied_once(path):
         assert trace.copies == ["data layout needs more than three reduced groups; copied to a dense tensor"]
 
 
+def test_backward_given_data_needing_four_groups_copies_it_once():
+    """The Triton backend's backward called with the 4-group view itself (a caller that did not
+    keep the forward's dense copy, e.g. the torch.library op) copies x once and is exact."""
+    from tritonbn import ops, trace as tb_trace
+    from tritonbn.validation import validate
+    x = _four_group_view((2, 3, 2, 3, 2))
+    inp = make_inputs(x.shape, 1, F32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    settings = validate(x, (inp.gamma, inp.beta, inp.moving_mean, inp.moving_var), eps=1e-3, momentum=0.9,
+                        fix_gamma=False, use_global_stats=False, axis=1, out=None, training=True,
+                        unbiased_update=False)
+    mean = x.double().mean(dim=(0, 2, 3, 4))
+    invstd = 1 / (x.double().var(dim=(0, 2, 3, 4), unbiased=False) + 1e-3).sqrt()
+    center = torch.stack([mean.float(), (mean - mean.float().double()).float()])
+    with tb_trace.capture() as t:
+        dx, dgamma, dbeta = ops.TritonBackend().backward(dy, x, inp.gamma, center, invstd.float(), settings,
+                                                         inp.beta.dtype)
+    want = reference.backward(dy.double(), x.double(), inp.gamma.double(), mean, invstd, axis=1, fix_gamma=False,
+                              batch_stats=True)
+    for name, got, expected in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), want):
+        assert_close(got, expected, F32, name, scale=4.0)
+    assert t.copies == ["data layout needs more than three reduced groups; copied to a dense tensor"]
+
+
 def test_out_needing_four_groups_is_filled_through_a_temporary(path):
     inp = make_inputs((2, 3, 2, 3, 2), 1, F32)
     out = _four_group_view((2, 3, 2, 3, 2))

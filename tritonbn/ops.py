@@ -397,9 +397,12 @@ class TritonBackend:
         """Returns (dx, dgamma, dbeta)."""
         gamma = gamma.contiguous()
         channels = x.shape[settings.axis]
-        x = _dense_if_unplannable(x, settings.axis)  # the forward saves the copy: no-op then
         dx = empty_like_layout(x)
         plan = _plan_for([x, dy, dx], settings.axis)
+        if plan is None and _plan_for([x], settings.axis) is None:  # the forward saves its copy instead
+            x = _dense_if_unplannable(x, settings.axis)
+            dx = empty_like_layout(x)
+            plan = _plan_for([x, dy, dx], settings.axis)
         if plan is None:
             trace.record_copy("grad_out layout does not share a view plan with data")
             dy = empty_like_layout(x).copy_(dy)
