@@ -23,7 +23,9 @@ def apply_layout(x: torch.Tensor, layout: str, axis: int) -> torch.Tensor:
     """``x`` (contiguous) re-laid-out with the same values.
 
     layouts: "contiguous", "channels_last" (4-D), "channels_last_3d" (5-D), "permuted" (stored
-    in reversed dim order), "sliced" (a view with a step on the last dim and an offset).
+    in reversed dim order), "sliced" (a view with a step on the last dim and an offset),
+    "stepped" (5-D, axis 1: steps on D and W, four reduced groups, channel-major) and
+    "stepped_channels_last_3d" (steps on N, D and W of NDHWC storage: four groups, channel-minor).
     """
     if layout == "contiguous":
         return x
@@ -41,7 +43,21 @@ def apply_layout(x: torch.Tensor, layout: str, axis: int) -> torch.Tensor:
         view = big[..., 1::2]
         view.copy_(x)
         return view
+    if layout == "stepped":
+        return _stepped(x, (2, 4), torch.contiguous_format)
+    if layout == "stepped_channels_last_3d":
+        return _stepped(x, (0, 2, 4), torch.channels_last_3d)
     raise ValueError(layout)
+
+
+def _stepped(x: torch.Tensor, dims: tuple[int, ...], memory_format: torch.memory_format) -> torch.Tensor:
+    """``x`` copied into a view with step 2 (and offset 1) on ``dims`` of a NaN-filled tensor
+    stored in ``memory_format``."""
+    big_shape = [2 * size + 1 if d in dims else size for d, size in enumerate(x.shape)]
+    big = torch.full(big_shape, float("nan"), dtype=x.dtype).contiguous(memory_format=memory_format)
+    view = big[tuple(slice(1, None, 2) if d in dims else slice(None) for d in range(x.dim()))]
+    view.copy_(x)
+    return view
 
 
 @dataclass

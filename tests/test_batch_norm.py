@@ -13,7 +13,7 @@ import torch
 import tritonbn
 from tritonbn import reference
 from tritonbn.autotune import PERSISTENT_OFF, override_configs
-from tritonbn.plan import is_dense, plan_view
+from tritonbn.plan import MAX_REDUCED_GROUPS, is_dense, plan_view
 from helpers import apply_layout, assert_close, make_inputs
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -175,17 +175,37 @@ def test_out_with_another_layout_is_written_in_place(path):
     assert trace.copies == [], "three reduced groups are one plan: no temporary"
 
 
-def _four_group_view(shape):
-    """A view of ``shape`` (N, C, D, H, W) with steps on D and W: four reduced groups."""
-    n, c, d, h, w = shape
-    base = torch.randn((n, c, 2 * d, h, 2 * w + 1), generator=torch.Generator().manual_seed(4))
-    view = base[:, :, ::2, :, 1::2]
-    assert plan_view(view.shape, 1, [view.stride()]) is None
+# Step-sliced views by the reduced groups they need: four plan as one view (no copy), five (rank 6,
+# steps in four dimensions) are copied once.  (shape of the view, steps per non-channel dim)
+STEPPED = {
+    "four-groups": ((2, 3, 2, 3, 2), (1, 2, 1, 2)),
+    "five-groups": ((2, 3, 2, 2, 2, 2), (1, 2, 2, 2, 2)),
+}
+DATA_COPY = f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to a dense tensor"
+
+
+def _stepped_view(groups, seed=4):
+    """A view needing ``groups`` reduced groups: every step > 1 dimension is sliced from one twice
+    its size plus one (the odd extent keeps neighbouring dimensions from merging)."""
+    shape, steps = STEPPED[groups]
+    base_shape = [shape[0], shape[1]] + [size * step + 1 if step > 1 else size
+                                          for size, step in zip(shape[2:], steps[1:])]
+    base = torch.randn(base_shape, generator=torch.Generator().manual_seed(seed))
+    view = base[(slice(None), slice(None)) + tuple(slice(1, None, step) if step > 1 else slice(None)
+                                                   for step in steps[1:])]
+    plan = plan_view(view.shape, 1, [view.stride()])
+    assert (plan is None) == (groups == "five-groups")
+    assert plan is None or plan.outer_mid > 1, "four groups: the middle outer group is in use"
     return view
 
 
-def test_data_needing_four_groups_is_copied_once(path):
-    x = _four_group_view((2, 3, 2, 3, 2))
+def _copies(groups, message):
+    return [] if groups == "four-groups" else [message]
+
+
+@pytest.mark.parametrize("groups", STEPPED)
+def test_data_needing_four_groups_runs_in_place_five_are_copied_once(groups, path):
+    x = _stepped_view(groups)
     inp = make_inputs(x.shape, 1, F32)
     inp.x = x
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
@@ -194,22 +214,25 @@ def test_data_needing_four_groups_is_copied_once(path):
     for name in expected:
         assert_close(got[name], expected[name], F32, name, scale=4.0)
     if path == "triton":
-        assert trace.copies == ["data layout needs more than three reduced groups; copied to a dense tensor"]
+        assert trace.copies == _copies(groups, DATA_COPY)
 
 
-def test_backward_given_data_needing_four_groups_copies_it_once():
-    """The Triton backend's backward called with the 4-group view itself (a caller that did not
-    keep the forward's dense copy, e.g. the torch.library op) copies x once and is exact."""
+@pytest.mark.parametrize("groups", STEPPED)
+def test_backward_given_stepped_data_directly(groups):
+    """The Triton backend's backward called with the stepped view itself (a caller that did not
+    keep the forward's dense copy, e.g. the torch.library op): in place up to four groups, one
+    copy of x beyond; exact either way."""
     from tritonbn import ops, trace as tb_trace
     from tritonbn.validation import validate
-    x = _four_group_view((2, 3, 2, 3, 2))
+    x = _stepped_view(groups)
     inp = make_inputs(x.shape, 1, F32)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
     settings = validate(x, (inp.gamma, inp.beta, inp.moving_mean, inp.moving_var), eps=1e-3, momentum=0.9,
                         fix_gamma=False, use_global_stats=False, axis=1, out=None, training=True,
                         unbiased_update=False)
-    mean = x.double().mean(dim=(0, 2, 3, 4))
-    invstd = 1 / (x.double().var(dim=(0, 2, 3, 4), unbiased=False) + 1e-3).sqrt()
+    reduced = [d for d in range(x.dim()) if d != 1]
+    mean = x.double().mean(dim=reduced)
+    invstd = 1 / (x.double().var(dim=reduced, unbiased=False) + 1e-3).sqrt()
     center = torch.stack([mean.float(), (mean - mean.float().double()).float()])
     with tb_trace.capture() as t:
         dx, dgamma, dbeta = ops.TritonBackend().backward(dy, x, inp.gamma, center, invstd.float(), settings,
@@ -218,28 +241,33 @@ def test_backward_given_data_needing_four_groups_copies_it_once():
                               batch_stats=True)
     for name, got, expected in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), want):
         assert_close(got, expected, F32, name, scale=4.0)
-    assert t.copies == ["data layout needs more than three reduced groups; copied to a dense tensor"]
+    assert t.copies == _copies(groups, DATA_COPY)
 
 
-def test_out_needing_four_groups_is_filled_through_a_temporary(path):
-    inp = make_inputs((2, 3, 2, 3, 2), 1, F32)
-    out = _four_group_view((2, 3, 2, 3, 2))
+@pytest.mark.parametrize("groups", STEPPED)
+def test_out_needing_four_groups_is_written_in_place_five_through_a_temporary(groups, path):
+    shape = STEPPED[groups][0]
+    inp = make_inputs(shape, 1, F32)
+    out = _stepped_view(groups)
     with tritonbn.trace.capture() as trace:
         tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False, out=out)
     assert_close(out, _expected(inp, torch.zeros_like(inp.x), 1, FLAGS["infer"])["y"], F32, "out")
     if path == "triton":
-        assert len(trace.copies) == 1 and "out layout" in trace.copies[0]
+        assert len(trace.copies) == (groups == "five-groups")
+        assert all("out layout" in copy for copy in trace.copies)
 
 
-def test_grad_needing_four_groups_with_data_is_copied_once(path):
-    inp = make_inputs((2, 3, 2, 3, 2), 1, F32)
-    dy = _four_group_view((2, 3, 2, 3, 2))
+@pytest.mark.parametrize("groups", STEPPED)
+def test_grad_needing_four_groups_runs_in_place_five_are_copied_once(groups, path):
+    shape = STEPPED[groups][0]
+    inp = make_inputs(shape, 1, F32)
+    dy = _stepped_view(groups)
     expected = _expected(inp, dy, 1, FLAGS["train"])
     got, trace = _run(inp, dy, 1, FLAGS["train"])
     for name in expected:
         assert_close(got[name], expected[name], F32, name, scale=4.0)
     if path == "triton":
-        assert trace.copies == ["grad_out layout does not share a view plan with data"]
+        assert trace.copies == _copies(groups, "grad_out layout does not share a view plan with data")
 
 
 def test_grad_in_another_layout_runs_without_copy(path):

@@ -101,11 +101,34 @@ def test_channel_minor_elementwise_runs_several_row_tiles(shape, axis, layout, c
     assert all(launch.programs == -(-rows // run) * -(-shape[axis] // config.block_cols) for launch in elementwise)
 
 
+FOUR_GROUP_LAYOUTS = [pytest.param("stepped", "channel_major", id="channel-major"),
+                      pytest.param("stepped_channels_last_3d", "channel_minor", id="channel-minor")]
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "split"])
+@pytest.mark.parametrize("layout, family", FOUR_GROUP_LAYOUTS)
+def test_four_group_views_run_in_place(layout, family, single_pass):
+    """Steps in two dimensions of a rank-5 view: the kernels address the middle outer group
+    (plan.outer_mid > 1) in every phase, with no copy; results match the reference."""
+    shape = (3, 4, 3, 2, 3)
+    x = make_inputs(shape, 1, torch.float32, layout).x
+    plan = plan_view(shape, 1, [x.stride()])
+    assert plan.outer_mid > 1 and plan.family == family
+    with override_configs(**({} if single_pass else {"persistent": PERSISTENT_OFF,
+                                                     "reduce": KernelConfig(2, 4, split_rows=2)})):
+        trace = _train_step(shape, 1, layout)
+    assert trace.copies == []
+    phases = ["persistent_forward", "persistent_backward"] if single_pass else [
+        "stats", "elementwise", "backward_reduce", "elementwise"]
+    assert [k for k in trace.kernels() if not k.startswith("finalize")] == [f"{family}_{p}" for p in phases]
+
+
 @pytest.mark.parametrize(
     "shape, axis, layout",
     [pytest.param((2, 3, 4, 5), 1, "contiguous", id="channel-major"),
      pytest.param((2, 3, 4, 5), 1, "channels_last", id="channel-minor"),
-     pytest.param((2, 3, 4, 11), 1, "sliced", id="three-groups")],
+     pytest.param((2, 3, 4, 11), 1, "sliced", id="three-groups"),
+     pytest.param((2, 3, 2, 3, 2), 1, "stepped", id="four-groups")],
 )
 def test_int64_indexing_path(shape, axis, layout):
     with force_int64_indexing():

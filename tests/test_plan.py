@@ -27,55 +27,68 @@ def _x(shape, layout="contiguous"):
     return x
 
 
-# (tensor, axis, expected (outer, C, inner, outer_lo), family, x strides (oh, o, c, i))
+# (tensor, axis, expected (outer, C, inner, outer_mid, outer_lo), family, x strides (oh, om, o, c, i))
 PLANS = [
-    pytest.param(_x((2, 3, 4, 5)), 1, (2, 3, 20, 2), CHANNEL_MAJOR, (0, 60, 20, 1), id="nchw-axis1"),
-    pytest.param(_x((2, 3, 4, 5), "channels_last"), 1, (1, 3, 40, 1), CHANNEL_MINOR, (0, 0, 1, 3), id="nhwc-axis1"),
-    pytest.param(_x((2, 3, 2, 4, 5), "channels_last_3d"), 1, (1, 3, 80, 1), CHANNEL_MINOR, (0, 0, 1, 3),
+    pytest.param(_x((2, 3, 4, 5)), 1, (2, 3, 20, 1, 2), CHANNEL_MAJOR, (0, 0, 60, 20, 1), id="nchw-axis1"),
+    pytest.param(_x((2, 3, 4, 5), "channels_last"), 1, (1, 3, 40, 1, 1), CHANNEL_MINOR, (0, 0, 0, 1, 3), id="nhwc-axis1"),
+    pytest.param(_x((2, 3, 2, 4, 5), "channels_last_3d"), 1, (1, 3, 80, 1, 1), CHANNEL_MINOR, (0, 0, 0, 1, 3),
                  id="ndhwc-axis1"),
-    pytest.param(_x((6, 7)), -1, (1, 7, 6, 1), CHANNEL_MINOR, (0, 0, 1, 7), id="rows-by-channels-axis-1"),
-    pytest.param(_x((6, 7)), 0, (1, 6, 7, 1), CHANNEL_MAJOR, (0, 0, 7, 1), id="2d-axis0"),
-    pytest.param(_x((2, 3, 4, 5)), 2, (6, 4, 5, 6), CHANNEL_MAJOR, (0, 20, 5, 1), id="nchw-axis2"),
-    pytest.param(_x((2, 3, 4, 5)).permute(0, 2, 3, 1), 3, (2, 3, 20, 2), CHANNEL_MAJOR, (0, 60, 20, 1),
+    pytest.param(_x((6, 7)), -1, (1, 7, 6, 1, 1), CHANNEL_MINOR, (0, 0, 0, 1, 7), id="rows-by-channels-axis-1"),
+    pytest.param(_x((6, 7)), 0, (1, 6, 7, 1, 1), CHANNEL_MAJOR, (0, 0, 0, 7, 1), id="2d-axis0"),
+    pytest.param(_x((2, 3, 4, 5)), 2, (6, 4, 5, 1, 6), CHANNEL_MAJOR, (0, 0, 20, 5, 1), id="nchw-axis2"),
+    pytest.param(_x((2, 3, 4, 5)).permute(0, 2, 3, 1), 3, (2, 3, 20, 1, 2), CHANNEL_MAJOR, (0, 0, 60, 20, 1),
                  id="permuted-view-keeps-memory-order"),
-    pytest.param(_x((2, 3, 4, 11))[..., 1:10:2], 1, (8, 3, 5, 4), CHANNEL_MAJOR, (132, 11, 44, 2),
+    pytest.param(_x((2, 3, 4, 11))[..., 1:10:2], 1, (8, 3, 5, 1, 4), CHANNEL_MAJOR, (132, 0, 11, 44, 2),
                  id="step-sliced-three-groups"),
-    pytest.param(_x((2, 6, 4, 5))[:, 1:4], 1, (2, 3, 20, 2), CHANNEL_MAJOR, (0, 120, 20, 1), id="channel-slice"),
-    pytest.param(_x((7,)), 0, (1, 7, 1, 1), CHANNEL_MINOR, (0, 0, 1, 0), id="rank1-one-element-per-channel"),
-    pytest.param(_x((5, 1, 3)), 1, (1, 1, 15, 1), CHANNEL_MAJOR, (0, 0, 3, 1), id="single-channel"),
-    pytest.param(torch.empty(1).expand(4, 3), 1, (1, 3, 4, 1), CHANNEL_MAJOR, (0, 0, 0, 0), id="expanded-zero-strides"),
+    pytest.param(_x((2, 3, 4, 3, 5))[:, :, ::2, :, ::2], 1, (12, 3, 3, 2, 3), CHANNEL_MAJOR, (180, 30, 5, 60, 2),
+                 id="steps-in-two-dims-four-groups"),
+    pytest.param(_x((4, 3, 4, 3, 5), "channels_last_3d")[::2, :, ::2, :, 1::2], 1, (12, 3, 2, 2, 3), CHANNEL_MINOR,
+                 (360, 90, 15, 1, 6), id="channels-last-3d-steps-four-groups"),
+    pytest.param(_x((2, 6, 4, 5))[:, 1:4], 1, (2, 3, 20, 1, 2), CHANNEL_MAJOR, (0, 0, 120, 20, 1), id="channel-slice"),
+    pytest.param(_x((7,)), 0, (1, 7, 1, 1, 1), CHANNEL_MINOR, (0, 0, 0, 1, 0), id="rank1-one-element-per-channel"),
+    pytest.param(_x((5, 1, 3)), 1, (1, 1, 15, 1, 1), CHANNEL_MAJOR, (0, 0, 0, 3, 1), id="single-channel"),
+    pytest.param(torch.empty(1).expand(4, 3), 1, (1, 3, 4, 1, 1), CHANNEL_MAJOR, (0, 0, 0, 0, 0), id="expanded-zero-strides"),
 ]
 
 
 @pytest.mark.parametrize("x, axis, extents, family, x_strides", PLANS)
 def test_plan_view(x, axis, extents, family, x_strides):
     plan = plan_view(x.shape, axis, [x.stride()])
-    assert (plan.outer, plan.channels, plan.inner, plan.outer_lo) == extents
+    assert (plan.outer, plan.channels, plan.inner, plan.outer_mid, plan.outer_lo) == extents
     assert plan.family == family
     assert plan.strides[0] == x_strides
     assert not plan.int64
 
 
-def test_plan_reproduces_every_offset():
-    """The planned strides address exactly the elements torch's strides do."""
-    x = torch.arange(2 * 3 * 4 * 11, dtype=torch.float64).reshape(2, 3, 4, 11)[..., 1:10:2]
+@pytest.mark.parametrize("x", [
+    pytest.param(torch.arange(264.0, dtype=torch.float64).reshape(2, 3, 4, 11)[..., 1:10:2], id="three-groups"),
+    pytest.param(torch.arange(1080.0, dtype=torch.float64).reshape(4, 3, 6, 3, 5)[:, :, 1::2, :, ::2],
+                 id="four-groups"),
+    pytest.param(torch.arange(1080.0, dtype=torch.float64).reshape(4, 3, 6, 3, 5)
+                 .contiguous(memory_format=torch.channels_last_3d)[::2, :, ::2, :, 1::2], id="four-groups-channel-minor"),
+])
+def test_plan_reproduces_every_offset(x):
+    """The planned strides address exactly the elements torch's strides do (the kernels' formula)."""
     plan = plan_view(x.shape, 1, [x.stride()])
-    soh, so, sc, si = plan.strides[0]
+    soh, som, so, sc, si = plan.strides[0]
     flat = x.as_strided((x.untyped_storage().nbytes() // 8,), (1,), 0)
     gathered = torch.empty(plan.outer, plan.channels, plan.inner, dtype=torch.float64)
     for o in range(plan.outer):
+        o_hi, o_mid, o_lo = o // plan.outer_lo // plan.outer_mid, o // plan.outer_lo % plan.outer_mid, o % plan.outer_lo
         for c in range(plan.channels):
             for i in range(plan.inner):
-                offset = x.storage_offset() + (o // plan.outer_lo) * soh + (o % plan.outer_lo) * so + c * sc + i * si
-                gathered[o, c, i] = flat[offset]
-    expected = x.movedim(1, -1).reshape(-1, 3)
-    assert torch.equal(torch.sort(gathered.permute(1, 0, 2).reshape(3, -1), dim=1).values,
+                gathered[o, c, i] = flat[x.storage_offset() + o_hi * soh + o_mid * som + o_lo * so + c * sc + i * si]
+    channels = x.shape[1]
+    expected = x.movedim(1, -1).reshape(-1, channels)
+    assert torch.equal(torch.sort(gathered.permute(1, 0, 2).reshape(channels, -1), dim=1).values,
                        torch.sort(expected.T, dim=1).values)
 
 
-def test_four_groups_are_not_planned():
-    x = torch.empty(2, 3, 4, 3, 5)[:, :, ::2, :, ::2]
+def test_five_groups_are_not_planned():
+    """Rank 6 with steps in four dimensions: five reduced groups, the one layout copied once."""
+    x = torch.empty(2, 3, 4, 4, 4, 5)[:, :, ::2, ::2, ::2, ::2]
     assert plan_view(x.shape, 1, [x.stride()]) is None
+    assert plan_view(x[:, :, :, :, :, 0].shape, 1, [x[:, :, :, :, :, 0].stride()]) is not None
 
 
 def test_joint_plan_merges_only_where_every_tensor_allows():
@@ -83,7 +96,7 @@ def test_joint_plan_merges_only_where_every_tensor_allows():
     y = torch.empty(2, 3, 4, 11)[..., 1:10:2]
     assert plan_view(x.shape, 1, [x.stride()]).outer_lo == 2  # N alone, HW merged
     joint = plan_view(x.shape, 1, [x.stride(), y.stride()])
-    assert (joint.outer, joint.outer_lo, joint.inner) == (8, 4, 5)
+    assert (joint.outer, joint.outer_mid, joint.outer_lo, joint.inner) == (8, 1, 4, 5)
 
 
 def test_force_int64_indexing_switches_the_plan():

@@ -298,38 +298,38 @@ def test_dry_run_allocates_what_a_real_run_allocates(monkeypatch):
     assert records[0] == records[1]
 
 
-FOUR_GROUPS = pytest.mark.xfail(
+FIVE_GROUPS = pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="a view needing four reduced groups (step slices in two dimensions) is copied once to a dense "
-           "tensor in its dimension order (documented in README 'How it works'; the kernels' strided views "
-           "have three reduced groups); y is written directly and the copy serves the backward too")
-FOUR_GROUPS_DY = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a grad_out needing four reduced groups with data is copied to a dense full-size temporary in "
-           "the backward (TritonBackend.backward: empty_like_layout(x).copy_(dy))")
+    reason="a view needing five reduced groups (rank >= 6, steps in four dimensions) is copied once to a "
+           "dense tensor in its dimension order (README 'How it works'; the kernels address three outer "
+           "groups and the inner one: every layout of rank <= 5)")
 
 
-def _four_group_view(shape, seed=4):
-    n, c, d, h, w = shape
-    base = torch.randn((n, c, 2 * d, h, 2 * w + 1), generator=torch.Generator().manual_seed(seed))
-    view = base[:, :, ::2, :, 1::2]
-    assert plan_view(view.shape, 1, [view.stride()]) is None
+def _stepped_view(shape, seed):
+    """A view of ``shape`` (N, C, *spatial) stepping every spatial dimension but the second-to-last
+    (rank 5: four reduced groups; rank 6: five, past what the kernels address)."""
+    n, c, *spatial = shape
+    steps = [1 if d == len(spatial) - 2 else 2 for d in range(len(spatial))]
+    base = torch.randn((n, c, *(size * step + 1 for size, step in zip(spatial, steps))),
+                       generator=torch.Generator().manual_seed(seed))
+    view = base[(slice(None), slice(None), *(slice(1, None, step) for step in steps))]
+    assert view.shape == shape
     return view
 
 
-@pytest.mark.parametrize("which", [pytest.param("data", marks=FOUR_GROUPS, id="data"),
-                                   pytest.param("grad", marks=FOUR_GROUPS_DY, id="grad")])
-def test_kernel_path_four_group_views_need_no_full_size_temporary(which, monkeypatch):
-    """The issue's requirement for every layout: no full-size temporary, also for step-sliced views
-    in two dimensions (which test_batch_norm shows are copied once, with a trace entry)."""
+@pytest.mark.parametrize("shape", [pytest.param((4, 8, 16, 16, 16), id="four-groups"),
+                                   pytest.param((4, 8, 8, 4, 8, 16), marks=FIVE_GROUPS, id="five-groups")])
+@pytest.mark.parametrize("which", ["data", "grad"])
+def test_kernel_path_stepped_views_need_no_full_size_temporary(which, shape, monkeypatch):
+    """The issue's requirement for every layout, also step-sliced views in two or more dimensions
+    (split path: every kernel reads the view where it lies)."""
     _interpret(monkeypatch, True)
-    shape = (4, 8, 16, 16, 16)
     inp = make_inputs(shape, 1, F32)
-    x = _four_group_view(shape) if which == "data" else inp.x
-    dy = _four_group_view(shape, seed=5) if which == "grad" else torch.randn(shape)
-    with ops.dry_run():
+    x = _stepped_view(shape, seed=4) if which == "data" else inp.x
+    dy = _stepped_view(shape, seed=5) if which == "grad" else torch.randn(shape)
+    assert (plan_view(shape, 1, [x.stride(), dy.stride()]) is None) == (len(shape) == 6)
+    with override_configs(persistent=PERSISTENT_OFF), ops.dry_run():
         forward, backward, y, dx, splits, _ = _measure(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, dy)
     _check_workspace(forward, y, 8, splits, "forward")
     _check_workspace(backward, dx, 8, splits, "backward")

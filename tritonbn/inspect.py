@@ -37,13 +37,16 @@ DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on requ
 # of 32768 elements for the forward and 16384 for the backward; channel-minor: [256 rows, 64
 # channels] = 16384 for both, and a tile one 32-byte sector of channels wide) and scalar-load
 # layouts at SCALAR_LOAD_CAPACITY = 8192 (7x7 images: [128, 64]; small-C channels_last, C=6:
-# co-resident programs of [8192 rows, 1 channel])
+# co-resident programs of [8192 rows, 1 channel]).  "stepped-5d" views step D and W of NCDHW
+# data (four reduced groups: the kernels divide outer rows into three groups there).
+STEPPED = "stepped"  # memory format marker: step 2 (offset 1) on dims 2 and 4 of a rank-5 view
 LAYOUTS = {
     "nchw": [((32, 64, 56, 56), 1, None), ((32, 64, 32, 32), 1, None), ((16, 64, 32, 32), 1, None),
              ((128, 4, 7, 7), 1, None)],
     "channels_last": [((32, 64, 56, 56), 1, torch.channels_last), ((1, 64, 16, 16), 1, torch.channels_last),
                       ((4, 64, 16, 16), 1, torch.channels_last), ((8, 6, 32, 32), 1, torch.channels_last)],
     "axis-1": [((64, 512, 768), -1, None), ((2, 128, 64), -1, None), ((8, 128, 64), -1, None)],
+    "stepped-5d": [((16, 64, 8, 28, 28), 1, STEPPED), ((2, 64, 4, 8, 16), 1, STEPPED)],
 }
 OPS = ("inference", "training_forward", "backward")
 
@@ -86,9 +89,7 @@ def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -
     from .autotune.config import H100_PROFILE, override_profile
     from .validation import validate
 
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    if memory_format is not None:
-        x = x.contiguous(memory_format=memory_format)
+    x = _meta_data(shape, memory_format, dtype)
     channels = shape[axis]
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     params = [torch.empty(channels, dtype=param_dtype, device="meta") for _ in range(4)]
@@ -102,6 +103,17 @@ def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -
             launches.clear()
             backend.backward(torch.empty_like(y), x_read, params[0], center, invstd, settings, params[1].dtype)
     return launches
+
+
+def _meta_data(shape, memory_format, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The representative call's data on the meta device, in its layout's memory format, or the
+    step-sliced rank-5 view of ``STEPPED``."""
+    if memory_format == STEPPED:
+        base = torch.empty([2 * size + 1 if d in (2, 4) else size for d, size in enumerate(shape)], dtype=dtype,
+                           device="meta")
+        return base[:, :, 1::2, :, 1::2]
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)
 
 
 def _specialise(fn, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
@@ -209,9 +221,7 @@ def _aligned(shape, axis, memory_format) -> bool:
     from .autotune.config import vector_aligned
     from .plan import plan_view
 
-    x = torch.empty(shape, device="meta")
-    if memory_format is not None:
-        x = x.contiguous(memory_format=memory_format)
+    x = _meta_data(shape, memory_format)
     return vector_aligned(plan_view(shape, axis, [x.stride(), x.stride()]))
 
 

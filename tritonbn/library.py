@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import reference, trace
 from .ops import backend_for
-from .plan import empty_like_layout, plan_view
+from .plan import MAX_REDUCED_GROUPS, empty_like_layout, plan_view
 from .validation import Settings, validate
 
 __all__ = ["batch_norm_op", "batch_norm_forward", "batch_norm_backward"]
@@ -53,7 +53,7 @@ def _in_layout(t: Tensor, like: Tensor) -> Tensor:
 def _plannable(x: Tensor, axis: int) -> Tensor:
     """``x``, or a contiguous copy when the kernels cannot read it as one (outer, C, inner) view."""
     if x.numel() and plan_view(x.shape, axis, [x.stride(), empty_like_layout(x).stride()]) is None:
-        trace.record_copy("data layout needs more than three reduced groups; copied to contiguous")
+        trace.record_copy(f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to contiguous")
         return x.contiguous()
     return x
 

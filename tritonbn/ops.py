@@ -36,7 +36,7 @@ from .autotune.config import (
     persistent_config,
     reduce_config,
 )
-from .plan import CHANNEL_MAJOR, ViewPlan, empty_like_layout, plan_view
+from .plan import CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, plan_view
 from .validation import Settings, validate
 
 __all__ = ["batch_norm", "backend_for"]
@@ -126,12 +126,12 @@ def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: t
     partial = torch.empty((5, plan.channels, cfg.splits), dtype=acc, device=x.device)
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
-        args = (x, partial, plan.channels, plan.outer, plan.inner, plan.outer_lo, *plan.strides[0],
+        args = (x, partial, plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo, *plan.strides[0],
                 rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
         _launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
     else:
-        args = (x, partial, plan.channels, plan.inner, plan.m, plan.outer_lo, *plan.strides[0],
+        args = (x, partial, plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
                 rows_per_split, cfg.split_rows)
         _launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, args,
                 BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
@@ -199,14 +199,14 @@ def launch_elementwise(
     eps = _f64_halves(settings.eps)
     if plan.family == CHANNEL_MAJOR:
         tiles_o, tiles_i = _cdiv(plan.outer, cfg.block_rows), _cdiv(plan.inner, cfg.block_cols)
-        args = (*common, plan.channels, plan.outer, plan.inner, *eps, plan.outer_lo,
+        args = (*common, plan.channels, plan.outer, plan.inner, *eps, plan.outer_mid, plan.outer_lo,
                 *x_strides, *dy_strides, *out_strides, tiles_o, tiles_i)
         _launch(k.channel_major_elementwise_kernel, "channel_major_elementwise",
                 plan.channels * tiles_o * tiles_i, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
     else:
         c_blocks = _cdiv(plan.channels, cfg.block_cols)
-        args = (*common, plan.channels, plan.inner, plan.m, *eps, plan.outer_lo,
+        args = (*common, plan.channels, plan.inner, plan.m, *eps, plan.outer_mid, plan.outer_lo,
                 *x_strides, *dy_strides, *out_strides, c_blocks, cfg.row_tiles)
         _launch(k.channel_minor_elementwise_kernel, "channel_minor_elementwise",
                 _cdiv(plan.m, cfg.block_rows * cfg.row_tiles) * c_blocks, cfg, args,
@@ -225,13 +225,13 @@ def launch_backward_reduce(
     partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
     programs = _reduction_programs(plan, cfg)
     if plan.family == CHANNEL_MAJOR:
-        args = (x, dy, center, partial, plan.channels, plan.outer, plan.inner, plan.outer_lo,
+        args = (x, dy, center, partial, plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo,
                 *plan.strides[0], *plan.strides[1],
                 rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
         _launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg, args,
                 BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
     else:
-        args = (x, dy, center, partial, plan.channels, plan.inner, plan.m, plan.outer_lo,
+        args = (x, dy, center, partial, plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo,
                 *plan.strides[0], *plan.strides[1],
                 rows_per_split, cfg.split_rows)
         _launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg, args,
@@ -277,7 +277,7 @@ def launch_persistent_forward(
     mean = torch.empty(channels, dtype=acc, device=x.device)
     invstd = torch.empty_like(mean)
     center = torch.empty((2, channels), dtype=acc, device=x.device)
-    scalars = (*_f64_halves(settings.eps), *_f64_halves(settings.momentum), plan.outer_lo)
+    scalars = (*_f64_halves(settings.eps), *_f64_halves(settings.momentum), plan.outer_mid, plan.outer_lo)
     flags = dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=True, UNBIASED=settings.unbiased_update,
                  INT64=plan.int64)
     common = (x, y, *params, mean, invstd, center)
@@ -313,11 +313,11 @@ def launch_persistent_backward(
     common = (x, dy, dx, center, invstd, gamma, dgamma, dbeta)
     strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])
     if plan.family == CHANNEL_MAJOR:
-        args = (*common, channels, plan.outer, plan.inner, plan.m, plan.outer_lo, *strides)
+        args = (*common, channels, plan.outer, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *strides)
         _launch(k.channel_major_persistent_backward_kernel, "channel_major_persistent_backward", channels, cfg,
                 args, BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
     else:
-        args = (*common, channels, plan.inner, plan.m, plan.outer_lo, *strides)
+        args = (*common, channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *strides)
         _launch(k.channel_minor_persistent_backward_kernel, "channel_minor_persistent_backward",
                 _cdiv(channels, cfg.block_cols), cfg, args, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
     return dgamma, dbeta
@@ -426,7 +426,7 @@ class TritonBackend:
 
 
 def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, ViewPlan]:
-    """The (x, y) pair the kernels use and its plan; copies only layouts with no 3-group view.
+    """The (x, y) pair the kernels use and its plan; copies only layouts with no 4-group view.
 
     Returns (x to read, y to write, plan); when y to write is not ``y`` the caller copies it back.
     """
@@ -443,11 +443,11 @@ def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Ten
 
 
 def _dense_if_unplannable(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """``x``, or a dense copy in its dimension order when ``x`` needs more than three reduced
-    groups (step slices in two dimensions): the one full-size temporary tritonbn makes."""
+    """``x``, or a dense copy in its dimension order when ``x`` needs more than four reduced
+    groups (rank >= 6, step slices in four dimensions): the one full-size temporary tritonbn makes."""
     if _plan_for([x], axis) is not None:
         return x
-    trace.record_copy("data layout needs more than three reduced groups; copied to a dense tensor")
+    trace.record_copy(f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to a dense tensor")
     return empty_like_layout(x).copy_(x)
 
 

@@ -4,13 +4,16 @@ Statistics reduce over every dimension except the channel axis, and the order in
 reduction visits elements does not change its value, so the non-channel dimensions may be
 reordered and merged freely.  ``plan_view`` sorts them by stride (slowest first), merges
 neighbours whose strides allow it in *every* tensor of the call (x, y, dy, dx share one plan),
-and describes the call as at most three reduced groups around the channel:
+and describes the call as at most four reduced groups around the channel, three outer ones
+(hi, mid, lo) and the inner one:
 
-    element (o, c, i) of tensor t lives at
-        (o // outer_lo) * soh[t] + (o % outer_lo) * so[t] + c * sc[t] + i * si[t]
+    element (o, c, i) of tensor t, with o = (o_hi * outer_mid + o_mid) * outer_lo + o_lo, lives at
+        o_hi * soh[t] + o_mid * som[t] + o_lo * so[t] + c * sc[t] + i * si[t]
 
-(one or two groups: outer_lo = outer and soh = 0; the third group covers views sliced with a
-step, whose rows are no longer one stride apart).
+A missing group has extent 1 and stride 0: one or two groups have outer_lo = outer; outer_mid
+is 1 up to three groups (the JIT specialises it away).  The third and fourth groups cover views
+sliced with a step, whose rows are no longer one stride apart: a step in one dimension needs
+three groups, steps in two (or a rank-5 view whose dimensions all stay apart) need four.
 
 NCHW axis=1 -> (N, C, HW), strides (C*HW, HW, 1); channels_last axis=1 -> (1, C, N*HW) with
 the channel fastest; axis=-1 -> (1, C, M).  Two kernel families fall out:
@@ -20,8 +23,9 @@ the channel fastest; axis=-1 -> (1, C, M).  Two kernel families fall out:
 - ``CHANNEL_MINOR``: the channel is the fastest dimension; the data is a [rows, C] matrix,
   rows = outer * inner, reduced over rows and tiled over C (vector loads along C).
 
-A layout that needs four or more reduced groups (steps in two dimensions, say) returns None:
-the caller then copies once into a dense tensor and logs it.
+Four groups cover every layout of rank <= 5 (four non-channel dimensions).  A layout that needs
+five or more (rank >= 6 with steps in four dimensions, say) returns None: the caller then copies
+once into a dense tensor and logs it.
 Plans are cached per (shape, axis, strides), so planning costs nothing after the first call.
 """
 
@@ -44,6 +48,7 @@ __all__ = [
     "empty_like_layout",
     "is_dense",
     "force_int64_indexing",
+    "MAX_REDUCED_GROUPS",
 ]
 
 CHANNEL_MAJOR = "channel_major"
@@ -52,6 +57,9 @@ CHANNEL_MINOR = "channel_minor"
 # Offsets stay in int32 while every element's offset fits with a margin for the masked lanes of
 # the last tile; past that the kernels are compiled with 64-bit index arithmetic.
 INT32_OFFSET_LIMIT = 2**31 - 2**20
+
+# Reduced groups a kernel view addresses: three outer (hi, mid, lo) and the inner one.
+MAX_REDUCED_GROUPS = 4
 
 _force_int64 = contextvars.ContextVar("tritonbn_force_int64", default=False)
 
@@ -72,19 +80,21 @@ class ViewPlan:
 
     Attributes:
         outer, channels, inner: extents of the canonical view; ``m = outer * inner``.
-        outer_lo: extent of the lower of the two outer groups (``outer`` when there is one).
+        outer_mid, outer_lo: extents of the middle and lowest outer groups (outer = outer_hi *
+            outer_mid * outer_lo; outer_mid is 1 and outer_lo is ``outer`` with one group).
         family: CHANNEL_MAJOR or CHANNEL_MINOR (which kernel family runs it).
-        strides: per planned tensor, (stride_outer_hi, stride_outer_lo, stride_channel,
-            stride_inner) in elements.
+        strides: per planned tensor, (stride_outer_hi, stride_outer_mid, stride_outer_lo,
+            stride_channel, stride_inner) in elements.
         int64: the kernels must use 64-bit offsets.
     """
 
     outer: int
     channels: int
     inner: int
+    outer_mid: int
     outer_lo: int
     family: str
-    strides: tuple[tuple[int, int, int, int], ...]
+    strides: tuple[tuple[int, int, int, int, int], ...]
     int64: bool
 
     @property
@@ -103,7 +113,7 @@ def plan_view(
         axis: the channel axis (negative counts from the end).
         strides: one stride tuple per tensor (the first one decides the dimension order).
     Returns:
-        The plan, or None when the layout needs more than three reduced groups.
+        The plan, or None when the layout needs more than four reduced groups.
     """
     return _plan_cached(
         tuple(shape), axis % len(shape), tuple(tuple(s) for s in strides), _force_int64.get()
@@ -120,17 +130,22 @@ def _plan_cached(
     groups = _merge_reduced_dims(shape, axis, strides)
     if groups is None:
         return None
+    missing = (1, tuple(0 for _ in strides))
     while len(groups) < 3:
-        groups.insert(0, (1, tuple(0 for _ in strides)))
-    (outer_hi, hi_strides), (outer_lo, lo_strides), (inner, inner_strides) = groups
+        groups.insert(0, missing)
+    if len(groups) == 3:  # the missing group is the middle one: outer_mid = 1 compiles away
+        groups.insert(1, missing)
+    (outer_hi, hi_strides), (outer_mid, mid_strides), (outer_lo, lo_strides), (inner, inner_strides) = groups
     channels = shape[axis]
     per_tensor = tuple(
-        (hi_strides[t], lo_strides[t], strides[t][axis], inner_strides[t]) for t in range(len(strides))
+        (hi_strides[t], mid_strides[t], lo_strides[t], strides[t][axis], inner_strides[t])
+        for t in range(len(strides))
     )
     family = _family(channels, inner, per_tensor[0])
-    sizes = (outer_hi, outer_lo, channels, inner)
+    sizes = (outer_hi, outer_mid, outer_lo, channels, inner)
     int64 = force_int64 or any(_max_offset(sizes, s) >= INT32_OFFSET_LIMIT for s in per_tensor)
-    return ViewPlan(outer_hi * outer_lo, channels, inner, outer_lo, family, per_tensor, int64)
+    outer = outer_hi * outer_mid * outer_lo
+    return ViewPlan(outer, channels, inner, outer_mid, outer_lo, family, per_tensor, int64)
 
 
 def _merge_reduced_dims(
@@ -149,12 +164,12 @@ def _merge_reduced_dims(
                 groups[-1] = (size * shape[d], step)
                 continue
         groups.append((shape[d], step))
-    return groups if len(groups) <= 3 else None
+    return groups if len(groups) <= MAX_REDUCED_GROUPS else None
 
 
-def _family(channels: int, inner: int, x_strides: tuple[int, int, int, int]) -> str:
+def _family(channels: int, inner: int, x_strides: tuple[int, ...]) -> str:
     """Channel-minor when the channel is the fastest-moving dimension of x."""
-    _, _, stride_c, stride_i = x_strides
+    stride_c, stride_i = x_strides[-2:]
     if channels == 1:
         return CHANNEL_MAJOR
     if inner == 1 or abs(stride_c) < abs(stride_i):

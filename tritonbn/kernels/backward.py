@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from .common import (
-    channel_major_offsets,
     channel_major_split,
     channel_minor_offsets,
     finish_backward,
+    row_offsets,
     scalar_offset,
 )
 
@@ -28,9 +28,9 @@ def channel_major_backward_reduce_kernel(
     center_ptr,  # [2, C] the forward's mean as (pilot, shifted mean), accumulation dtype
     partial_ptr,  # [2, C, P] out: partial S and D
     C, outer, inner,
-    outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
+    outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
     rows_per_split, cols_per_split, SPLIT_O, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -48,11 +48,13 @@ def channel_major_backward_reduce_kernel(
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     for o0 in range(o_begin, o_end, BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
+        x_rows = x_base + row_offsets(o, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, INT64)
+        dy_rows = dy_base + row_offsets(o, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, INT64)
         for i0 in range(i_begin, i_end, BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
-            x = tl.load(x_base + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_base + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+            x = tl.load(x_rows[:, None] + scalar_offset(i, stride_xi, INT64)[None, :], mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_rows[:, None] + scalar_offset(i, stride_dyi, INT64)[None, :], mask=mask, other=0.0).to(ACC)
             sum_dy += dy
             sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 
@@ -67,9 +69,9 @@ def channel_minor_backward_reduce_kernel(
     center_ptr,  # [2, C] the forward's mean as (pilot, shifted mean), accumulation dtype
     partial_ptr,  # [2, C, P] out: partial S and D; P = SPLIT
     C, inner, rows,
-    outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
+    outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
     rows_per_split, SPLIT,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -89,8 +91,12 @@ def channel_minor_backward_reduce_kernel(
     for r0 in range(r_begin, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
-        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom,
+                                                  stride_xo, stride_xc, stride_xi, INT64), mask=mask,
+                                                  other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom,
+                                                    stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask,
+                                                    other=0.0).to(ACC)
         sum_dy += dy
         sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 

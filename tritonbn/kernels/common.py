@@ -142,37 +142,54 @@ def channel_major_split(outer, inner, rows_per_split, cols_per_split, SPLIT_O, S
 
 
 @triton.jit
-def channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64: tl.constexpr):
+def outer_offset(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o):
+    """Offset of outer row(s) ``o``: o = (o_hi * outer_mid + o_mid) * outer_lo + o_lo, three strided
+    groups (see ``plan.py``).  Fewer groups pass extent 1 and stride 0 for the missing ones; the
+    JIT specialises ``outer_mid == 1`` to a constant, so views of up to three reduced groups
+    compile to the one division and remainder by ``outer_lo`` they always had."""
+    rows_lo = o // outer_lo
+    return (rows_lo // outer_mid) * stride_oh + (rows_lo % outer_mid) * stride_om + (o % outer_lo) * stride_o
+
+
+@triton.jit
+def row_offsets(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64: tl.constexpr):
+    """[BLOCK_O] offsets of outer rows ``o``: hoisted out of a loop over a row's columns."""
+    if INT64:
+        o = o.to(tl.int64)
+    return outer_offset(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o)
+
+
+@triton.jit
+def channel_major_offsets(o, i, outer_mid, outer_lo, stride_oh, stride_om, stride_o, stride_i, INT64: tl.constexpr):
     """[BLOCK_O, BLOCK_I] element offsets of outer rows ``o`` ([BLOCK_O]) and inner columns ``i``.
 
-    An outer row is (o // outer_lo, o % outer_lo) in two strided groups; with one outer group
-    outer_lo = outer and stride_oh = 0.  The division is per row, not per element.
+    The outer row is split into its strided groups per row, not per element (``outer_offset``).
     """
     if INT64:
         o = o.to(tl.int64)
         i = i.to(tl.int64)
-    row = (o // outer_lo) * stride_oh + (o % outer_lo) * stride_o
+    row = outer_offset(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o)
     return row[:, None] + i[None, :] * stride_i
 
 
 @triton.jit
-def channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64: tl.constexpr):
+def channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o, stride_c, stride_i,
+                          INT64: tl.constexpr):
     """[BLOCK_R, BLOCK_C] offsets of flattened rows ``r`` (r = o * inner + i) and channels ``c``."""
     if INT64:
         r = r.to(tl.int64)
         c = c.to(tl.int64)
-    o = r // inner
-    row = (o // outer_lo) * stride_oh + (o % outer_lo) * stride_o + (r % inner) * stride_i
+    row = outer_offset(r // inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o) + (r % inner) * stride_i
     return row[:, None] + c[None, :] * stride_c
 
 
 @triton.jit
-def element_offset(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64: tl.constexpr):
+def element_offset(o, i, outer_mid, outer_lo, stride_oh, stride_om, stride_o, stride_i, INT64: tl.constexpr):
     """Offset of element (outer row ``o``, inner column ``i``) of one channel (scalars)."""
     if INT64:
         o = o.to(tl.int64)
         i = i.to(tl.int64)
-    return (o // outer_lo) * stride_oh + (o % outer_lo) * stride_o + i * stride_i
+    return outer_offset(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o) + i * stride_i
 
 
 @triton.jit

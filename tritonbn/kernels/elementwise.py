@@ -81,10 +81,10 @@ def channel_major_elementwise_kernel(
     moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,  # [C], FROM_MOVING only
     center_ptr, invstd_ptr,  # [2, C] and [C] outputs, accumulation dtype, FROM_MOVING only
     C, outer, inner, eps_hi, eps_lo,
-    outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
-    stride_outoh, stride_outo, stride_outc, stride_outi,
+    outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
+    stride_outoh, stride_outom, stride_outo, stride_outc, stride_outi,
     tiles_o, tiles_i,
     HAS_X: tl.constexpr, HAS_DY: tl.constexpr, FROM_MOVING: tl.constexpr,
     FIX_GAMMA: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
@@ -104,14 +104,17 @@ def channel_major_elementwise_kernel(
     )
     result = tl.zeros([BLOCK_O, BLOCK_I], ACC) + const
     if HAS_X:
-        x_offsets = scalar_offset(c, stride_xc, INT64) + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64)
+        x_offsets = scalar_offset(c, stride_xc, INT64) + channel_major_offsets(
+            o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xi, INT64)
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
         result += (((x - pilot) - shifted_mean) * invstd) * x_coef
     if HAS_DY:
-        dy_offsets = scalar_offset(c, stride_dyc, INT64) + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64)
+        dy_offsets = scalar_offset(c, stride_dyc, INT64) + channel_major_offsets(
+            o, i, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyi, INT64)
         dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
         result += dy * dy_coef
-    out_offsets = scalar_offset(c, stride_outc, INT64) + channel_major_offsets(o, i, outer_lo, stride_outoh, stride_outo, stride_outi, INT64)
+    out_offsets = scalar_offset(c, stride_outc, INT64) + channel_major_offsets(
+        o, i, outer_mid, outer_lo, stride_outoh, stride_outom, stride_outo, stride_outi, INT64)
     tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -122,10 +125,10 @@ def channel_minor_elementwise_kernel(
     moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,  # [C], FROM_MOVING only
     center_ptr, invstd_ptr,  # [2, C] and [C] outputs, accumulation dtype, FROM_MOVING only
     C, inner, rows, eps_hi, eps_lo,
-    outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
-    stride_outoh, stride_outo, stride_outc, stride_outi,
+    outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
+    stride_outoh, stride_outom, stride_outo, stride_outc, stride_outi,
     c_blocks, row_tiles,
     HAS_X: tl.constexpr, HAS_DY: tl.constexpr, FROM_MOVING: tl.constexpr,
     FIX_GAMMA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
@@ -146,14 +149,17 @@ def channel_minor_elementwise_kernel(
         mask = (r < rows)[:, None] & c_mask[None, :]
         result = tl.zeros([BLOCK_R, BLOCK_C], ACC) + const[None, :]
         if HAS_X:
-            x_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi, INT64)
+            x_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
+                                              stride_xc, stride_xi, INT64)
             x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
             result += (((x - pilot[None, :]) - shifted_mean[None, :]) * invstd[None, :]) * x_coef[None, :]
         if HAS_DY:
-            dy_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
+            dy_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom,
+                                               stride_dyo, stride_dyc, stride_dyi,
                                                INT64)
             dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
             result += dy * dy_coef[None, :]
-        out_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_outoh, stride_outo, stride_outc, stride_outi,
+        out_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_outoh, stride_outom,
+                                            stride_outo, stride_outc, stride_outi,
                                             INT64)
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)

@@ -53,9 +53,9 @@ def channel_major_persistent_forward_kernel(
     x_ptr, y_ptr,  # (outer, C, inner) views
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
     mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
-    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_yoh, stride_yo, stride_yc, stride_yi,
+    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -68,10 +68,12 @@ def channel_major_persistent_forward_kernel(
     i = tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
     x_base = x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
-    x = tl.load(x_base + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
+    x = tl.load(x_base + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
+                                               stride_xi, INT64),
                 mask=mask, other=0.0).to(ACC)
     first = tl.zeros([1], tl.int32)
-    last = tl.load(x_base + first + element_offset(outer - 1, inner - 1, outer_lo, stride_xoh, stride_xo,
+    last = tl.load(x_base + first + element_offset(outer - 1, inner - 1, outer_mid, outer_lo, stride_xoh, stride_xom,
+                                                   stride_xo,
                                                     stride_xi, INT64)).to(ACC)
     pilot = finite_pilot(tl.load(x_base + first).to(ACC), last)
     scale = spread_scale(pilot, last)
@@ -86,7 +88,7 @@ def channel_major_persistent_forward_kernel(
     centred_z = tl.reshape(z, [BLOCK_O, BLOCK_I]) - tl.sum(mean_z, 0)
     y = (centred_z * tl.sum(invstd_z, 0)) * tl.sum(g, 0) + tl.sum(beta, 0)
     y_offsets = scalar_offset(c_scalar, stride_yc, INT64) + channel_major_offsets(
-        o, i, outer_lo, stride_yoh, stride_yo, stride_yi, INT64)
+        o, i, outer_mid, outer_lo, stride_yoh, stride_yom, stride_yo, stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -95,9 +97,9 @@ def channel_minor_persistent_forward_kernel(
     x_ptr, y_ptr,  # rows x C matrices: row r = o * inner + i
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
     mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
-    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_yoh, stride_yo, stride_yc, stride_yi,
+    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -107,10 +109,12 @@ def channel_minor_persistent_forward_kernel(
     r = tl.arange(0, BLOCK_R)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc, stride_xi,
+    x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
+                                              stride_xc, stride_xi,
                                               INT64), mask=mask, other=0.0).to(ACC)
     channel_offsets = scalar_offset(c, stride_xc, INT64)
-    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_lo, stride_xoh, stride_xo,
+    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_mid, outer_lo, stride_xoh,
+                                 stride_xom, stride_xo,
                                  stride_xi, INT64)
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
@@ -122,7 +126,8 @@ def channel_minor_persistent_forward_kernel(
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
     y = (centred_z * invstd_z[None, :]) * g[None, :] + beta[None, :]
-    y_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_yoh, stride_yo, stride_yc, stride_yi, INT64)
+    y_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_yoh, stride_yom, stride_yo, stride_yc,
+                                      stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -131,10 +136,10 @@ def channel_major_persistent_backward_kernel(
     x_ptr, dy_ptr, dx_ptr,  # (outer, C, inner) views
     center_ptr, invstd_ptr,  # [2, C], [C]: what the forward normalised with
     gamma_ptr, dgamma_ptr, dbeta_ptr,  # [C]
-    C, outer, inner, m, outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
-    stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
+    C, outer, inner, m, outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
+    stride_dxoh, stride_dxom, stride_dxo, stride_dxc, stride_dxi,
     FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -146,12 +151,14 @@ def channel_major_persistent_backward_kernel(
     i = tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
     dy = tl.load(dy_ptr + scalar_offset(c_scalar, stride_dyc, INT64)
-                 + channel_major_offsets(o, i, outer_lo, stride_dyoh, stride_dyo, stride_dyi, INT64),
+                 + channel_major_offsets(o, i, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyi,
+                                         INT64),
                  mask=mask, other=0.0).to(ACC)
     sum_dy = tl.sum(tl.reshape(dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
     if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
         x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
-                    + channel_major_offsets(o, i, outer_lo, stride_xoh, stride_xo, stride_xi, INT64),
+                    + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xi,
+                                            INT64),
                     mask=mask, other=0.0).to(ACC)
         pilot = tl.load(center_ptr + c_scalar)
         shifted_mean = tl.load(center_ptr + C + c_scalar)
@@ -167,7 +174,7 @@ def channel_major_persistent_backward_kernel(
     else:
         dx = dy * tl.sum(dy_coef, 0)  # moving statistics: dx = dy * g * invstd, x not used
     dx_offsets = scalar_offset(c_scalar, stride_dxc, INT64) + channel_major_offsets(
-        o, i, outer_lo, stride_dxoh, stride_dxo, stride_dxi, INT64)
+        o, i, outer_mid, outer_lo, stride_dxoh, stride_dxom, stride_dxo, stride_dxi, INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -176,10 +183,10 @@ def channel_minor_persistent_backward_kernel(
     x_ptr, dy_ptr, dx_ptr,  # rows x C matrices: row r = o * inner + i
     center_ptr, invstd_ptr,  # [2, C], [C]
     gamma_ptr, dgamma_ptr, dbeta_ptr,  # [C]
-    C, inner, rows, outer_lo,
-    stride_xoh, stride_xo, stride_xc, stride_xi,
-    stride_dyoh, stride_dyo, stride_dyc, stride_dyi,
-    stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
+    C, inner, rows, outer_mid, outer_lo,
+    stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
+    stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
+    stride_dxoh, stride_dxom, stride_dxo, stride_dxc, stride_dxi,
     FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -189,10 +196,12 @@ def channel_minor_persistent_backward_kernel(
     r = tl.arange(0, BLOCK_R)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_dyoh, stride_dyo, stride_dyc,
+    dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom,
+                                                stride_dyo, stride_dyc,
                                                 stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
     if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
-        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_lo, stride_xoh, stride_xo, stride_xc,
+        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom,
+                                                  stride_xo, stride_xc,
                                                   stride_xi, INT64), mask=mask, other=0.0).to(ACC)
         pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
         shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
@@ -208,6 +217,7 @@ def channel_minor_persistent_backward_kernel(
         dx = (centred * invstd[None, :]) * x_coef[None, :] + dy * dy_coef[None, :] + const[None, :]
     else:
         dx = dy * dy_coef[None, :]  # moving statistics: dx = dy * g * invstd, x not used
-    dx_offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_dxoh, stride_dxo, stride_dxc, stride_dxi,
+    dx_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dxoh, stride_dxom, stride_dxo,
+                                       stride_dxc, stride_dxi,
                                        INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -29,12 +29,12 @@ import triton.language as tl
 from .common import (
     apply_coefficients,
     chan_merge_rows,
-    channel_major_offsets,
     channel_major_split,
     channel_minor_offsets,
     element_offset,
     finish_statistics,
     finite_pilot,
+    row_offsets,
     scalar_offset,
     spread_scale,
     welford_update,
@@ -42,22 +42,23 @@ from .common import (
 
 
 @triton.jit
-def _channel_major_z(base, o, i, o_end, i_end, outer_lo, stride_oh, stride_o, stride_i, pilot, scale,
-                     ACC: tl.constexpr, INT64: tl.constexpr):
+def _channel_major_z(rows, o, i, o_end, i_end, stride_i, pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
     """z = (x - pilot) * scale of one channel's [BLOCK_O, BLOCK_I] tile (rows o, columns i) of a
-    split ending at (o_end, i_end), and the tile's mask."""
+    split ending at (o_end, i_end), and the tile's mask; ``rows``: [BLOCK_O] pointers to the rows."""
     mask = (o < o_end)[:, None] & (i < i_end)[None, :]
-    offsets = channel_major_offsets(o, i, outer_lo, stride_oh, stride_o, stride_i, INT64)
-    return (tl.load(base + offsets, mask=mask, other=0.0).to(ACC) - pilot) * scale, mask
+    pointers = rows[:, None] + scalar_offset(i, stride_i, INT64)[None, :]
+    return (tl.load(pointers, mask=mask, other=0.0).to(ACC) - pilot) * scale, mask
 
 
 @triton.jit
-def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i,
+def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o,
+                     stride_c, stride_i,
                      pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
     """z = (x - pilot) * scale of a [BLOCK_R, BLOCK_C] tile (rows r of channels c) of a split
     ending at row r_end, and the tile's mask; pilot, scale: [BLOCK_C]."""
     mask = (r < r_end)[:, None] & c_mask[None, :]
-    offsets = channel_minor_offsets(r, c, inner, outer_lo, stride_oh, stride_o, stride_c, stride_i, INT64)
+    offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o, stride_c,
+                                    stride_i, INT64)
     return (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :], mask
 
 
@@ -66,8 +67,8 @@ def channel_major_stats_kernel(
     x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
     C, outer, inner,
-    outer_lo,
-    stride_oh, stride_o, stride_c, stride_i,
+    outer_mid, outer_lo,
+    stride_oh, stride_om, stride_o, stride_c, stride_i,
     rows_per_split, cols_per_split,  # split extents (multiples of BLOCK_O / BLOCK_I)
     SPLIT_O, SPLIT_I,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
@@ -83,7 +84,8 @@ def channel_major_stats_kernel(
     c, split, o_begin, o_end, i_begin, i_end = channel_major_split(
         outer, inner, rows_per_split, cols_per_split, SPLIT_O, SPLIT_I)
     base = x_ptr + scalar_offset(c, stride_c, INT64)
-    last = tl.load(base + element_offset(outer - 1, inner - 1, outer_lo, stride_oh, stride_o, stride_i, INT64))
+    last = tl.load(base + element_offset(outer - 1, inner - 1, outer_mid, outer_lo, stride_oh, stride_om, stride_o,
+                                         stride_i, INT64))
     last = last.to(ACC)
     pilot = finite_pilot(tl.load(base).to(ACC), last)
     scale = spread_scale(pilot, last)
@@ -93,9 +95,10 @@ def channel_major_stats_kernel(
     count = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     for o0 in range(o_begin, o_end, BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
+        rows = base + row_offsets(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
         for i0 in range(i_begin, i_end, BLOCK_I):
-            z, mask = _channel_major_z(base, o, i0 + tl.arange(0, BLOCK_I), o_end, i_end, outer_lo,
-                                       stride_oh, stride_o, stride_i, pilot, scale, ACC, INT64)
+            z, mask = _channel_major_z(rows, o, i0 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i, pilot, scale,
+                                       ACC, INT64)
             mean, m2, count = welford_update(mean, m2, count, z, mask)
 
     lanes: tl.constexpr = BLOCK_O * BLOCK_I
@@ -106,9 +109,10 @@ def channel_major_stats_kernel(
         total = tl.zeros([BLOCK_O, BLOCK_I], ACC)
         for o1 in range(o_begin, o_end, BLOCK_O):
             o_redo = o1 + tl.arange(0, BLOCK_O)
+            rows_redo = base + row_offsets(o_redo, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
             for i1 in range(i_begin, i_end, BLOCK_I):
-                z, in_split = _channel_major_z(base, o_redo, i1 + tl.arange(0, BLOCK_I), o_end, i_end, outer_lo,
-                                               stride_oh, stride_o, stride_i, pilot, scale, ACC, INT64)
+                z, in_split = _channel_major_z(rows_redo, o_redo, i1 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i,
+                                               pilot, scale, ACC, INT64)
                 total += tl.where(in_split, z, 0.0)
         mean = tl.sum(tl.reshape(total, [lanes, 1]), 0) / tl.maximum(count, 1.0)
         m2 = tl.full([1], float("nan"), ACC)
@@ -126,8 +130,8 @@ def channel_minor_stats_kernel(
     x_ptr,  # data, rows x C matrix: row r = o * inner + i at o * stride_o + i * stride_i
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT
     C, inner, rows,
-    outer_lo,
-    stride_oh, stride_o, stride_c, stride_i,
+    outer_mid, outer_lo,
+    stride_oh, stride_om, stride_o, stride_c, stride_i,
     rows_per_split, SPLIT,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -145,7 +149,8 @@ def channel_minor_stats_kernel(
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
     channel_offsets = scalar_offset(c, stride_c, INT64)
-    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_lo, stride_oh, stride_o, stride_i,
+    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_mid, outer_lo, stride_oh, stride_om,
+                                 stride_o, stride_i,
                                  INT64)
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
@@ -155,16 +160,17 @@ def channel_minor_stats_kernel(
     m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     count = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     for r0 in range(r_begin, r_end, BLOCK_R):
-        z, mask = _channel_minor_z(x_ptr, r0 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_lo,
-                                   stride_oh, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
+        z, mask = _channel_minor_z(x_ptr, r0 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid, outer_lo,
+                                   stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
         mean, m2, count = welford_update(mean, m2, count, z, mask)
 
     mean, m2, count = chan_merge_rows(mean, m2, count)
     if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
         total = tl.zeros([BLOCK_R, BLOCK_C], ACC)
         for r1 in range(r_begin, r_end, BLOCK_R):
-            z, in_split = _channel_minor_z(x_ptr, r1 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_lo,
-                                           stride_oh, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
+            z, in_split = _channel_minor_z(x_ptr, r1 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid,
+                                           outer_lo, stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale,
+                                           ACC, INT64)
             total += tl.where(in_split, z, 0.0)
         redo = mean != mean
         mean = tl.where(redo, tl.sum(total, 0) / tl.maximum(count, 1.0), mean)
