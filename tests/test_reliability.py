@@ -443,44 +443,67 @@ def test_out_on_another_device_than_data_on_meta(path):
         tritonbn.batch_norm(**kw, out=torch.empty(2, 3, 4))
 
 
-MOMENTUM_BEYOND_FLOAT32 = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="kernel path: momentum = 1e39 (finite, valid per SPEC) was split into float32 halves inf and "
-           "-inf, now (inf, 0): the kernels' float32 update moving * inf + batch * (1 - inf) is NaN where "
-           "the reference's float64 update gives +-inf or finite values of ~1e38, rounded to float32)")
-
-
+# (keyword arguments, moving statistics scale, id): eps and momentum beyond float32's range, and
+# extrapolating momenta (outside [0, 1]) whose float32 products overflow where float64's do not
 _BEYOND_FLOAT32 = [
-    (dict(eps=1e39), [], "eps-1e39-training"),
-    (dict(eps=1e300, training=False), [], "eps-1e300-inference"),
-    (dict(eps=3e38), [], "eps-3e38"),
-    (dict(momentum=1e39), [MOMENTUM_BEYOND_FLOAT32], "momentum-1e39"),
-    (dict(eps=1e-300), [], "eps-1e-300"),
+    (dict(eps=1e39), 1.0, "eps-1e39-training"),
+    (dict(eps=1e300, training=False), 1.0, "eps-1e300-inference"),
+    (dict(eps=3e38), 1.0, "eps-3e38"),
+    (dict(momentum=1e39), 1.0, "momentum-1e39"),
+    (dict(momentum=-1e300), 1e-290, "momentum-minus-1e300"),
+    (dict(momentum=1e30), 1e9, "momentum-1e30-moving-1e9"),
+    (dict(momentum=-2.5), 1.0, "momentum-minus-2.5"),
+    (dict(momentum=1.0), 1.0, "momentum-1-kernel"),
+    (dict(eps=1e-300), 1.0, "eps-1e-300"),
 ]
 
 
 @pytest.mark.parametrize(
-    "kwargs, triton",
-    [pytest.param(kwargs, triton, marks=marks if triton else [], id=f"{'triton' if triton else 'reference'}-{name}")
-     for kwargs, marks, name in _BEYOND_FLOAT32 for triton in (True, False)],
+    "kwargs, moving_scale, triton",
+    [pytest.param(kwargs, scale, triton, id=f"{'triton' if triton else 'reference'}-{name}")
+     for kwargs, scale, name in _BEYOND_FLOAT32 for triton in (True, False)],
 )
-def test_finite_eps_and_momentum_beyond_float32(kwargs, triton, monkeypatch):
+def test_finite_eps_and_momentum_beyond_float32(kwargs, moving_scale, triton, monkeypatch):
     """eps and momentum are valid when finite (SPEC); values beyond float32's range must still give
-    the formulas' result (compared with float64 math rounded to float32, NaN only where it has NaN)."""
+    the formulas' result (compared with float64 math rounded to float32, NaN only where it has NaN).
+    A training momentum outside [0, 1] is applied on the host (trace note), inside by the kernels."""
     _interpret(monkeypatch, triton)
     inp = make_inputs((2, 3, 4), 1, F32)
+    inp.moving_mean *= moving_scale
+    inp.moving_var *= moving_scale
     kw = {"eps": 1e-3, "momentum": 0.9, "training": True, **kwargs}
     mm_ref, mv_ref = inp.moving_mean.double().clone(), inp.moving_var.double().clone()
     y_ref, _, inv_ref = reference.forward(inp.x.double(), inp.gamma.double(), inp.beta.double(), mm_ref, mv_ref,
                                           axis=1, eps=kw["eps"], momentum=kw["momentum"], fix_gamma=False,
                                           batch_stats=kw["training"], update_moving=kw["training"])
-    y, _, invstd = tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
-                                       fix_gamma=False, output_mean_var=True, **kw)
+    with tritonbn.trace.capture() as trace:
+        y, _, invstd = tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
+                                           fix_gamma=False, output_mean_var=True, **kw)
     assert_close(y, y_ref, F32, "y")
     assert_close(invstd, inv_ref.float(), F32, "invstd")
     assert_close(inp.moving_mean, mm_ref.float(), F32, "moving_mean")
     assert_close(inp.moving_var, mv_ref.float(), F32, "moving_var")
+    on_host = triton and kw["training"] and not 0 <= kw["momentum"] <= 1
+    assert trace.notes == ([ops.HOST_MOVING_UPDATE] if on_host else [])
+
+
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "split"])
+def test_extrapolating_momentum_in_float64_data_and_both_forward_paths(single_pass, monkeypatch):
+    """float64 data (whose kernels take momentum as two float32 halves) and the split forward with
+    momentum 1e200: the host update matches float64 math to the last bits."""
+    _interpret(monkeypatch, True)
+    inp = make_inputs((3, 4, 5), 1, F64)
+    mm_ref, mv_ref = inp.moving_mean.clone(), inp.moving_var.clone()
+    reference.forward(inp.x, inp.gamma, inp.beta, mm_ref, mv_ref, axis=1, eps=1e-3, momentum=1e200,
+                      fix_gamma=False, batch_stats=True, update_moving=True)
+    with override_configs(**({} if single_pass else {"persistent": PERSISTENT_OFF})), \
+            tritonbn.trace.capture() as trace:
+        tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False,
+                            momentum=1e200, training=True)
+    assert trace.notes == [ops.HOST_MOVING_UPDATE]
+    assert any(k.endswith("persistent_forward") for k in trace.kernels()) == single_pass
+    torch.testing.assert_close(inp.moving_mean, mm_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(inp.moving_var, mv_ref, rtol=1e-12, atol=0)
 
 
 def test_forced_channel_minor_config_with_column_splits_is_honoured_or_rejected(monkeypatch):

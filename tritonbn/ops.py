@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -326,6 +326,17 @@ def launch_persistent_backward(
 # ----------------------------------------------------------------------------- backends
 
 
+HOST_MOVING_UPDATE = "moving statistics updated in float64 on the host (momentum outside [0, 1])"
+
+
+def kernel_momentum(momentum: float) -> bool:
+    """Whether the kernels apply ``momentum`` themselves: 0 <= momentum <= 1, where the update is a
+    convex combination of finite values and cannot overflow the accumulation dtype.  Outside
+    (extrapolating updates, momentum up to 1e308) float32 products overflow where the float64
+    formula does not, and float32 cannot even hold momentum > 3.4e38: the host applies it."""
+    return 0.0 <= momentum <= 1.0
+
+
 def _plan_for(tensors: list[torch.Tensor], axis: int) -> ViewPlan | None:
     return plan_view(tensors[0].shape, axis, [t.stride() for t in tensors])
 
@@ -344,10 +355,24 @@ class TritonBackend:
         # The kernels index parameters as ptr + c: strided views go through contiguous copies,
         # and the moving statistics are copied back after the update.
         moving = (moving_mean.contiguous(), moving_var.contiguous())
-        result = self._forward(x, gamma.contiguous(), beta.contiguous(), *moving, settings, out)
+        if settings.batch_stats and not kernel_momentum(settings.momentum):
+            result = self._forward_updating_on_host(x, gamma.contiguous(), beta.contiguous(), *moving, settings, out)
+        else:
+            result = self._forward(x, gamma.contiguous(), beta.contiguous(), *moving, settings, out)
         for target, updated in zip((moving_mean, moving_var), moving):
             if updated is not target:
                 target.copy_(updated)
+        return result
+
+    def _forward_updating_on_host(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+        """Training forward with a momentum outside [0, 1]: the kernels write the batch statistics
+        (an update with momentum 0 into float64 [2, C] scratch) and ``reference.moving_update``
+        applies the momentum in float64, as the SPEC formula is evaluated (O(C) work)."""
+        trace.record_note(HOST_MOVING_UPDATE)
+        batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
+        result = self._forward(x, gamma, beta, batch[0], batch[1], replace(settings, momentum=0.0), out)
+        for moving, batch_value in zip((moving_mean, moving_var), batch):
+            reference.moving_update(moving, batch_value, settings.momentum)
         return result
 
     def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-__all__ = ["Launch", "Trace", "capture", "record_path", "record_launch", "record_copy"]
+__all__ = ["Launch", "Trace", "capture", "record_path", "record_launch", "record_copy", "record_note"]
 
 log = logging.getLogger("tritonbn")
 
@@ -35,6 +35,7 @@ class Trace:
     paths: list[str] = field(default_factory=list)
     launches: list[Launch] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # work done outside the kernels, e.g. a host update
 
     @property
     def path(self) -> str | None:
@@ -80,3 +81,10 @@ def record_copy(reason: str) -> None:
     trace = _active.get()
     if trace is not None:
         trace.copies.append(reason)
+
+
+def record_note(text: str) -> None:
+    """Note work a Triton-path op did outside its kernels (on the host, in torch)."""
+    trace = _active.get()
+    if trace is not None:
+        trace.notes.append(text)
