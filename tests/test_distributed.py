@@ -16,7 +16,9 @@ import socket
 import pytest
 import torch
 
+from tritonbn.autotune import PERSISTENT_OFF, KernelConfig, override_configs
 from tritonbn.distributed import chan_merge
+from helpers import assert_close
 
 SIZES = (3, 5)
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -110,3 +112,69 @@ def test_chan_merge_is_exact_for_unequal_and_empty_parts():
     torch.testing.assert_close(count, torch.full((4,), 12.0, dtype=torch.float64))
     torch.testing.assert_close(mean, x.mean(0), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(m2, ((x - x.mean(0)) ** 2).sum(0), atol=1e-10, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- SyncBatchNorm's parts
+
+# (layout id, builder): the backend parts read every layout in place (4 groups: a stepped 5-D view)
+PART_LAYOUTS = {
+    "nchw": lambda x: x,
+    "channels-last": lambda x: x.contiguous(memory_format=torch.channels_last_3d),
+    "stepped-4-groups": lambda x: _stepped(x),
+}
+
+
+def _stepped(x):
+    big = torch.full([2 * s + 1 if d in (2, 4) else s for d, s in enumerate(x.shape)], float("nan"), dtype=x.dtype)
+    view = big[:, :, 1::2, :, 1::2]
+    view.copy_(x)
+    return view
+
+
+def _offset_data(layout, seed=0):
+    """float32 data at mean 1e4, std 1e-2 (a float32 mean alone would be off by 5% of the std)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (1e4 + 1e-2 * torch.randn(4, 3, 2, 3, 4, generator=gen, dtype=torch.float64)).float()
+    return PART_LAYOUTS[layout](x), torch.randn(x.shape, generator=gen)
+
+
+SPLIT = {"persistent": PERSISTENT_OFF, "reduce": KernelConfig(2, 4, split_rows=3)}
+
+
+@pytest.mark.parametrize("layout", PART_LAYOUTS)
+def test_backend_parts_match_the_reference_in_float64(layout, path):
+    """moments, normalize, gradient_sums and input_grad (what SyncBatchNorm runs besides its
+    collectives) against float64 math on offset data; the Triton path with split reductions
+    (partials merged on the host) and no copy."""
+    from tritonbn import ops, reference, trace
+    from tritonbn.validation import Settings
+
+    x, dy = _offset_data(layout)
+    gamma, beta = torch.rand(3, dtype=torch.float32) + 0.5, torch.randn(3, dtype=torch.float32)
+    backend = ops.backend_for(x.device)
+    x64 = x.double()
+    mean64, var64 = reference.batch_statistics(x64, 1)
+    invstd64 = reference.inverse_std(var64, 1e-5)
+    with override_configs(**SPLIT), trace.capture() as t:
+        moments = backend.moments(x, 1)
+        y, x_read, center, invstd = backend.normalize(x, moments[1], invstd64, gamma, beta, 1)
+        sums = backend.gradient_sums(dy, x_read, center, 1)
+        settings = Settings(axis=1, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True, unbiased_update=False)
+        dx = backend.input_grad(dy, x_read, gamma, center, invstd, settings, sums, 72)
+    m = x.numel() // 3
+    torch.testing.assert_close(moments, torch.stack([torch.full_like(mean64, m), mean64, var64 * m]),
+                               rtol=1e-5, atol=1e-9)
+    assert_close(center[0].double() + center[1].double(), mean64, torch.float64, "mean as (pilot, shift)")
+    y_ref = reference.normalize(x64, mean64, invstd64, gamma.double(), beta.double(), axis=1)
+    assert_close(y, y_ref, torch.float32, "y")
+    sums_ref = torch.stack(reference.gradient_sums(dy.double(), x64, mean64, 1))
+    torch.testing.assert_close(sums, sums_ref, rtol=1e-4, atol=1e-4)
+    dx_ref = reference.input_grad(dy.double(), x64, mean64, invstd64, gamma.double(), axis=1,
+                                  sums=tuple(sums_ref), count=72)
+    assert_close(dx, dx_ref, torch.float32, "dx", scale=4.0)
+    assert y.stride() == ops.empty_like_layout(x).stride() and t.copies == []
+    if path == "triton":
+        family = ops.plan_view(x.shape, 1, [x.stride()]).family
+        assert t.kernels() == [f"{family}_{kernel}" for kernel in
+                               ("stats", "elementwise", "backward_reduce", "elementwise")]
+        assert t.launches[0].config == SPLIT["reduce"], "three splits per channel: partials merged on the host"

@@ -14,9 +14,12 @@ backward (one all_reduce of a [2, C] float64 tensor per step)
     dx = gamma * invstd * (dy - S / n - (x - mean) * D * invstd^2 / n)
     dgamma = D_r * invstd, dbeta = S_r: local, as data-parallel training expects (DDP averages them)
 
-The per-rank moments come from ``torch.var_mean`` and dx from torch elementwise ops; the
-normalisation and the S/D reductions run the operator's backends (Triton kernels on CUDA and
-under TRITON_INTERPRET=1, the reference otherwise).  Works with NCCL (CUDA) and gloo (CPU).
+Every full-size pass runs the operator's backend (Triton kernels on CUDA and under
+TRITON_INTERPRET=1, the reference otherwise), reading each layout in place: the per-rank moments
+are the statistics kernel's shifted Welford partials (``moments``), the normalisation is the
+elementwise kernel fed the global statistics, S and D are the backward reduction kernel's
+(``gradient_sums``) and dx is one elementwise launch whose coefficients come from the
+all-reduced sums (``input_grad``); only [3, C] and [2, C] tensors are handled in torch.  Works with NCCL (CUDA) and gloo (CPU).
 Outside training, with a group of one rank, or when torch.distributed is not initialised, the
 layer is the local ``BatchNorm`` (the compilable custom op); the synchronised path itself runs
 eagerly (``torch.compile`` breaks the graph around it: collectives and a host read of the count).
@@ -33,10 +36,11 @@ from torch import Tensor
 
 from . import reference
 from .nn import _affine, _BatchNorm
+from .reference import chan_merge
 from .ops import backend_for
 from .validation import Settings, validate
 
-__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "sync_batch_norm", "chan_merge"]
 
 
 def _all_gather(t: Tensor, group) -> Tensor:
@@ -52,90 +56,48 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return out.view(world, *t.shape)
 
 
-def _local_moments(x: Tensor) -> Tensor:
-    """[3, C] float64: (count, mean, M2) per channel (axis 1) of this rank's batch."""
-    channels = x.shape[1]
-    count = x.numel() // channels if channels else 0
-    stats = torch.zeros((3, channels), dtype=torch.float64, device=x.device)
-    stats[0] = count
-    if count:
-        dims = [d for d in range(x.dim()) if d != 1]
-        var, mean = torch.var_mean(x.to(reference.stat_dtype(x.dtype)), dim=dims, correction=0)
-        stats[1] = mean
-        stats[2] = var.double() * count
-    return stats
-
-
-def chan_merge(moments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge per-rank [world, 3, C] (count, mean, M2) into the global (count, mean, M2), each [C].
-
-    The pairwise Chan update generalised to all ranks at once; ranks with no elements drop out.
-    """
-    counts, means, m2s = moments.double().unbind(1)
-    total = counts.sum(0)
-    safe = total.clamp(min=1)
-    mean = (counts * means).sum(0) / safe
-    m2 = (m2s + counts * (means - mean) ** 2).sum(0)
-    return total, mean, m2
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training forward/backward with statistics across ``group`` (channel axis 1)."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, eps, momentum, fix_gamma, group, average_count):
         backend = backend_for(x.device)
-        acc = reference.stat_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            count, mean, m2 = chan_merge(_all_gather(_local_moments(x), group))
+            count, mean, m2 = chan_merge(_all_gather(backend.moments(x, 1), group))
             n = int(count.max().item()) if count.numel() else 0
             if n <= 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel across the process group when training, got {n}")
-            var = m2 / n
-            # Normalise with the global statistics: the operator's scale-shift path reads them as
-            # "moving" statistics.  eps = 0 with var = 0 gives invstd = 0 (SPEC), via rsqrt(inf).
-            var_in = torch.where(var == 0, torch.full_like(var, float("inf")), var) if eps == 0 else var
-            settings = Settings(axis=1, eps=eps, momentum=0.0, fix_gamma=fix_gamma, batch_stats=False,
-                                unbiased_update=False)
-            y, _, invstd, _, x_read = backend.forward(x, gamma, beta, mean.to(acc), var_in.to(acc), settings, None)
+            g = torch.ones_like(mean) if fix_gamma else gamma
+            y, x_read, center, invstd = backend.normalize(x, mean, reference.inverse_std(m2 / n, eps), g, beta, 1)
             if running_mean is not None and running_var is not None:
                 if average_count is not None:
                     momentum = 1.0 - 1.0 / float(average_count.item())
                 reference.moving_update(running_mean, mean, momentum)
                 reference.moving_update(running_var, m2 / (n - 1), momentum)
-        ctx.save_for_backward(x_read, gamma, mean.to(acc), invstd)
+        ctx.save_for_backward(x_read, gamma, center, invstd)
         ctx.fix_gamma, ctx.group, ctx.n, ctx.beta_dtype = fix_gamma, group, n, beta.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gamma, mean, invstd = ctx.saved_tensors
+        x, gamma, center, invstd = ctx.saved_tensors
         backend = backend_for(x.device)
         with torch.autocast(x.device.type, enabled=False):
-            # Local S and D through the operator's backward: with gamma = invstd = 1 and the
-            # scale-shift formulas, dgamma = sum((x - mean) * dy) = D and dbeta = sum(dy) = S.
-            ones = torch.ones_like(invstd)
-            center = torch.stack([mean, torch.zeros_like(mean)])
-            settings = Settings(axis=1, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=False,
-                                unbiased_update=False)
-            _, d_local, s_local = backend.backward(dy, x, ones, center, ones, settings, ones.dtype)
-            sums = torch.stack([s_local, d_local]).double()
+            sums = backend.gradient_sums(dy, x, center, 1)  # [2, C] local (S, D)
+            local = sums.clone()
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
-            s_all, d_all = sums.to(mean.dtype).unbind(0)
             g = torch.ones_like(invstd) if ctx.fix_gamma else gamma.to(invstd.dtype)
-            bshape = [1] * x.dim()
-            bshape[1] = -1
-            n = ctx.n
-            centered = x.to(mean.dtype) - mean.view(bshape)
-            dx = (dy.to(mean.dtype) - (s_all / n).view(bshape)
-                  - centered * (d_all * invstd * invstd / n).view(bshape)) * (g * invstd).view(bshape)
+            settings = Settings(axis=1, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True,
+                                unbiased_update=False)
+            dx = backend.input_grad(dy, x, g, center, invstd, settings, sums, ctx.n)
+            s_local, d_local = local.unbind(0)
         needs = ctx.needs_input_grad
         dgamma = None
         if needs[1]:
-            dgamma = torch.zeros_like(gamma) if ctx.fix_gamma else (d_local * invstd).to(gamma.dtype)
+            dgamma = torch.zeros_like(gamma) if ctx.fix_gamma else (d_local * invstd.double()).to(gamma.dtype)
         dbeta = s_local.to(ctx.beta_dtype) if needs[2] else None
-        return (dx.to(x.dtype) if needs[0] else None, dgamma, dbeta) + (None,) * 7
+        return (dx if needs[0] else None, dgamma, dbeta) + (None,) * 7
 
 
 def sync_batch_norm(

@@ -422,16 +422,7 @@ class TritonBackend:
         """Returns (dx, dgamma, dbeta)."""
         gamma = gamma.contiguous()
         channels = x.shape[settings.axis]
-        dx = empty_like_layout(x)
-        plan = _plan_for([x, dy, dx], settings.axis)
-        if plan is None and _plan_for([x], settings.axis) is None:  # the forward saves its copy instead
-            x = _dense_if_unplannable(x, settings.axis)
-            dx = empty_like_layout(x)
-            plan = _plan_for([x, dy, dx], settings.axis)
-        if plan is None:
-            trace.record_copy("grad_out layout does not share a view plan with data")
-            dy = empty_like_layout(x).copy_(dy)
-            plan = _plan_for([x, dy, dx], settings.axis)
+        x, dy, dx, plan = _plan_backward(dy, x, settings.axis)
         if plan.m == 0 or channels == 0:
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
             return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
@@ -448,6 +439,109 @@ class TritonBackend:
                            x=x if settings.batch_stats else None, dy=dy, coef=coef,
                            stats_out=(center, invstd), settings=settings)
         return dx, dgamma, dbeta
+
+    # ------------------------------------------------------------------ SyncBatchNorm's parts
+
+    def moments(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """[3, C] float64 (count, mean, M2) of this rank's batch (``reference.moments``): the
+        statistics kernel's shifted Welford partials, merged over splits on the host (O(C x P))."""
+        channels = x.shape[axis]
+        x = _dense_if_unplannable(x, axis)
+        plan = _plan_for([x], axis)
+        if plan.m == 0 or channels == 0:
+            return reference.moments(x, axis)
+        cfg = reduce_config(plan, device_profile(x.device), op=FORWARD, dtype=x.dtype)
+        partial = launch_statistics(x, plan, cfg, reference.stat_dtype(x.dtype)).double()
+        mean_z, m2_z, count, pilot, scale = partial.unbind(0)  # [C, P] each: z = (x - pilot) * scale
+        parts = torch.stack([count, pilot + mean_z / scale, m2_z / (scale * scale)])  # [3, C, P] in x units
+        return torch.stack(reference.chan_merge(parts.permute(2, 0, 1)))
+
+    def normalize(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor,
+                  beta: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y = (x - mean) * invstd * g + beta with given float64 statistics [C], in one elementwise
+        launch: returns (y, x as read, center [2, C], invstd [C]) in the accumulation dtype."""
+        acc = reference.stat_dtype(x.dtype)
+        center, invstd_acc = center_pair(mean, acc), invstd.to(acc)
+        y = empty_like_layout(x)
+        x, y_kernel, plan = _plan_output(x, y, axis)
+        if plan.m == 0 or plan.channels == 0:
+            return y, x, center, invstd_acc
+        zeros = torch.zeros_like(invstd_acc)
+        coef = _coefficient_rows(center, invstd_acc, g, zeros, beta)
+        settings = Settings(axis=axis, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True,
+                            unbiased_update=False)
+        cfg = elementwise_config(plan, device_profile(x.device), op=FORWARD, dtype=x.dtype)
+        launch_elementwise(plan, cfg, y_kernel, x=x, dy=None, coef=coef, stats_out=(center, invstd_acc),
+                           settings=settings)
+        if y_kernel is not y:
+            y.copy_(y_kernel)
+        return y, x, center, invstd_acc
+
+    def gradient_sums(self, dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, axis: int) -> torch.Tensor:
+        """[2, C] float64 (S, D) = (sum(dy), sum((x - mean) * dy)): the backward reduction kernel's
+        partials summed on the host; ``center`` [2, C] is the mean as (pilot, shifted mean)."""
+        x, dy, _, plan = _plan_backward(dy, x, axis, with_dx=False)
+        if plan.m == 0 or plan.channels == 0:
+            return torch.zeros((2, x.shape[axis]), dtype=torch.float64, device=x.device)
+        cfg = reduce_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
+        return launch_backward_reduce(x, dy, center, plan, cfg).double().sum(-1)
+
+    def input_grad(self, dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, center: torch.Tensor,
+                   invstd: torch.Tensor, settings: Settings, sums: torch.Tensor | None, count: int) -> torch.Tensor:
+        """dx of ``reference.input_grad`` in one elementwise launch: the coefficients [6, C] of
+        ``finish_backward`` (kernels/common.py) from the given ``sums`` (S, D) over ``count``
+        elements per channel, e.g. a process group's."""
+        x, dy, dx, plan = _plan_backward(dy, x, settings.axis)
+        if plan.m == 0 or plan.channels == 0:
+            return dx
+        inv64 = invstd.double()
+        dy_coef = g.double() * inv64
+        zeros = torch.zeros_like(dy_coef)
+        if sums is None:
+            x_coef, const = zeros, zeros
+        else:
+            x_coef, const = -dy_coef * (inv64 * sums[1]) / count, -dy_coef * sums[0] / count
+        coef = _coefficient_rows(center, invstd, x_coef, dy_coef, const)
+        cfg = elementwise_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
+        launch_elementwise(plan, cfg, dx, x=x if sums is not None else None, dy=dy, coef=coef,
+                           stats_out=(center, invstd), settings=settings)
+        return dx
+
+
+def center_pair(mean: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """[2, C] (mean rounded to ``acc``, the rounding remainder): a float64 mean as the kernels'
+    (pilot, shifted mean) pair, so that x - mean keeps the float64 mean's digits (a float32 mean
+    alone is off by up to ulp/2: 5% of the std at mean 1e4, std 1e-2)."""
+    rounded = mean.to(acc)
+    return torch.stack([rounded, (mean.double() - rounded.double()).to(acc)])  # new storage: never aliases mean
+
+
+def _coefficient_rows(center: torch.Tensor, invstd: torch.Tensor, x_coef: torch.Tensor, dy_coef: torch.Tensor,
+                      const: torch.Tensor) -> torch.Tensor:
+    """The elementwise kernel's coef [6, C] (pilot, shifted mean, invstd, x_coef, dy_coef, const)
+    in the accumulation dtype (``invstd``'s)."""
+    rows = [center[0], center[1], invstd, x_coef, dy_coef, const]
+    return torch.stack([row.to(invstd.dtype) for row in rows])
+
+
+def _plan_backward(dy: torch.Tensor, x: torch.Tensor, axis: int, with_dx: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, ViewPlan]:
+    """(x, dy, dx, plan) the backward kernels use: dx (when ``with_dx``) allocated in x's layout;
+    x copied only when it needs more than four groups (a caller that kept no dense copy), dy
+    only when it does not share a plan with x."""
+    def plan_of(x, dy):
+        dx = empty_like_layout(x) if with_dx else None
+        return dx, _plan_for([x, dy] + ([dx] if with_dx else []), axis)
+
+    dx, plan = plan_of(x, dy)
+    if plan is None and _plan_for([x], axis) is None:  # the forward saves its copy instead
+        x = _dense_if_unplannable(x, axis)
+        dx, plan = plan_of(x, dy)
+    if plan is None:
+        trace.record_copy("grad_out layout does not share a view plan with data")
+        dy = empty_like_layout(x).copy_(dy)
+        dx, plan = plan_of(x, dy)
+    return x, dy, dx, plan
 
 
 def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, ViewPlan]:
@@ -489,17 +583,37 @@ class ReferenceBackend:
             update_moving=settings.batch_stats, unbiased_update=settings.unbiased_update,
             out=out if out is not None else empty_like_layout(x), stats_dtype=torch.float64)
         acc = reference.stat_dtype(x.dtype)
-        mean, invstd = mean64.to(acc, copy=True), invstd64.to(acc)  # copy: never alias moving_mean
-        # center = (mean, rounding remainder), summed in float64 by the backward (as the kernels'
-        # (pilot, shifted mean)): a float32 mean alone is off by up to ulp/2, 5% of the std at
-        # mean 1e4, std 1e-2, and x - mean in the backward would carry that error.
-        center = torch.stack([mean, (mean64 - mean.double()).to(acc)])
-        return y, mean, invstd, center, x
+        center = center_pair(mean64, acc)  # summed in float64 again by the backward
+        return y, center[0], invstd64.to(acc), center, x
 
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         mean = center[0].double() + center[1].double()
         return reference.backward(dy, x, gamma, mean, invstd, axis=settings.axis, fix_gamma=settings.fix_gamma,
                                   batch_stats=settings.batch_stats, beta_dtype=beta_dtype)
+
+    # ------------------------------------------------------------------ SyncBatchNorm's parts
+
+    def moments(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """[3, C] float64 (count, mean, M2) of this rank's batch."""
+        return reference.moments(x, axis)
+
+    def normalize(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor,
+                  beta: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, x, center [2, C], invstd [C]) as ``TritonBackend.normalize``."""
+        y = reference.normalize(x, mean, invstd, g, beta, axis=axis, out=empty_like_layout(x))
+        acc = reference.stat_dtype(x.dtype)
+        return y, x, center_pair(mean, acc), invstd.to(acc)
+
+    def gradient_sums(self, dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, axis: int) -> torch.Tensor:
+        """[2, C] float64 (S, D) around the mean ``center[0] + center[1]``."""
+        return torch.stack(reference.gradient_sums(dy, x, center[0].double() + center[1].double(), axis))
+
+    def input_grad(self, dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, center: torch.Tensor,
+                   invstd: torch.Tensor, settings: Settings, sums: torch.Tensor | None, count: int) -> torch.Tensor:
+        """dx (``reference.input_grad``) from ``sums`` (S, D) over ``count`` elements per channel."""
+        mean = center[0].double() + center[1].double()
+        return reference.input_grad(dy, x, mean, invstd, g, axis=settings.axis,
+                                    sums=None if sums is None else tuple(sums.double()), count=count)
 
 
 def backend_for(device: torch.device) -> TritonBackend | ReferenceBackend:

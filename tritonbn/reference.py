@@ -22,8 +22,14 @@ __all__ = [
     "reduce_dims",
     "channel_shape",
     "batch_statistics",
+    "moments",
+    "chan_merge",
     "forward",
     "backward",
+    "gradient_sums",
+    "input_grad",
+    "inverse_std",
+    "normalize",
     "moving_update",
     "CHUNK_ELEMENTS",
 ]
@@ -57,7 +63,7 @@ def moving_update(moving: torch.Tensor, batch_value: torch.Tensor, momentum: flo
     moving.copy_(updated)
 
 
-def _invstd(var: torch.Tensor, eps: float) -> torch.Tensor:
+def inverse_std(var: torch.Tensor, eps: float) -> torch.Tensor:
     """1/sqrt(var + eps), except 0 where var == 0 and eps == 0 (SPEC: Forward)."""
     invstd = torch.rsqrt(var + eps)
     if eps == 0:
@@ -128,6 +134,35 @@ def batch_statistics(data: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch
     return mean, squares / m
 
 
+def moments(data: torch.Tensor, axis: int) -> torch.Tensor:
+    """[3, C] float64 (count, mean, M2 = sum((x - mean)^2)) per channel: the parts Chan's formula
+    merges (``chan_merge``) across the ranks of a process group; count 0 when m = 0."""
+    channels = data.shape[axis]
+    m = data.numel() // max(channels, 1)
+    result = torch.zeros((3, channels), dtype=torch.float64, device=data.device)
+    result[0] = m
+    if m:
+        mean, var = batch_statistics(data, axis)
+        result[1], result[2] = mean, var * m
+    return result
+
+
+def chan_merge(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge [K, 3, C] (count, mean, M2) parts into the whole's (count, mean, M2), each [C].
+
+    Chan et al.'s pairwise update generalised to K parts at once, in float64: mean is the
+    count-weighted mean and M2 = sum(M2_k + n_k * (mean_k - mean)^2), a sum of non-negative
+    terms; parts with no elements drop out.
+    """
+    counts, means, m2s = parts.double().unbind(1)
+    total = counts.sum(0)
+    present = counts > 0  # an empty part's mean may be NaN: keep it out of the sums
+    mean_terms = torch.where(present, counts * means, 0.0)
+    mean = mean_terms.sum(0) / total.clamp(min=1)
+    spread = torch.where(present, m2s + counts * (means - mean) ** 2, 0.0)
+    return total, mean, spread.sum(0)
+
+
 def forward(
     data: torch.Tensor,
     gamma: torch.Tensor,
@@ -164,14 +199,9 @@ def forward(
         mean, var = batch_statistics(data, axis)
     else:
         mean, var = moving_mean.double(), moving_var.double()
-    invstd = _invstd(var, eps)
+    invstd = inverse_std(var, eps)
     g = torch.ones_like(mean) if fix_gamma else gamma.double()
-    coef, bias = invstd * g, beta.double()
-    if out is None:
-        out = torch.empty_like(data)
-    for c, (x, y) in _chunks(axis, data, out):  # x - mean promotes to float64 chunk by chunk
-        centered = x - _per_channel(mean, c, x)
-        y.copy_(centered.mul_(_per_channel(coef, c, x)).add_(_per_channel(bias, c, x)))
+    out = normalize(data, mean, invstd, g, beta, axis=axis, out=out)
     if batch_stats and update_moving:
         m = data.numel() // max(data.shape[axis], 1)
         var_for_update = var * (m / (m - 1)) if unbiased_update else var
@@ -179,6 +209,20 @@ def forward(
         moving_update(moving_var, var_for_update, momentum)
     sdt = stats_dtype or stat_dtype(data.dtype)
     return out, mean.to(sdt), invstd.to(sdt)
+
+
+def normalize(data: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
+              axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = (x - mean) * invstd * g + beta per channel, in float64 chunk by chunk, into ``out``
+    (default: like ``data``); mean, invstd, g, beta: (C,)."""
+    coef, bias = invstd.double() * g.double(), beta.double()
+    mean64 = mean.double()
+    if out is None:
+        out = torch.empty_like(data)
+    for c, (x, y) in _chunks(axis, data, out):  # x - mean promotes to float64 chunk by chunk
+        centered = x - _per_channel(mean64, c, x)
+        y.copy_(centered.mul_(_per_channel(coef, c, x)).add_(_per_channel(bias, c, x)))
+    return out
 
 
 def backward(
@@ -210,23 +254,67 @@ def backward(
     channels = data.shape[axis]
     mean64, inv64 = mean.double(), invstd.double()
     g = torch.ones_like(inv64) if fix_gamma else gamma.double()
+    sum_dy, sum_dy_xmu = gradient_sums(grad_out, data, mean64, axis)
+    m = data.numel() // max(channels, 1)
+    dx = input_grad(grad_out, data, mean64, inv64, g, axis=axis, sums=(sum_dy, sum_dy_xmu) if batch_stats else None,
+                    count=m)
+    dgamma = torch.zeros_like(inv64) if fix_gamma else sum_dy_xmu * inv64
+    return dx, dgamma.to(gamma.dtype), sum_dy.to(beta_dtype or gamma.dtype)
+
+
+def gradient_sums(grad_out: torch.Tensor, data: torch.Tensor, mean: torch.Tensor,
+                  axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, D) = (sum(dy), sum((x - mean) * dy)) per channel in float64, streamed over chunks.
+
+    Args:
+        grad_out, data: same shape; mean: (C,) the mean the forward normalised with.
+    """
+    channels = data.shape[axis]
+    mean64 = mean.double()
     sum_dy = torch.zeros(channels, dtype=torch.float64, device=data.device)
     sum_dy_xmu = torch.zeros_like(sum_dy)
     for c, (x, dy) in _chunks(axis, data, grad_out):
         dy64 = dy.double()
         sum_dy[c] += _channel_sum(dy64)
         sum_dy_xmu[c] += _channel_sum((x - _per_channel(mean64, c, x)).mul_(dy64))
-    scale = g * inv64
-    m = data.numel() // max(channels, 1)
-    mean_dy, x_coef = sum_dy / m, sum_dy_xmu * inv64 * inv64 / m
+    return sum_dy, sum_dy_xmu
+
+
+def input_grad(
+    grad_out: torch.Tensor,
+    data: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    axis: int,
+    sums: tuple[torch.Tensor, torch.Tensor] | None,
+    count: int,
+) -> torch.Tensor:
+    """dx of SPEC.md, streamed over chunks, in ``data``'s dtype and ``grad_out``'s layout.
+
+    Args:
+        mean, invstd, g: (C,) the forward's statistics and the gamma it scaled by (ones with
+            fix_gamma).
+        sums: (S, D) over the ``count`` elements per channel the statistics were taken over
+            (the whole process group's with SyncBatchNorm); None when the forward used the
+            moving statistics (the gradient does not flow through them).
+    Returns:
+        batch statistics: dx = g * invstd * (dy - S / count - (x - mean) * D * invstd^2 / count);
+        moving statistics: dx = g * invstd * dy.
+    """
+    mean64, inv64 = mean.double(), invstd.double()
+    scale = g.double() * inv64
     dx = torch.empty_like(grad_out, dtype=data.dtype)
+    if sums is not None:
+        sum_dy, sum_dy_xmu = sums
+        mean_dy, x_coef = sum_dy / count, sum_dy_xmu * inv64 * inv64 / count
     for c, (x, dy, dx_chunk) in _chunks(axis, data, grad_out, dx):
         # every in-place op below acts on a fresh float64 chunk (dy.double() may be dy itself)
-        if batch_stats:  # scale * (dy - S / m - (x - mean) * D * invstd^2 / m)
+        if sums is not None:
             centered = x - _per_channel(mean64, c, x)
             inner = (dy - _per_channel(mean_dy, c, x)).sub_(centered.mul_(_per_channel(x_coef, c, x)))
             dx_chunk.copy_(inner.mul_(_per_channel(scale, c, x)))
         else:
             dx_chunk.copy_(dy * _per_channel(scale, c, x))
-    dgamma = torch.zeros_like(inv64) if fix_gamma else sum_dy_xmu * inv64
-    return dx, dgamma.to(gamma.dtype), sum_dy.to(beta_dtype or gamma.dtype)
+    return dx

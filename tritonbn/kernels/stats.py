@@ -64,7 +64,7 @@ def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_mid, outer_lo, str
 
 @triton.jit
 def channel_major_stats_kernel(
-    x_ptr,  # data, (outer, C, inner) view with strides (stride_o, stride_c, stride_i)
+    x_ptr,  # data, (outer, C, inner) view: outer row o in three strided groups (common.outer_offset)
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
     C, outer, inner,
     outer_mid, outer_lo,
@@ -127,7 +127,7 @@ def channel_major_stats_kernel(
 
 @triton.jit
 def channel_minor_stats_kernel(
-    x_ptr,  # data, rows x C matrix: row r = o * inner + i at o * stride_o + i * stride_i
+    x_ptr,  # data, rows x C matrix: row r = o * inner + i at outer_offset(o) + i * stride_i
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT
     C, inner, rows,
     outer_mid, outer_lo,
