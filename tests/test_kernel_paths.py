@@ -247,6 +247,25 @@ def test_single_pass_tile_follows_the_capacities(shape, memory_format, op, eleme
 
 
 @pytest.mark.parametrize(
+    "shape, stepped, tile",
+    [
+        pytest.param((4, 64, 4, 16, 16), "stepped", (256, 16), id="channel-major-at-4096"),
+        pytest.param((4, 64, 8, 16, 16), "stepped", None, id="channel-major-beyond-4096"),
+        pytest.param((2, 64, 4, 8, 16), "stepped_channels_last_3d", (1024, 4), id="channel-minor-at-4096"),
+    ],
+)
+def test_four_group_views_hold_half_the_scalar_load_capacity(shape, stepped, tile):
+    """Single-pass tiles of views needing four reduced groups (inspect's stepped-5d layout, which
+    compiles them at exactly this size without spills) hold FOUR_GROUP_CAPACITY elements."""
+    from tritonbn.autotune.config import FOUR_GROUP_CAPACITY, persistent_tile
+    from tritonbn.inspect import _meta_data
+    x = _meta_data(shape, stepped)
+    plan = plan_view(shape, 1, [x.stride(), x.stride()])
+    assert plan.outer_mid > 1 and FOUR_GROUP_CAPACITY == 4096
+    assert persistent_tile(plan, "forward", 2) == tile
+
+
+@pytest.mark.parametrize(
     "shape, memory_format, op, programs_at_least, run_at_least",
     [
         pytest.param((4, 3, 16384), None, "forward", 128, 1024, id="nchw-small-C-training-spreads"),

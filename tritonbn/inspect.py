@@ -38,15 +38,20 @@ DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on requ
 # channels] = 16384 for both, and a tile one 32-byte sector of channels wide) and scalar-load
 # layouts at SCALAR_LOAD_CAPACITY = 8192 (7x7 images: [128, 64]; small-C channels_last, C=6:
 # co-resident programs of [8192 rows, 1 channel]).  "stepped-5d" views step D and W of NCDHW
-# data (four reduced groups: the kernels divide outer rows into three groups there).
-STEPPED = "stepped"  # memory format marker: step 2 (offset 1) on dims 2 and 4 of a rank-5 view
+# data, or N, D and W of NDHWC data (four reduced groups: the kernels divide outer rows into
+# three groups there), channel-major and channel-minor, with single-pass tiles of exactly
+# FOUR_GROUP_CAPACITY = 4096 elements ([256, 16] and [1024 rows, 4 channels]).
+# memory format markers -> (base memory format, dims stepped by 2 from offset 1)
+STEPPED = {"stepped": (None, (2, 4)), "stepped_channels_last_3d": (torch.channels_last_3d, (0, 2, 4))}
 LAYOUTS = {
     "nchw": [((32, 64, 56, 56), 1, None), ((32, 64, 32, 32), 1, None), ((16, 64, 32, 32), 1, None),
              ((128, 4, 7, 7), 1, None)],
     "channels_last": [((32, 64, 56, 56), 1, torch.channels_last), ((1, 64, 16, 16), 1, torch.channels_last),
                       ((4, 64, 16, 16), 1, torch.channels_last), ((8, 6, 32, 32), 1, torch.channels_last)],
     "axis-1": [((64, 512, 768), -1, None), ((2, 128, 64), -1, None), ((8, 128, 64), -1, None)],
-    "stepped-5d": [((16, 64, 8, 28, 28), 1, STEPPED), ((2, 64, 4, 8, 16), 1, STEPPED)],
+    "stepped-5d": [((16, 64, 8, 28, 28), 1, "stepped"), ((4, 64, 4, 16, 16), 1, "stepped"),
+                   ((16, 64, 8, 28, 28), 1, "stepped_channels_last_3d"),
+                   ((2, 64, 4, 8, 16), 1, "stepped_channels_last_3d")],
 }
 OPS = ("inference", "training_forward", "backward")
 
@@ -106,12 +111,15 @@ def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -
 
 
 def _meta_data(shape, memory_format, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The representative call's data on the meta device, in its layout's memory format, or the
-    step-sliced rank-5 view of ``STEPPED``."""
-    if memory_format == STEPPED:
-        base = torch.empty([2 * size + 1 if d in (2, 4) else size for d, size in enumerate(shape)], dtype=dtype,
+    """The representative call's data on the meta device, in its layout's memory format, or one
+    of the step-sliced rank-5 views of ``STEPPED``."""
+    if memory_format in STEPPED:
+        base_format, dims = STEPPED[memory_format]
+        base = torch.empty([2 * size + 1 if d in dims else size for d, size in enumerate(shape)], dtype=dtype,
                            device="meta")
-        return base[:, :, 1::2, :, 1::2]
+        if base_format is not None:
+            base = base.contiguous(memory_format=base_format)
+        return base[tuple(slice(1, None, 2) if d in dims else slice(None) for d in range(len(shape)))]
     x = torch.empty(shape, dtype=dtype, device="meta")
     return x if memory_format is None else x.contiguous(memory_format=memory_format)
 

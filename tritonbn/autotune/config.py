@@ -473,6 +473,10 @@ PERSISTENT_CAPACITY = {
     BACKWARD: {CHANNEL_MAJOR: 16384, CHANNEL_MINOR: 16384},
 }
 SCALAR_LOAD_CAPACITY = 8192
+# Views needing four reduced groups (steps in two dimensions: plan.outer_mid > 1) split every
+# row's offset with two more divisions: at SCALAR_LOAD_CAPACITY the channel-minor forward spilled
+# 24 bytes on sm_90 (fp16, a stepped NDHWC view), at half of it nothing spills.
+FOUR_GROUP_CAPACITY = SCALAR_LOAD_CAPACITY // 2
 PERSISTENT_WARPS = 16  # the warps the capacities were measured with
 PERSISTENT_OFF = KernelConfig(0, 0)  # override_configs(persistent=PERSISTENT_OFF): split path only
 # A channel-minor single-pass launch with at most this many programs runs them all at once on
@@ -492,8 +496,11 @@ def vector_aligned(plan: ViewPlan) -> bool:
 
 def persistent_capacity(op: str, plan: ViewPlan, element_size: int = 4) -> int:
     """Elements a single-pass program of ``op`` holds for ``plan``: PERSISTENT_CAPACITY, or
-    SCALAR_LOAD_CAPACITY for layouts without vector loads; half of that for float64."""
+    SCALAR_LOAD_CAPACITY for layouts without vector loads, at most FOUR_GROUP_CAPACITY for views
+    of four reduced groups; half of that for float64."""
     capacity = PERSISTENT_CAPACITY[op][plan.family] if vector_aligned(plan) else SCALAR_LOAD_CAPACITY
+    if plan.outer_mid > 1:
+        capacity = min(capacity, FOUR_GROUP_CAPACITY)
     return capacity if element_size <= 4 else capacity // 2
 
 
