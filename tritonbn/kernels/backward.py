@@ -91,12 +91,12 @@ def channel_minor_backward_reduce_kernel(
     for r0 in range(r_begin, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
-        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom,
-                                                  stride_xo, stride_xc, stride_xi, INT64), mask=mask,
-                                                  other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom,
-                                                    stride_dyo, stride_dyc, stride_dyi, INT64), mask=mask,
-                                                    other=0.0).to(ACC)
+        x = tl.load(x_ptr + channel_minor_offsets(
+            r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi, INT64),
+            mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + channel_minor_offsets(
+            r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi, INT64),
+            mask=mask, other=0.0).to(ACC)
         sum_dy += dy
         sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 

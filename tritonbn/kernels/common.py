@@ -165,11 +165,8 @@ def channel_major_offsets(o, i, outer_mid, outer_lo, stride_oh, stride_om, strid
 
     The outer row is split into its strided groups per row, not per element (``outer_offset``).
     """
-    if INT64:
-        o = o.to(tl.int64)
-        i = i.to(tl.int64)
-    row = outer_offset(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o)
-    return row[:, None] + i[None, :] * stride_i
+    row = row_offsets(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
+    return row[:, None] + scalar_offset(i, stride_i, INT64)[None, :]
 
 
 @triton.jit
@@ -186,10 +183,8 @@ def channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_oh, stride_om
 @triton.jit
 def element_offset(o, i, outer_mid, outer_lo, stride_oh, stride_om, stride_o, stride_i, INT64: tl.constexpr):
     """Offset of element (outer row ``o``, inner column ``i``) of one channel (scalars)."""
-    if INT64:
-        o = o.to(tl.int64)
-        i = i.to(tl.int64)
-    return outer_offset(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o) + i * stride_i
+    row = row_offsets(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
+    return row + scalar_offset(i, stride_i, INT64)
 
 
 @triton.jit

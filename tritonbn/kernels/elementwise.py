@@ -155,11 +155,9 @@ def channel_minor_elementwise_kernel(
             result += (((x - pilot[None, :]) - shifted_mean[None, :]) * invstd[None, :]) * x_coef[None, :]
         if HAS_DY:
             dy_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom,
-                                               stride_dyo, stride_dyc, stride_dyi,
-                                               INT64)
+                                               stride_dyo, stride_dyc, stride_dyi, INT64)
             dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(ACC)
             result += dy * dy_coef[None, :]
         out_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_outoh, stride_outom,
-                                            stride_outo, stride_outc, stride_outi,
-                                            INT64)
+                                            stride_outo, stride_outc, stride_outi, INT64)
         tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)

@@ -68,13 +68,11 @@ def channel_major_persistent_forward_kernel(
     i = tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
     x_base = x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
-    x = tl.load(x_base + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
-                                               stride_xi, INT64),
-                mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_base + channel_major_offsets(
+        o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xi, INT64), mask=mask, other=0.0).to(ACC)
     first = tl.zeros([1], tl.int32)
-    last = tl.load(x_base + first + element_offset(outer - 1, inner - 1, outer_mid, outer_lo, stride_xoh, stride_xom,
-                                                   stride_xo,
-                                                    stride_xi, INT64)).to(ACC)
+    last = tl.load(x_base + first + element_offset(
+        outer - 1, inner - 1, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xi, INT64)).to(ACC)
     pilot = finite_pilot(tl.load(x_base + first).to(ACC), last)
     scale = spread_scale(pilot, last)
     mean_z, var_z, z, _ = _two_pass_rows(
@@ -109,13 +107,12 @@ def channel_minor_persistent_forward_kernel(
     r = tl.arange(0, BLOCK_R)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
-                                              stride_xc, stride_xi,
-                                              INT64), mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + channel_minor_offsets(
+        r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi, INT64),
+        mask=mask, other=0.0).to(ACC)
     channel_offsets = scalar_offset(c, stride_xc, INT64)
-    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_mid, outer_lo, stride_xoh,
-                                 stride_xom, stride_xo,
-                                 stride_xi, INT64)
+    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_mid, outer_lo,
+                                 stride_xoh, stride_xom, stride_xo, stride_xi, INT64)
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
@@ -151,14 +148,14 @@ def channel_major_persistent_backward_kernel(
     i = tl.arange(0, BLOCK_I)
     mask = (o < outer)[:, None] & (i < inner)[None, :]
     dy = tl.load(dy_ptr + scalar_offset(c_scalar, stride_dyc, INT64)
-                 + channel_major_offsets(o, i, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyi,
-                                         INT64),
+                 + channel_major_offsets(o, i, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo,
+                                         stride_dyi, INT64),
                  mask=mask, other=0.0).to(ACC)
     sum_dy = tl.sum(tl.reshape(dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
     if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
         x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
-                    + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xi,
-                                            INT64),
+                    + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
+                                            stride_xi, INT64),
                     mask=mask, other=0.0).to(ACC)
         pilot = tl.load(center_ptr + c_scalar)
         shifted_mean = tl.load(center_ptr + C + c_scalar)
@@ -196,13 +193,13 @@ def channel_minor_persistent_backward_kernel(
     r = tl.arange(0, BLOCK_R)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
-    dy = tl.load(dy_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom,
-                                                stride_dyo, stride_dyc,
-                                                stride_dyi, INT64), mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + channel_minor_offsets(
+        r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi, INT64),
+        mask=mask, other=0.0).to(ACC)
     if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
-        x = tl.load(x_ptr + channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom,
-                                                  stride_xo, stride_xc,
-                                                  stride_xi, INT64), mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + channel_minor_offsets(
+            r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi, INT64),
+            mask=mask, other=0.0).to(ACC)
         pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
         shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
         centred = tl.where(mask, (x - pilot[None, :]) - shifted_mean[None, :], 0.0)
@@ -218,6 +215,5 @@ def channel_minor_persistent_backward_kernel(
     else:
         dx = dy * dy_coef[None, :]  # moving statistics: dx = dy * g * invstd, x not used
     dx_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dxoh, stride_dxom, stride_dxo,
-                                       stride_dxc, stride_dxi,
-                                       INT64)
+                                       stride_dxc, stride_dxi, INT64)
     tl.store(dx_ptr + dx_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)

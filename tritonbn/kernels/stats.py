@@ -52,8 +52,7 @@ def _channel_major_z(rows, o, i, o_end, i_end, stride_i, pilot, scale, ACC: tl.c
 
 @triton.jit
 def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o,
-                     stride_c, stride_i,
-                     pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
+                     stride_c, stride_i, pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
     """z = (x - pilot) * scale of a [BLOCK_R, BLOCK_C] tile (rows r of channels c) of a split
     ending at row r_end, and the tile's mask; pilot, scale: [BLOCK_C]."""
     mask = (r < r_end)[:, None] & c_mask[None, :]
@@ -149,9 +148,8 @@ def channel_minor_stats_kernel(
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
     channel_offsets = scalar_offset(c, stride_c, INT64)
-    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_mid, outer_lo, stride_oh, stride_om,
-                                 stride_o, stride_i,
-                                 INT64)
+    last_offset = element_offset((rows - 1) // inner, (rows - 1) % inner, outer_mid, outer_lo,
+                                 stride_oh, stride_om, stride_o, stride_i, INT64)
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
