@@ -7,6 +7,7 @@ replaced by the plain function.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from pathlib import Path
@@ -158,6 +159,94 @@ def test_written_outputs_on_the_timed_path(tmp_path):
         assert needle in text
     for png in tmp_path.glob("*.png"):
         assert 1000 < png.stat().st_size < 200_000
+
+
+# ----------------------------------------------------------------------------- the torch.compile baseline
+# dynamo's "eager" backend keeps these cheap on a CPU: the graphs are traced, not compiled by Inductor.
+
+
+class RepeatTimer:
+    """Calls fn three times (warm-up and timed runs alike must hit the compiled graph); 1 ms."""
+
+    def __call__(self, fn):
+        for _ in range(3):
+            fn()
+        return Timing(1.0, 1.0, 1.0)
+
+
+COMPILED_MODES = ("inference", "forward", "backward", "forward_backward")
+# six shapes, two graphs each (inference, training): far past the limits the tests lower to 2
+DISTINCT_POINTS = [_point("NCHW", "fp32", (n, 3, 2, 2)) for n in range(2, 8)]
+
+
+def _recording_compile(made: list, reset: bool):
+    """The sweep's own default_compile (reset per point), or one dynamo cache for the whole sweep."""
+    def compile_fn(fn):
+        made.append(bench.default_compile(fn, backend="eager") if reset else
+                    bench.CompiledBaseline(fn, backend="eager", reset=False))
+        return made[-1]
+
+    return compile_fn
+
+
+def _compiled_rows(rows):
+    return [r for r in rows if r.provider == "torch.compile"]
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset-per-point", "one-cache-raised-limits"])
+def test_compiled_provider_stays_compiled_past_dynamo_limits(reset):
+    import torch._dynamo.config as dynamo_config
+
+    made: list = []
+    with dynamo_config.patch(recompile_limit=2, accumulated_recompile_limit=2):
+        rows = bench.time_sweep(DISTINCT_POINTS, "cpu", RepeatTimer(), compile_fn=_recording_compile(made, reset),
+                                providers=("torch.compile",), modes=COMPILED_MODES, progress=False)
+        assert dynamo_config.accumulated_recompile_limit == 2  # the sweep's raised limits were scoped
+    compiled = _compiled_rows(rows)
+    assert len(compiled) == len(DISTINCT_POINTS) * len(COMPILED_MODES)
+    assert [r.note for r in compiled if r.note] == []
+    assert all(r.ms == 1.0 for r in compiled)
+    assert [b.graphs for b in made] == [2] * len(DISTINCT_POINTS)  # inference + training, per point
+    # three timed calls of each mode but backward (whose graph ran once, building y) and the final check
+    assert all(b.graph_calls >= 3 * 3 + 1 for b in made)
+
+
+@contextlib.contextmanager
+def _limits_of_one():
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(recompile_limit=1, accumulated_recompile_limit=1):
+        yield
+
+
+@pytest.mark.parametrize("fallback, expected", [
+    (lambda: torch.compiler.set_stance("force_eager"), "EagerFallback"),
+    (_limits_of_one, "FailOnRecompileLimitHit"),
+], ids=["force-eager-stance", "recompile-limit-hit"])
+def test_an_eager_fallback_is_a_failed_row_not_a_time(fallback, expected):
+    made: list = []
+    rows = []
+    with fallback():  # time_point, unlike time_sweep, leaves dynamo's limits as they are
+        for point in DISTINCT_POINTS[:2]:
+            rows += bench.time_point(point, torch.device("cpu"), RepeatTimer(), _recording_compile(made, False),
+                                     providers=("torch.compile",), modes=COMPILED_MODES)
+    compiled = _compiled_rows(rows)
+    flagged = [r for r in compiled if r.note.startswith("failed")]
+    assert flagged and all(expected in r.note for r in flagged)
+    assert all(math.isnan(r.ms) for r in flagged)
+    assert all(r.ms == 1.0 for r in compiled if not r.note)  # a time only where a graph ran
+
+
+def test_compile_limits_raise_every_knob_and_restore():
+    import torch._dynamo.config as dynamo_config
+
+    knobs = [k for k in bench.COMPILE_LIMIT_KNOBS if hasattr(dynamo_config, k)]
+    assert "accumulated_recompile_limit" in knobs
+    before = {k: getattr(dynamo_config, k) for k in knobs}
+    with bench.compile_limits():
+        assert all(getattr(dynamo_config, k) >= bench.COMPILE_LIMIT for k in knobs)
+        assert dynamo_config.fail_on_recompile_limit_hit
+    assert {k: getattr(dynamo_config, k) for k in knobs} == before
 
 
 # ----------------------------------------------------------------------------- the command

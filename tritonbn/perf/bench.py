@@ -5,7 +5,9 @@ flushed before every run; median and quartiles) for four providers in one run:
 
 - ``tritonbn``: ``tritonbn.batch_norm`` on the tensor as it lies (any axis, no copy);
 - ``torch``: ``torch.nn.functional.batch_norm``, eager (cuDNN or native, as torch dispatches);
-- ``torch.compile``: the same function through ``torch.compile(dynamic=False)``;
+- ``torch.compile``: the same function through ``torch.compile(dynamic=False, fullgraph=True)``
+  (Inductor), compiled afresh per point; a row whose calls ran no compiled graph (dynamo fell
+  back to eager) is reported as failed instead of timing eager torch under this name;
 - ``copy``: a device-to-device copy of S bytes (reads S, writes S): the bandwidth reference.
 
 torch's batch_norm only takes the channel at axis 1: for another axis both torch providers get
@@ -23,8 +25,10 @@ documented CUDA design ("modelled": ``sweeps.TORCH_PASSES``).  Nothing there is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import functools
 import inspect
 import math
 import os
@@ -32,7 +36,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -40,7 +44,8 @@ from . import sweeps, traffic
 from ..autotune.tuner import restored  # the moving statistics between measurements
 from .sweeps import MIN_PASSES, MODES, TORCH_PASSES, Point
 
-__all__ = ["Row", "Timing", "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "add_arguments", "run"]
+__all__ = ["Row", "Timing", "CompiledBaseline", "EagerFallback", "compile_limits", "default_compile",
+           "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "add_arguments", "run"]
 
 MEASURED, COUNTED, MODELLED = "measured", "counted", "modelled"
 PROVIDERS = ("tritonbn", "torch", "torch.compile")
@@ -177,14 +182,101 @@ def torch_view(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t if axis == 1 else t.movedim(axis, 1)
 
 
-def default_compile(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=False)``, with room for one graph per shape of the sweep."""
+# Every dynamo knob that caps the graphs kept per function (old names are aliases of the new):
+# past any of them dynamo stops compiling and runs the frame eagerly.  torch 2.11's
+# accumulated_recompile_limit (256) is the one a long sweep of one function reaches.
+COMPILE_LIMIT_KNOBS = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                       "accumulated_cache_size_limit")
+COMPILE_LIMIT = 1 << 16
+
+
+class EagerFallback(RuntimeError):
+    """A ``torch.compile`` provider's calls ran no compiled graph: dynamo ran them eagerly."""
+
+
+@contextlib.contextmanager
+def compile_limits(limit: int = COMPILE_LIMIT) -> Iterator[None]:
+    """Dynamo's recompile limits raised for the duration of a sweep, restored afterwards.
+
+    Args:
+        limit: the least value every knob of ``COMPILE_LIMIT_KNOBS`` that this torch has gets
+            (a higher setting is kept).
+
+    Also sets ``fail_on_recompile_limit_hit`` (where it exists), so that reaching a limit
+    anyway is an error in the row, never a silent eager run.  Yields nothing.
+    """
     import torch._dynamo.config as dynamo_config
 
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, knob):
-            setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 4096))
-    return torch.compile(fn, dynamic=False)
+    patch = {knob: max(getattr(dynamo_config, knob), limit) for knob in COMPILE_LIMIT_KNOBS
+             if hasattr(dynamo_config, knob)}
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit") and not dynamo_config.suppress_errors:
+        patch["fail_on_recompile_limit_hit"] = True  # incompatible with suppress_errors
+    with dynamo_config.patch(patch):
+        yield
+
+
+class CompiledBaseline:
+    """``torch.compile(fn, dynamic=False, fullgraph=True)`` that counts its graphs and their calls.
+
+    Built once per sweep point: ``torch._dynamo.reset()`` first (with ``reset``), so the cache
+    holds only this point's few graphs and no recompile limit comes near however long the
+    sweep.  ``fullgraph=True`` makes a graph break or a limit hit raise instead of running
+    eagerly.  ``graphs`` counts the graphs the backend compiled and ``graph_calls`` the calls of
+    them, so a caller can tell a compiled run from an eager one (``EagerFallback``).
+    """
+
+    def __init__(self, fn: Callable, backend: str = "inductor", reset: bool = True):
+        """Args: ``fn`` to compile; ``backend``: dynamo backend name (tests use "eager");
+        ``reset``: clear dynamo's caches first."""
+        import torch._dynamo
+
+        if reset:
+            torch._dynamo.reset()
+        self.backend = backend
+        self.graphs = 0
+        self.graph_calls = 0
+        self._compiled = torch.compile(fn, backend=self._compile_graph, dynamic=False, fullgraph=True)
+
+    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.graphs += 1
+        inner = lookup_backend(self.backend)(gm, example_inputs)
+
+        @functools.wraps(inner)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.graph_calls += 1  # one integer add per call: nothing next to a kernel launch
+            return inner(*args, **kwargs)
+
+        return counted
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the compiled function."""
+        return self._compiled(*args, **kwargs)
+
+
+def default_compile(fn: Callable, backend: str = "inductor") -> CompiledBaseline:
+    """The ``torch.compile`` provider of one point: a fresh ``CompiledBaseline`` of ``fn``.
+
+    Args:
+        fn: the function to compile (torch's batch_norm with MXNet's constants).
+        backend: dynamo backend; Inductor is what ``torch.compile`` uses by default.
+
+    Returns the compiled callable; ``time_sweep`` raises dynamo's limits around the sweep.
+    """
+    return CompiledBaseline(fn, backend)
+
+
+def _check_compiled(compiled: Any, calls_before: int, fn: Callable[[], Any], mode: str) -> None:
+    """Raise ``EagerFallback`` unless ``compiled`` ran a graph since ``calls_before`` and, where
+    ``fn`` calls the forward (every mode but backward), on one more call after the timing."""
+    if compiled.graph_calls == calls_before:
+        raise EagerFallback("torch.compile ran no compiled graph: dynamo fell back to eager")
+    if mode != "backward":
+        before = compiled.graph_calls
+        fn()
+        if compiled.graph_calls == before:
+            raise EagerFallback("torch.compile's last call ran eagerly: dynamo fell back to eager")
 
 
 @dataclass
@@ -246,10 +338,18 @@ def _mode_fn(provider: str, mode: str, inp: _Inputs, compiled: Callable | None) 
     return lambda: torch.autograd.grad(forward(), wrt, dy)
 
 
-def _timed(row: Row, timer: Callable, fn_factory: Callable[[], Callable[[], Any]], restore: Sequence[torch.Tensor]):
+def _timed(row: Row, timer: Callable, fn_factory: Callable[[], Callable[[], Any]], restore: Sequence[torch.Tensor],
+           compiled: Any = None):
+    """Time ``fn_factory()`` into ``row``; with ``compiled`` (a ``CompiledBaseline``) the row fails
+    unless its calls ran a compiled graph."""
+    watched = hasattr(compiled, "graph_calls")  # a compile_fn injected by a test may return a plain function
     try:
         with restored(*restore):
-            timing = timer(fn_factory())
+            calls_before = compiled.graph_calls if watched else 0
+            fn = fn_factory()
+            timing = timer(fn)
+            if watched:
+                _check_compiled(compiled, calls_before, fn, row.mode)
         row.ms, row.ms_q25, row.ms_q75 = timing.median, timing.q25, timing.q75
     except Exception as exc:  # noqa: BLE001 - one failing provider must not end the sweep
         row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
@@ -276,7 +376,7 @@ def time_point(point: Point, device: torch.device, timer: Callable[[Callable[[],
             if provider != "tritonbn" and point.axis != 1:
                 row.note = f"x.movedim({point.axis}, 1) (a view) for torch"
             _timed(row, timer, lambda: _mode_fn(provider, mode, inp, compiled),
-                   (inp.moving_mean, inp.moving_var))
+                   (inp.moving_mean, inp.moving_var), compiled if provider == "torch.compile" else None)
             row.gbps = MIN_PASSES[mode] * point.data_bytes / (row.ms * 1e6)
             row.pct_copy = 100.0 * row.gbps / copy.gbps
             by_provider[provider] = row
@@ -293,13 +393,19 @@ def time_sweep(points: Sequence[Point], device: torch.device | str, timer: Calla
                compile_fn: Callable[[Callable], Callable] = default_compile,
                providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
                progress: bool = True) -> list[Row]:
-    """Timed rows of every point (see ``time_point``); ``timer`` is injectable (tests stub it)."""
+    """Timed rows of every point (see ``time_point``); ``timer`` is injectable (tests stub it).
+
+    With the torch.compile provider, dynamo's recompile limits are raised for the whole sweep
+    (``compile_limits``), so its rows stay compiled however many points there are.
+    """
     device = torch.device(device)
     rows: list[Row] = []
-    for point in _progress(points, "timing", progress):
-        rows.extend(time_point(point, device, timer, compile_fn, providers, modes))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    limits = compile_limits() if "torch.compile" in providers else contextlib.nullcontext()
+    with limits:  # the compiled baseline stays compiled over the whole sweep
+        for point in _progress(points, "timing", progress):
+            rows.extend(time_point(point, device, timer, compile_fn, providers, modes))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
