@@ -1,10 +1,21 @@
-"""Input builders and per-dtype tolerances shared by the tests."""
+"""Input builders and per-dtype tolerances shared by the tests.
+
+``DEVICE`` is where ``make_inputs`` puts its tensors: "cpu", or "cuda" for the cuda path
+(conftest's ``path`` fixture sets it).  Values are drawn on the CPU first, so both devices see the
+same numbers; ``assert_close`` compares on the CPU.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+CUDA_MODE = os.environ.get("TRITONBN_TEST_DEVICE", "cpu") == "cuda"
+DEVICE = "cpu"
 
 # (atol, rtol) against float64 math, per data dtype.
 TOLERANCES = {
@@ -39,7 +50,7 @@ def apply_layout(x: torch.Tensor, layout: str, axis: int) -> torch.Tensor:
     if layout == "sliced":
         big_shape = list(x.shape)
         big_shape[-1] = 2 * big_shape[-1] + 1
-        big = torch.full(big_shape, float("nan"), dtype=x.dtype)
+        big = torch.full(big_shape, float("nan"), dtype=x.dtype, device=x.device)
         view = big[..., 1::2]
         view.copy_(x)
         return view
@@ -54,7 +65,7 @@ def _stepped(x: torch.Tensor, dims: tuple[int, ...], memory_format: torch.memory
     """``x`` copied into a view with step 2 (and offset 1) on ``dims`` of a NaN-filled tensor
     stored in ``memory_format``."""
     big_shape = [2 * size + 1 if d in dims else size for d, size in enumerate(x.shape)]
-    big = torch.full(big_shape, float("nan"), dtype=x.dtype).contiguous(memory_format=memory_format)
+    big = torch.full(big_shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=memory_format)
     view = big[tuple(slice(1, None, 2) if d in dims else slice(None) for d in range(x.dim()))]
     view.copy_(x)
     return view
@@ -90,20 +101,42 @@ def make_inputs(
     offset = torch.randn(channels, generator=gen, dtype=torch.float64).reshape(bshape) * 3
     scale = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).reshape(bshape)
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
-    x = apply_layout(x, layout, axis % len(shape))
+    x = apply_layout(x.to(DEVICE), layout, axis % len(shape))
     pdt = param_dtype or param_dtype_for(dtype)
     gamma = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(pdt)
     beta = torch.randn(channels, generator=gen, dtype=torch.float64).to(pdt)
     moving_mean = torch.randn(channels, generator=gen, dtype=torch.float64).to(pdt)
     moving_var = (torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5).to(pdt)
-    return Inputs(x, gamma, beta, moving_mean, moving_var)
+    return Inputs(x, *(t.to(DEVICE) for t in (gamma, beta, moving_mean, moving_var)))
+
+
+def select_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set up the execution path ``path`` ("triton", "reference" or "cuda") for one test, or skip
+    it when the mode (CPU or CUDA, conftest) does not run that path."""
+    if (path == "cuda") != CUDA_MODE:
+        pytest.skip("the cuda path runs with TRITONBN_TEST_DEVICE=cuda" if path == "cuda"
+                    else "CUDA mode runs only the cuda path")
+    if path == "cuda":
+        monkeypatch.setattr(sys.modules[__name__], "DEVICE", "cuda")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
+
+
+def on_device(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``DEVICE`` (its layout kept)."""
+    return t.to(DEVICE)
+
+
+def backend_name(path: str) -> str:
+    """The backend a path runs (``trace.paths``): the cuda path runs the Triton kernels."""
+    return "triton" if path == "cuda" else path
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0) -> None:
     """Compare in float64 with the tolerance of ``dtype`` (times ``scale``)."""
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(
-        actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale, equal_nan=True,
+        actual.detach().double().cpu(), expected.detach().double().cpu(), atol=atol * scale, rtol=rtol * scale, equal_nan=True,
         msg=lambda m: f"{what}: {m}",
     )
 

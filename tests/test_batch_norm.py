@@ -14,19 +14,24 @@ import tritonbn
 from tritonbn import reference
 from tritonbn.autotune import PERSISTENT_OFF, override_configs
 from tritonbn.plan import MAX_REDUCED_GROUPS, is_dense, plan_view
-from helpers import apply_layout, assert_close, make_inputs
+from helpers import apply_layout, assert_close, backend_name, make_inputs, on_device, select_path
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
-@pytest.fixture(params=["triton", "triton-split", "reference"])
+RUNS_ON_CUDA = True  # tensors come from helpers (make_inputs, on_device): conftest's cuda path
+
+
+@pytest.fixture(params=["triton", "triton-split", "reference", "cuda", "cuda-split"])
 def path(request, monkeypatch):
-    """This module runs every test three ways: the Triton kernels as dispatched (single-pass
-    for these small slices), the Triton split path (persistent kernels off), the reference."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0" if request.param == "reference" else "1")
-    split_only = {"persistent": PERSISTENT_OFF} if request.param == "triton-split" else {}
+    """This module runs every test three ways on the CPU: the Triton kernels as dispatched
+    (single-pass for these small slices), the Triton split path (persistent kernels off), the
+    reference; in CUDA mode, the compiled kernels both ways on CUDA tensors."""
+    base, _, variant = request.param.partition("-")
+    select_path(base, monkeypatch)
+    split_only = {"persistent": PERSISTENT_OFF} if variant == "split" else {}
     with override_configs(**split_only):
-        yield request.param.split("-")[0]
+        yield base
 
 # (shape, axis, layout): every rank 1-5, every axis (negative ones too), every layout family.
 GEOMETRIES = [
@@ -108,12 +113,12 @@ def test_forward_backward_match_reference(shape, axis, layout, dtype, flag_id, p
     inp = make_inputs(shape, axis, dtype, layout)
     # autograd hands the backward a gradient laid out like y, i.e. like x
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    dy = apply_layout(dy, layout, axis % len(shape))
+    dy = apply_layout(on_device(dy), layout, axis % len(shape))
     expected = _expected(inp, dy, axis % len(shape), flags)
     got, trace = _run(inp, dy, axis, flags)
 
-    assert trace.paths == [path, path], "forward and backward must both run on the requested path"
-    if path == "triton":
+    assert trace.paths == [backend_name(path)] * 2, "forward and backward must both run on the requested path"
+    if path != "reference":
         family = plan_view(inp.x.shape, axis % len(shape), [inp.x.stride()]).family
         assert trace.kernels() and all(
             k.startswith(family) or k.startswith("finalize") for k in trace.kernels()), trace.kernels()
@@ -134,7 +139,7 @@ def test_forward_backward_match_reference(shape, axis, layout, dtype, flag_id, p
 )
 def test_half_parameters_compute_in_float32(dtype, param_dtype, path):
     inp = make_inputs((3, 4, 5), 1, dtype, param_dtype=param_dtype)
-    dy = torch.randn((3, 4, 5), generator=torch.Generator().manual_seed(2)).to(dtype)
+    dy = on_device(torch.randn((3, 4, 5), generator=torch.Generator().manual_seed(2)).to(dtype))
     expected = _expected(inp, dy, 1, FLAGS["train"])
     got, _ = _run(inp, dy, 1, FLAGS["train"])
     for name in expected:
@@ -166,7 +171,7 @@ def test_out_argument_is_written_and_returned(layout, path):
 
 def test_out_with_another_layout_is_written_in_place(path):
     inp = make_inputs((2, 3, 4, 5), 1, F32)
-    base = torch.full((2, 3, 4, 11), float("nan"))
+    base = on_device(torch.full((2, 3, 4, 11), float("nan")))
     out = base[:, :, :, 1:10:2]  # the step breaks the H*W merge that contiguous data has
     with tritonbn.trace.capture() as trace:
         tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False, out=out)
@@ -190,7 +195,7 @@ def _stepped_view(groups, seed=4):
     shape, steps = STEPPED[groups]
     base_shape = [shape[0], shape[1]] + [size * step + 1 if step > 1 else size
                                           for size, step in zip(shape[2:], steps[1:])]
-    base = torch.randn(base_shape, generator=torch.Generator().manual_seed(seed))
+    base = on_device(torch.randn(base_shape, generator=torch.Generator().manual_seed(seed)))
     view = base[(slice(None), slice(None)) + tuple(slice(1, None, step) if step > 1 else slice(None)
                                                    for step in steps[1:])]
     plan = plan_view(view.shape, 1, [view.stride()])
@@ -208,12 +213,12 @@ def test_data_needing_four_groups_runs_in_place_five_are_copied_once(groups, pat
     x = _stepped_view(groups)
     inp = make_inputs(x.shape, 1, F32)
     inp.x = x
-    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    dy = on_device(torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
     expected = _expected(inp, dy, 1, FLAGS["train"])
     got, trace = _run(inp, dy, 1, FLAGS["train"])
     for name in expected:
         assert_close(got[name], expected[name], F32, name, scale=4.0)
-    if path == "triton":
+    if path != "reference":
         assert trace.copies == _copies(groups, DATA_COPY)
 
 
@@ -252,7 +257,7 @@ def test_out_needing_four_groups_is_written_in_place_five_through_a_temporary(gr
     with tritonbn.trace.capture() as trace:
         tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, fix_gamma=False, out=out)
     assert_close(out, _expected(inp, torch.zeros_like(inp.x), 1, FLAGS["infer"])["y"], F32, "out")
-    if path == "triton":
+    if path != "reference":
         assert len(trace.copies) == (groups == "five-groups")
         assert all("out layout" in copy for copy in trace.copies)
 
@@ -266,13 +271,13 @@ def test_grad_needing_four_groups_runs_in_place_five_are_copied_once(groups, pat
     got, trace = _run(inp, dy, 1, FLAGS["train"])
     for name in expected:
         assert_close(got[name], expected[name], F32, name, scale=4.0)
-    if path == "triton":
+    if path != "reference":
         assert trace.copies == _copies(groups, "grad_out layout does not share a view plan with data")
 
 
 def test_grad_in_another_layout_runs_without_copy(path):
     inp = make_inputs((2, 3, 4, 5), 2, F32, "channels_last")
-    dy = torch.randn((2, 3, 4, 5), generator=torch.Generator().manual_seed(3))  # contiguous, unlike x
+    dy = on_device(torch.randn((2, 3, 4, 5), generator=torch.Generator().manual_seed(3)))  # contiguous, unlike x
     expected = _expected(inp, dy, 2, FLAGS["train"])
     got, trace = _run(inp, dy, 2, FLAGS["train"])
     for name in expected:
@@ -336,4 +341,4 @@ def test_gradcheck_float64(shape, axis, training, use_global_stats, path):
 
     with tritonbn.trace.capture() as trace:
         assert torch.autograd.gradcheck(fn, (x, gamma, beta), eps=1e-6, atol=1e-6)
-    assert set(trace.paths) == {path}
+    assert set(trace.paths) == {backend_name(path)}

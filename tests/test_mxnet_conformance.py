@@ -28,7 +28,9 @@ import torch
 
 import tritonbn
 
-from helpers import TOLERANCES
+from helpers import TOLERANCES, backend_name, on_device
+
+RUNS_ON_CUDA = True  # tensors go through helpers.on_device: conftest's cuda path
 
 DATA = Path(__file__).parent / "data" / "mxnet_batchnorm.npz"
 
@@ -85,7 +87,7 @@ def _tolerance(dtype: str, quantity: str) -> float:
 
 def _err(actual: torch.Tensor, expected: np.ndarray) -> float:
     exp = torch.from_numpy(np.asarray(expected, dtype=np.float64))
-    act = actual.detach().to(torch.float64)
+    act = actual.detach().to(torch.float64).cpu()
     assert act.shape == exp.shape
     if exp.numel() == 0:
         return 0.0
@@ -139,12 +141,14 @@ def test_matches_mxnet(case: dict, path: str) -> None:
     dtype = DTYPES[case["dtype"]]
     pdtype = DTYPES[case["param_dtype"]]
 
-    x = torch.from_numpy(arr("x").copy()).to(dtype).requires_grad_(True)
-    gamma = torch.from_numpy(arr("gamma").copy()).to(pdtype).requires_grad_(True)
-    beta = torch.from_numpy(arr("beta").copy()).to(pdtype).requires_grad_(True)
-    mm = torch.from_numpy(arr("moving_mean").copy()).to(pdtype)
-    mv = torch.from_numpy(arr("moving_var").copy()).to(pdtype)
-    dy = torch.from_numpy(arr("dy").copy()).to(dtype)
+    def tensor(name: str, dt: torch.dtype) -> torch.Tensor:
+        return on_device(torch.from_numpy(arr(name).copy()).to(dt))
+
+    x = tensor("x", dtype).requires_grad_(True)
+    gamma = tensor("gamma", pdtype).requires_grad_(True)
+    beta = tensor("beta", pdtype).requires_grad_(True)
+    mm, mv = tensor("moving_mean", pdtype), tensor("moving_var", pdtype)
+    dy = tensor("dy", dtype)
     gamma_before = gamma.detach().clone()
     assert x.shape == tuple(case["shape"])
 
@@ -157,8 +161,8 @@ def test_matches_mxnet(case: dict, path: str) -> None:
         y.backward(dy)
 
     # The path that ran is the one the fixture asked for (forward and backward).
-    assert t.paths == [path, path]
-    if path == "triton":
+    assert t.paths == [backend_name(path)] * 2
+    if path != "reference":
         assert t.kernels(), "no Triton kernel was launched"
     else:
         assert t.kernels() == []
@@ -188,7 +192,7 @@ def test_matches_mxnet(case: dict, path: str) -> None:
         assert torch.count_nonzero(gamma.grad) == 0, "dgamma must be exactly 0 with fix_gamma"
     if not _train_mode(case):
         # MXNet leaves the moving statistics bit-identical outside train mode; so must tritonbn.
-        assert torch.equal(mm, torch.from_numpy(arr("moving_mean")).to(pdtype))
-        assert torch.equal(mv, torch.from_numpy(arr("moving_var")).to(pdtype))
+        assert torch.equal(mm.cpu(), torch.from_numpy(arr("moving_mean")).to(pdtype))
+        assert torch.equal(mv.cpu(), torch.from_numpy(arr("moving_var")).to(pdtype))
     # MXNet writes ones into gamma with fix_gamma (gamma_after); tritonbn never modifies gamma.
-    assert torch.equal(gamma.detach(), gamma_before)
+    assert torch.equal(gamma.detach(), gamma_before)  # on one device: both are on DEVICE
