@@ -13,7 +13,7 @@ import tritonbn
 from tritonbn import nn as tnn
 from tritonbn import trace
 from tritonbn.plan import empty_like_layout
-from test_nn import ConvNet, F32_TOL, _batch_norms, _input, _randomise, assert_same_state
+from test_nn import ConvNet, F32_TOL, _batch_norms, _input, _randomise, assert_same_state, torch_layer
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ LAYERS = [
     ("2d-affine-False-momentum-None", lambda: (torch.nn.BatchNorm2d(3, affine=False, momentum=None),
                                                tnn.BatchNorm2d(3, affine=False, momentum=None)),
      (2, 3, 4, 4), torch.contiguous_format),
-    ("2d-untracked-no-bias", lambda: (torch.nn.BatchNorm2d(3, track_running_stats=False, bias=False),
+    ("2d-untracked-no-bias", lambda: (torch_layer("BatchNorm2d", 3, track_running_stats=False, bias=False),
                                       tnn.BatchNorm2d(3, track_running_stats=False, bias=False)),
      (2, 3, 4, 4), torch.contiguous_format),
     ("1d", lambda: (torch.nn.BatchNorm1d(3, momentum=0.3), tnn.BatchNorm1d(3, momentum=0.3)),

@@ -4,7 +4,8 @@ The ranks hold 3 and 5 samples (unequal: averaging per-rank moments would be wro
 also runs torch's own BatchNorm2d on the concatenated batch and checks, over three training
 steps (momentum 0.1, then a cumulative-average layer) and an eval step: its slice of the output
 and of the input gradient, the all-reduced weight/bias gradients, and the running statistics.
-The workers run through the interpreted Triton kernels or the reference (TRITON_INTERPRET is
+A last step checks a group that holds one value per channel in all (no error, running
+statistics unchanged).  The workers run through the interpreted Triton kernels or the reference (TRITON_INTERPRET is
 set in the child before anything imports Triton).
 """
 
@@ -68,6 +69,24 @@ def _check_rank(rank: int, momentum, memory_format) -> None:
         ours.zero_grad(), theirs.zero_grad()
 
 
+def _check_group_of_one_value(rank: int) -> None:
+    """One value per channel in the whole group (rank 0: one sample, the others none): no rank
+    can tell without a host sync, so none raises; y = beta, and the running statistics stay as
+    they were (an unbiased variance of one value is undefined)."""
+    from tritonbn.distributed import sync_batch_norm
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1 if rank == 0 else 0, 3, generator=gen).requires_grad_()
+    weight, bias = (torch.rand(3, generator=gen) + 0.5).requires_grad_(), torch.randn(3, generator=gen)
+    running = (torch.randn(3, generator=gen), torch.rand(3, generator=gen) + 0.5)
+    before = tuple(t.clone() for t in running)
+    y = sync_batch_norm(x, *running, weight, bias.requires_grad_(), 0.1, 1e-5, None)
+    y.sum().backward()
+    torch.testing.assert_close(y, bias.detach().expand_as(y), **TOL)
+    assert all(torch.equal(t, b) for t, b in zip(running, before)), (running, before)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+
+
 def _worker(rank: int, world: int, port: int, interpret: str, cases) -> None:
     os.environ["TRITON_INTERPRET"] = interpret  # before anything imports Triton
     import torch.distributed as dist
@@ -79,6 +98,7 @@ def _worker(rank: int, world: int, port: int, interpret: str, cases) -> None:
         with trace.capture() as t:
             for momentum, memory_format in cases:
                 _check_rank(rank, momentum, memory_format)
+            _check_group_of_one_value(rank)
         assert set(t.paths) == {"triton" if interpret == "1" else "reference"}, t.paths
         # Both ranks reach here before either tears gloo down: a rank that destroys the group
         # while its peer's last collective is still in flight aborts the peer (SIGABRT).

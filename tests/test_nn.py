@@ -19,6 +19,16 @@ from tritonbn import trace
 F32_TOL = dict(atol=2e-5, rtol=2e-5)
 
 
+def torch_layer(cls: str, num_features: int, **kwargs) -> torch.nn.Module:
+    """torch's ``cls`` layer; ``bias=False`` also on a torch without the keyword (< 2.13), where
+    dropping the bias parameter gives the layer torch 2.13 builds."""
+    bias = kwargs.pop("bias", True)
+    layer = getattr(torch.nn, cls)(num_features, **kwargs, **({"bias": bias} if tnn.TORCH_HAS_BIAS else {}))
+    if not bias:
+        layer.register_parameter("bias", None)
+    return layer
+
+
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
     """Non-trivial weight, bias and running statistics (torch's defaults are ones/zeros)."""
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +85,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("label,cls,shape,kwargs", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_layer_trains_and_evaluates_like_torch(path, label, cls, shape, kwargs):
-    theirs = getattr(torch.nn, cls)(shape[1], **kwargs)
+    theirs = torch_layer(cls, shape[1], **kwargs)
     _randomise(theirs)
     ours = getattr(tnn, cls)(shape[1], **kwargs)
     ours.load_state_dict(theirs.state_dict())
@@ -137,7 +147,7 @@ def test_empty_batch_like_torch():
 
 def test_state_dict_and_repr_match_torch():
     for kwargs in ({}, {"affine": False}, {"track_running_stats": False}, {"bias": False}):
-        theirs, ours = torch.nn.BatchNorm2d(5, **kwargs), tnn.BatchNorm2d(5, **kwargs)
+        theirs, ours = torch_layer("BatchNorm2d", 5, **kwargs), tnn.BatchNorm2d(5, **kwargs)
         assert list(ours.state_dict()) == list(theirs.state_dict())
         assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
         assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
@@ -145,6 +155,18 @@ def test_state_dict_and_repr_match_torch():
     ours = tnn.BatchNorm1d(4, dtype=torch.float64)
     assert ours.weight.dtype == ours.running_var.dtype == torch.float64
     assert ours.num_batches_tracked.dtype == torch.long
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"])
+def test_bias_false_on_every_torch(cls):
+    """``bias=False`` is accepted also where torch's layers lack the keyword (torch < 2.13)."""
+    ours = getattr(tnn, cls)(4, bias=False)
+    assert ours.bias is None and ours.weight is not None and "bias" not in ours.state_dict()
+    ours.reset_parameters()
+    assert torch.equal(ours.weight, torch.ones(4))
+    theirs = torch_layer("BatchNorm2d" if cls == "SyncBatchNorm" else cls, 4, bias=False)
+    converted = tritonbn.convert(theirs, sync=cls == "SyncBatchNorm")
+    assert type(converted) is getattr(tnn, cls) and converted.bias is None and converted.weight is theirs.weight
 
 
 # ----------------------------------------------------------------------------- convert

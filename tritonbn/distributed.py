@@ -22,7 +22,15 @@ elementwise kernel fed the global statistics, S and D are the backward reduction
 all-reduced sums (``input_grad``); only [3, C] and [2, C] tensors are handled in torch.  Works with NCCL (CUDA) and gloo (CPU).
 Outside training, with a group of one rank, or when torch.distributed is not initialised, the
 layer is the local ``BatchNorm`` (the compilable custom op); the synchronised path itself runs
-eagerly (``torch.compile`` breaks the graph around it: collectives and a host read of the count).
+eagerly (``torch.compile`` breaks the graph around it, at the collectives).
+
+Nothing is read on the host: the group's count n stays a device tensor (the variance, the
+running-variance update and dx divide by it there) and so does ``num_batches_tracked`` for
+``momentum=None``.  "More than 1 value per channel" is checked where the host knows the answer
+from shapes alone, as torch's SyncBatchNorm does: a group of one rank (n is this rank's count)
+raises; in a larger group a rank cannot know the others' counts without a sync, so a group whose
+total is n <= 1 leaves the running statistics unchanged (a device-side select) rather than
+writing the undefined unbiased variance M2 / (n - 1).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import reference
+from .library import cumulative_average
 from .nn import _affine, _BatchNorm
 from .reference import chan_merge
 from .ops import backend_for
@@ -56,27 +65,43 @@ def _all_gather(t: Tensor, group) -> Tensor:
     return out.view(world, *t.shape)
 
 
+def _check_values_per_channel(x: Tensor, group) -> None:
+    """torch's "more than 1 value per channel" error, where it is decidable on the host: with one
+    rank the group's count is this rank's, a shape; with more, only a device read could tell."""
+    local = x.numel() // max(x.shape[1], 1)
+    if local <= 1 and dist.get_world_size(group) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel across the process group when training, got {local}")
+
+
+def _update_running(running: Tensor, batch_value: Tensor, count: Tensor, momentum: float,
+                    average_count: Optional[Tensor]) -> None:
+    """torch's running-statistic update in place (``average_count``: the cumulative average),
+    skipped on the device for channels whose group count is <= 1 (no unbiased variance)."""
+    if average_count is not None:
+        updated = cumulative_average(running, batch_value, average_count)
+    else:
+        updated = (running.double() * momentum + batch_value.double() * (1.0 - momentum)).to(running.dtype)
+    running.copy_(torch.where(count > 1, updated, running))
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training forward/backward with statistics across ``group`` (channel axis 1)."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, running_mean, running_var, eps, momentum, fix_gamma, group, average_count):
+        _check_values_per_channel(x, group)
         backend = backend_for(x.device)
         with torch.autocast(x.device.type, enabled=False):
-            count, mean, m2 = chan_merge(_all_gather(backend.moments(x, 1), group))
-            n = int(count.max().item()) if count.numel() else 0
-            if n <= 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel across the process group when training, got {n}")
+            count, mean, m2 = chan_merge(_all_gather(backend.moments(x, 1), group))  # [C] float64 each
+            var = m2 / count.clamp(min=1)
             g = torch.ones_like(mean) if fix_gamma else gamma
-            y, x_read, center, invstd = backend.normalize(x, mean, reference.inverse_std(m2 / n, eps), g, beta, 1)
+            y, x_read, center, invstd = backend.normalize(x, mean, reference.inverse_std(var, eps), g, beta, 1)
             if running_mean is not None and running_var is not None:
-                if average_count is not None:
-                    momentum = 1.0 - 1.0 / float(average_count.item())
-                reference.moving_update(running_mean, mean, momentum)
-                reference.moving_update(running_var, m2 / (n - 1), momentum)
+                _update_running(running_mean, mean, count, momentum, average_count)
+                _update_running(running_var, m2 / (count - 1), count, momentum, average_count)
         ctx.save_for_backward(x_read, gamma, center, invstd)
-        ctx.fix_gamma, ctx.group, ctx.n, ctx.beta_dtype = fix_gamma, group, n, beta.dtype
+        ctx.fix_gamma, ctx.group, ctx.count, ctx.beta_dtype = fix_gamma, group, count, beta.dtype
         return y
 
     @staticmethod
@@ -90,7 +115,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             g = torch.ones_like(invstd) if ctx.fix_gamma else gamma.to(invstd.dtype)
             settings = Settings(axis=1, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True,
                                 unbiased_update=False)
-            dx = backend.input_grad(dy, x, g, center, invstd, settings, sums, ctx.n)
+            dx = backend.input_grad(dy, x, g, center, invstd, settings, sums, ctx.count)
             s_local, d_local = local.unbind(0)
         needs = ctx.needs_input_grad
         dgamma = None

@@ -20,8 +20,11 @@ to Inductor: the kernels inside are the ones eager runs.  Argument checking
 traces.
 
 ``average_count`` (a one-element integer tensor, e.g. torch's ``num_batches_tracked``) selects
-torch's cumulative moving average: the op then uses ``momentum = 1 - 1 / average_count``, read
-inside the op, so that ``momentum=None`` modules compile without a data-dependent graph break.
+torch's cumulative moving average, ``moving += (batch - moving) / average_count``: the kernels
+write the batch statistics into float64 scratch (an update with momentum 0) and [C] torch ops on
+the count's device average them in (``cumulative_average``).  The count is never read on the
+host: no stream stall per step, CUDA-graph capture works, and ``momentum=None`` modules compile
+without a data-dependent graph break.
 
 Autocast: none is registered, as torch registers none for ``aten::batch_norm`` on CPU and CUDA:
 the op runs in the data's dtype with float32 parameters (autocast is switched off inside it).
@@ -29,6 +32,7 @@ the op runs in the data's dtype with float32 parameters (autocast is switched of
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -39,7 +43,7 @@ from .ops import backend_for
 from .plan import MAX_REDUCED_GROUPS, empty_like_layout, plan_view
 from .validation import Settings, validate
 
-__all__ = ["batch_norm_op", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm_op", "batch_norm_forward", "batch_norm_backward", "cumulative_average"]
 
 
 def _in_layout(t: Tensor, like: Tensor) -> Tensor:
@@ -64,6 +68,31 @@ def _own(t: Tensor, *others: Optional[Tensor]) -> Tensor:
     if any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others):
         return t.clone()
     return t
+
+
+def cumulative_average(moving: Tensor, batch: Tensor, count: Tensor) -> Tensor:
+    """``moving * (1 - 1 / count) + batch / count`` in float64, as a new tensor in ``moving``'s
+    dtype: torch's cumulative moving average (``momentum=None``) with the count left on its device.
+
+    The same float64 arithmetic as ``reference.moving_update`` with momentum ``1 - 1 / count``.
+    """
+    momentum = 1.0 - 1.0 / count.double()
+    return (moving.double() * momentum + batch.double() * (1.0 - momentum)).to(moving.dtype)
+
+
+def _forward_averaging(backend, x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_var: Tensor,
+                       settings: Settings, average_count: Tensor) -> tuple[tuple, Tensor, Tensor]:
+    """Training forward with torch's cumulative average: (forward result, new mean, new var).
+
+    The kernels run with momentum 0 into float64 [2, C] scratch, which then holds the batch
+    mean and the (unbiased when asked) batch variance, as ``TritonBackend`` does for a momentum
+    outside [0, 1]; the average itself is two [C] device ops.
+    """
+    batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
+    result = backend.forward(x, gamma, beta, batch[0], batch[1], replace(settings, momentum=0.0), None)
+    new_mean, new_var = (cumulative_average(moving, value, average_count)
+                         for moving, value in zip((moving_mean, moving_var), batch))
+    return result, new_mean, new_var
 
 
 # ----------------------------------------------------------------------------- forward
@@ -94,16 +123,18 @@ def batch_norm_forward(
         if not batch_stats:
             raise ValueError("moving_mean and moving_var are required unless batch statistics are used")
         moving_mean, moving_var = torch.zeros_like(gamma), torch.ones_like(gamma)
-    new_mean, new_var = moving_mean.clone(), moving_var.clone()
-    if average_count is not None:
-        momentum = 1.0 - 1.0 / float(average_count.item())
     settings = Settings(axis=axis, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
                         batch_stats=batch_stats, unbiased_update=unbiased_update)
     backend = backend_for(x.device)
     trace.record_path(backend.name)
     with torch.autocast(x.device.type, enabled=False):
-        y, mean, invstd, center, _ = backend.forward(
-            _plannable(x, axis), gamma, beta, new_mean, new_var, settings, None)
+        if average_count is not None and batch_stats:
+            (y, mean, invstd, center, _), new_mean, new_var = _forward_averaging(
+                backend, _plannable(x, axis), gamma, beta, moving_mean, moving_var, settings, average_count)
+        else:
+            new_mean, new_var = moving_mean.clone(), moving_var.clone()
+            y, mean, invstd, center, _ = backend.forward(
+                _plannable(x, axis), gamma, beta, new_mean, new_var, settings, None)
     y = _in_layout(y, x)
     inputs = (x, gamma, beta, moving_mean, moving_var, new_mean, new_var)
     center = _own(center, *inputs)
@@ -200,7 +231,8 @@ def batch_norm_op(
     """Validate (SPEC "Bad input") and run ``tritonbn::batch_norm_forward``: (y, mean, invstd).
 
     ``momentum`` is tritonbn's (``moving = moving * momentum + batch * (1 - momentum)``);
-    with ``average_count`` it is replaced by ``1 - 1 / average_count`` inside the op.
+    with ``average_count`` it is ignored for torch's cumulative average by ``average_count``
+    (computed on the device).
     moving_mean/moving_var may be None when ``batch_stats`` (nothing is tracked).
     """
     tracked = (moving_mean, moving_var) if moving_mean is not None and moving_var is not None else (gamma, gamma)

@@ -17,12 +17,14 @@ Every layer runs the ``tritonbn::batch_norm_forward`` custom op (``library.py``)
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
@@ -30,7 +32,11 @@ from . import reference
 from .library import batch_norm_op
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "BatchNorm", "convert",
-           "torch_batch_norm"]
+           "torch_batch_norm", "TORCH_HAS_BIAS"]
+
+# torch's batch norms take ``bias=`` from torch 2.13 on; on older torch the layers here still
+# accept it, and bias=False drops the bias parameter after torch's constructor (what 2.13 does).
+TORCH_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 
 # ----------------------------------------------------------------------------- functional
@@ -106,6 +112,32 @@ def torch_batch_norm(
 
 class _BatchNorm(_TorchBatchNorm):
     """torch's ``_BatchNorm`` with the forward on the tritonbn op (channel axis 1)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        """torch's constructor; ``bias=False`` (no learnt shift) on every torch version."""
+        extra = {"bias": bias} if TORCH_HAS_BIAS else {}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
+        if affine and not bias and not TORCH_HAS_BIAS:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        """torch's: running statistics reset, weight ones, bias (when there is one) zeros."""
+        self.reset_running_stats()
+        if self.affine:
+            torch.nn.init.ones_(self.weight)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
 
     def _batch_norm_args(self) -> tuple[Optional[Tensor], Optional[Tensor], bool, Optional[float], Optional[Tensor]]:
         """torch's bookkeeping: (running_mean, running_var, use batch stats, momentum, average_count).

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -341,6 +342,31 @@ def _plan_for(tensors: list[torch.Tensor], axis: int) -> ViewPlan | None:
     return plan_view(tensors[0].shape, axis, [t.stride() for t in tensors])
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def on_data_device(method: _Method) -> _Method:
+    """Run a backend method with its first argument's CUDA device current.
+
+    Triton launches on the current CUDA device, not on the tensors' device: data on cuda:1
+    while cuda:0 is current would run on GPU 0 (and read memory of another device).  The guard
+    is on every public ``TritonBackend`` method, through which every launch path passes (the
+    functional op, the custom ops, the layers, SyncBatchNorm).  It costs one attribute read for
+    CPU tensors, and enters ``torch.cuda.device`` only when another device is current.
+    """
+    @functools.wraps(method)
+    def guarded(self, data: torch.Tensor, *args, **kwargs):
+        if not data.is_cuda:
+            return method(self, data, *args, **kwargs)
+        index = data.get_device()
+        if index == torch.cuda.current_device():
+            return method(self, data, *args, **kwargs)
+        with torch.cuda.device(index):
+            return method(self, data, *args, **kwargs)
+
+    return guarded  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class TritonBackend:
     """Runs every phase as Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1).
@@ -351,6 +377,7 @@ class TritonBackend:
 
     name: str = TRITON
 
+    @on_data_device
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
         # The kernels index parameters as ptr + c: strided views go through contiguous copies,
         # and the moving statistics are copied back after the update.
@@ -418,6 +445,7 @@ class TritonBackend:
                                             update_moving=False, out=y)
         return y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x
 
+    @on_data_device
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         """Returns (dx, dgamma, dbeta)."""
         gamma = gamma.contiguous()
@@ -442,6 +470,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------ SyncBatchNorm's parts
 
+    @on_data_device
     def moments(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         """[3, C] float64 (count, mean, M2) of this rank's batch (``reference.moments``): the
         statistics kernel's shifted Welford partials, merged over splits on the host (O(C x P))."""
@@ -456,6 +485,7 @@ class TritonBackend:
         parts = torch.stack([count, pilot + mean_z / scale, m2_z / (scale * scale)])  # [3, C, P] in x units
         return torch.stack(reference.chan_merge(parts.permute(2, 0, 1)))
 
+    @on_data_device
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor,
                   beta: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """y = (x - mean) * invstd * g + beta with given float64 statistics [C], in one elementwise
@@ -477,6 +507,7 @@ class TritonBackend:
             y.copy_(y_kernel)
         return y, x, center, invstd_acc
 
+    @on_data_device
     def gradient_sums(self, dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, axis: int) -> torch.Tensor:
         """[2, C] float64 (S, D) = (sum(dy), sum((x - mean) * dy)): the backward reduction kernel's
         partials summed on the host; ``center`` [2, C] is the mean as (pilot, shifted mean)."""
@@ -486,11 +517,14 @@ class TritonBackend:
         cfg = reduce_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
         return launch_backward_reduce(x, dy, center, plan, cfg).double().sum(-1)
 
+    @on_data_device
     def input_grad(self, dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, center: torch.Tensor,
-                   invstd: torch.Tensor, settings: Settings, sums: torch.Tensor | None, count: int) -> torch.Tensor:
+                   invstd: torch.Tensor, settings: Settings, sums: torch.Tensor | None,
+                   count: int | torch.Tensor) -> torch.Tensor:
         """dx of ``reference.input_grad`` in one elementwise launch: the coefficients [6, C] of
         ``finish_backward`` (kernels/common.py) from the given ``sums`` (S, D) over ``count``
-        elements per channel, e.g. a process group's."""
+        elements per channel, e.g. a process group's: an int, or a tensor ([C] or one element)
+        on the data's device, which stays there (no host read)."""
         x, dy, dx, plan = _plan_backward(dy, x, settings.axis)
         if plan.m == 0 or plan.channels == 0:
             return dx
@@ -609,8 +643,10 @@ class ReferenceBackend:
         return torch.stack(reference.gradient_sums(dy, x, center[0].double() + center[1].double(), axis))
 
     def input_grad(self, dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, center: torch.Tensor,
-                   invstd: torch.Tensor, settings: Settings, sums: torch.Tensor | None, count: int) -> torch.Tensor:
-        """dx (``reference.input_grad``) from ``sums`` (S, D) over ``count`` elements per channel."""
+                   invstd: torch.Tensor, settings: Settings, sums: torch.Tensor | None,
+                   count: int | torch.Tensor) -> torch.Tensor:
+        """dx (``reference.input_grad``) from ``sums`` (S, D) over ``count`` elements per channel
+        (an int or a tensor, as ``TritonBackend.input_grad``)."""
         mean = center[0].double() + center[1].double()
         return reference.input_grad(dy, x, mean, invstd, g, axis=settings.axis,
                                     sums=None if sums is None else tuple(sums.double()), count=count)
