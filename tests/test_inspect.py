@@ -1,5 +1,7 @@
 """The GPU code is real: every kernel compiles for sm_90 with the configs the library picks,
-without spills and with 128-bit global accesses where the data streams.
+without spills, with 128-bit global accesses where the data streams, and with correctly rounded
+arithmetic where the numerics rely on exact steps (no approximate division but the Welford
+update's, ``inspect.ALLOWED_APPROXIMATE``).
 
 The compilation runs ``tritonbn inspect`` in a subprocess: this test process imported the
 kernels in interpreter mode (conftest), and Triton decides that at import.
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonbn.inspect import _widest_access
+from tritonbn.inspect import CompiledKernel, _widest_access, approximate_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_NAMES = {
@@ -41,6 +43,16 @@ def _inspect(arguments: list[str]) -> list[dict]:
 @pytest.fixture(scope="module")
 def sm90_fp16_report() -> list[dict]:
     return _inspect(["--arch", "sm_90", "--dtype", "fp16"])
+
+
+@pytest.fixture(scope="module")
+def sm90_fp32_report() -> list[dict]:
+    return _inspect(["--arch", "sm_90", "--dtype", "fp32"])
+
+
+@pytest.fixture(scope="module")
+def sm90_fp64_report() -> list[dict]:
+    return _inspect(["--arch", "sm_90", "--dtype", "fp64", "--layout", "nchw", "--layout", "channels_last"])
 
 
 def test_every_kernel_compiles_for_sm90(sm90_fp16_report):
@@ -72,12 +84,94 @@ def test_streaming_kernels_use_128_bit_accesses_on_aligned_shapes(sm90_fp16_repo
     assert [(row["kernel"], row["shape"]) for row in writers if row["max_store_bits"] != 128] == []
 
 
-def test_float64_kernels_compile_without_spills():
+def test_float64_kernels_compile_without_spills(sm90_fp64_report):
     """float64 data (float64 accumulation, half the single-pass capacity) is real GPU code too."""
-    rows = _inspect(["--arch", "sm_90", "--dtype", "fp64", "--layout", "nchw", "--layout", "channels_last"])
-    assert {row["kernel"] for row in rows} >= {"channel_major_persistent_forward", "channel_minor_stats",
-                                              "channel_minor_persistent_backward", "finalize_stats"}
-    assert [row for row in rows if row["spills"]] == []
+    assert {row["kernel"] for row in sm90_fp64_report} >= {"channel_major_persistent_forward", "channel_minor_stats",
+                                                          "channel_minor_persistent_backward", "finalize_stats"}
+    assert [row for row in sm90_fp64_report if row["spills"]] == []
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "fp64"])
+def test_no_approximate_math_where_exactness_is_claimed(request, dtype):
+    """Every division, reciprocal and square root of every kernel compiles to a correctly rounded
+    instruction (div.rn, sqrt.rn; products with exact powers of two), except the approximations
+    that ``inspect.ALLOWED_APPROXIMATE`` names with their reason.  A plain float32 ``/`` in a
+    kernel (``div.full.f32``, 2 ulp) fails here; use ``common.exact_div``."""
+    report = request.getfixturevalue(f"sm90_{dtype}_report")
+    unexpected = [(row["kernel"], row["layout"], CompiledKernel(**row).unexpected_approximations()) for row in report]
+    assert [entry for entry in unexpected if entry[2]] == []
+
+
+@pytest.mark.parametrize("dtype, approximate", [("fp16", {"div.full.f32 (inline asm)"}),
+                                                ("fp32", {"div.full.f32 (inline asm)"}), ("fp64", set())])
+def test_the_welford_update_is_the_one_approximate_division(request, dtype, approximate):
+    """The allowlist is not stale: the statistics kernels' per-element Welford division is the
+    inline div.full.f32 of ``common.count_divide`` (float64: div.rn.f64)."""
+    report = request.getfixturevalue(f"sm90_{dtype}_report")
+    stats = [row for row in report if row["kernel"].endswith("_stats") and row["kernel"] != "finalize_stats"]
+    assert stats and all(set(row["approximate"]) == approximate for row in stats)
+
+
+# A kernel of each kind of float32 division, compiled for sm_90 in a subprocess (as _inspect).
+_DIVISIONS = """
+import triton, triton.language as tl
+from tritonbn.inspect import approximate_ops
+from tritonbn.kernels.common import exact_div
+
+@triton.jit
+def divide(a_ptr, b_ptr, out_ptr, KIND: tl.constexpr):
+    a = tl.load(a_ptr + tl.arange(0, 128))
+    b = tl.load(b_ptr + tl.arange(0, 128))
+    if KIND == "plain":
+        q = a / b
+    else:
+        q = exact_div(a, b)
+    tl.store(out_ptr + tl.arange(0, 128), q)
+
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for kind in ("plain", "exact"):
+    source = ASTSource(divide, {"a_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32", "KIND": "constexpr"},
+                       constexprs={"KIND": kind})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    print(kind, sorted(approximate_ops(ptx)), "div.rn.f32" in ptx)
+"""
+
+
+def test_a_plain_float32_division_is_what_the_check_catches():
+    """The check sees what this Triton makes of a plain float32 ``/`` (div.full.f32, which
+    ``ALLOWED_APPROXIMATE`` never allows), and ``common.exact_div`` compiles to div.rn.f32."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "divisions.py"  # triton.jit reads the kernel's source from a file
+        script.write_text(_DIVISIONS)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["plain ['div.full.f32'] False", "exact [] True"]
+
+
+@pytest.mark.parametrize(
+    "ptx, counts",
+    [
+        pytest.param("div.full.f32 %f3, %f1, %f2;", {"div.full.f32": 1}, id="plain-float32-division"),
+        pytest.param("\t// begin inline asm\n\tdiv.full.f32 %r3, %r1, %r2;\n\t// end inline asm\n"
+                     "\tdiv.full.f32 %f3, %f1, %f2;", {"div.full.f32 (inline asm)": 1, "div.full.f32": 1},
+                     id="inline-asm-division"),
+        pytest.param("div.approx.f32 %f3, %f1, %f2;\ndiv.approx.f32 %f4, %f1, %f2;", {"div.approx.f32": 2},
+                     id="approx-twice"),
+        pytest.param("div.approx.ftz.f32 %f3, %f1, %f2;", {"div.approx.ftz.f32": 1}, id="approx-ftz"),
+        pytest.param("rcp.approx.ftz.f64 %fd2, %fd1;", {"rcp.approx.ftz.f64": 1}, id="rcp-f64"),
+        pytest.param("rsqrt.approx.f32 %f2, %f1;\nex2.approx.ftz.f32 %f3, %f2;\nlg2.approx.f32 %f4, %f3;",
+                     {"rsqrt.approx.f32": 1, "ex2.approx.ftz.f32": 1, "lg2.approx.f32": 1}, id="fast-math"),
+        pytest.param("div.rn.f32 %f3, %f1, %f2;\nsqrt.rn.f32 %f4, %f3;\ndiv.rn.f64 %fd3, %fd1, %fd2;", {},
+                     id="correctly-rounded"),
+        pytest.param("div.s32 %r3, %r1, %r2;\nrem.s32 %r4, %r1, %r2;", {}, id="integer-division"),
+    ],
+)
+def test_approximate_ops_parser(ptx, counts):
+    assert approximate_ops(ptx) == counts
 
 
 @pytest.mark.parametrize(

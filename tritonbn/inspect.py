@@ -9,7 +9,11 @@ call (ints equal to 1 become constants; pointers and ints divisible by 16 carry
 ``tt.divisibility``), so the PTX is what a GPU would run.
 
 Per compiled kernel: kernel, role, dtype, layout, op, config, arch, registers, spills (bytes of
-local memory spilled), shared (bytes), max_load_bits, max_store_bits (widest global access).
+local memory spilled), shared (bytes), max_load_bits, max_store_bits (widest global access),
+approximate (PTX instructions that are not correctly rounded, by opcode: ``approximate_ops``).
+
+ptxas is the one Triton itself runs for the arch (``_ptxas``): Triton 3.9 emits PTX for sm_90 at
+a ``.version`` only its ``ptxas-blackwell`` reads.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -55,6 +59,21 @@ LAYOUTS = {
 }
 OPS = ("inference", "training_forward", "backward")
 
+# PTX instructions whose result is not the correctly rounded one (PTX ISA): div.full.f32 (what a
+# plain float32 `/` compiles to) and div.approx.f32 are within 2 ulp; rcp, rsqrt, sqrt, ex2, lg2,
+# sin, cos and tanh .approx are fast approximations.  Inside inline PTX (written on purpose in a
+# kernel) they count as "<opcode> (inline asm)".
+APPROXIMATE_OP = re.compile(r"\b(?:div\.full|(?:div|rcp|rsqrt|sqrt|ex2|lg2|sin|cos|tanh)\.approx)"
+                            r"(?:\.ftz)?\.(?:f16x2|bf16x2|f16|bf16|f32|f64)\b")
+INLINE_ASM = re.compile(r"// begin inline asm(.*?)// end inline asm", re.S)
+# The approximations the kernels make on purpose, per kernel; any other is a bug (the numerics
+# rely on exact steps: common.exact_div, common.divide_by_count, common.unscale, common.safe_invstd).
+ALLOWED_APPROXIMATE = {
+    # common.count_divide: the per-element Welford update delta / count (2 ulp, hot loop)
+    "channel_major_stats": {"div.full.f32 (inline asm)"},
+    "channel_minor_stats": {"div.full.f32 (inline asm)"},
+}
+
 
 @dataclass
 class CompiledKernel:
@@ -74,6 +93,12 @@ class CompiledKernel:
     max_store_bits: int
     shape: tuple = ()  # the representative call's data shape
     vector_aligned: bool = True  # its rows provably 16-element aligned (128-bit accesses possible)
+    approximate: dict = field(default_factory=dict)  # approximate PTX instructions: {opcode: count}
+
+    def unexpected_approximations(self) -> dict:
+        """The approximate instructions of this kernel that ``ALLOWED_APPROXIMATE`` does not allow."""
+        allowed = ALLOWED_APPROXIMATE.get(self.kernel, set())
+        return {op: n for op, n in self.approximate.items() if op not in allowed}
 
 
 def _role(kernel: str, op: str) -> str:
@@ -153,22 +178,38 @@ def _specialise(fn, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _ptxas() -> str:
+def _ptxas(arch: str) -> str:
+    """The ptxas binary Triton itself runs for ``arch``.
+
+    Triton's NVIDIA backend picks it per arch with ``get_ptxas(capability)`` (3.6-3.9: the
+    bundled ``ptxas``, or ``ptxas-blackwell`` from sm_100 on 3.6-3.8 and from sm_90 on 3.9, whose
+    PTX ``.version`` the older one rejects); ``TRITON_PTXAS_PATH`` and friends apply as in Triton.
+    Without that function, the bundled ``bin/ptxas``.
+    """
     import triton
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(path):
-        raise RuntimeError(f"Triton's bundled ptxas is missing ({path})")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        get_ptxas = None
+    if get_ptxas is not None:
+        path = get_ptxas(ARCHS[arch]).path
+    else:
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not path or not os.path.exists(path):
+        raise RuntimeError(f"the ptxas Triton uses for {arch} is missing ({path})")
     return path
 
 
-def _ptxas_report(ptx: str, arch: str) -> tuple[int, int]:
-    """(registers, spilled bytes) of the PTX's kernel, from ptxas -v."""
+def _ptxas_report(ptx: str, arch: str, fmad: bool = True) -> tuple[int, int]:
+    """(registers, spilled bytes) of the PTX's kernel, from ptxas -v; ``fmad=False`` passes
+    ``--fmad=false`` as Triton does for a kernel compiled without FP fusion."""
     gpu = "sm_90a" if arch == "sm_90" else arch
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
         handle.write(ptx)
     try:
-        result = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", handle.name, "-o", os.devnull],
+        result = subprocess.run([_ptxas(arch), "-v", *([] if fmad else ["--fmad=false"]), f"--gpu-name={gpu}",
+                                 handle.name, "-o", os.devnull],
                                 capture_output=True, text=True, check=True)
     finally:
         os.unlink(handle.name)
@@ -186,20 +227,37 @@ def _widest_access(ptx: str, op: str) -> int:
     return widest
 
 
-def compile_launch(launch, arch: str) -> dict:
-    """Compile one captured launch for ``arch``: registers, spills, shared, widest accesses."""
+def approximate_ops(ptx: str) -> dict[str, int]:
+    """{opcode: count} of the PTX's approximate instructions (``APPROXIMATE_OP``); those inside
+    inline PTX as "<opcode> (inline asm)"."""
+    counts: dict[str, int] = {}
+    for text, suffix in ((INLINE_ASM.sub("", ptx), ""), ("".join(INLINE_ASM.findall(ptx)), " (inline asm)")):
+        for op in APPROXIMATE_OP.findall(text):
+            counts[op + suffix] = counts.get(op + suffix, 0) + 1
+    return counts
+
+
+def compile_kernel(launch, arch: str):
+    """Triton's compiled kernel of one captured launch for ``arch`` (``.asm["ptx"]``, ``.metadata``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature, constants, attrs = _specialise(launch.kernel, launch.args, launch.constexprs)
     source = ASTSource(launch.kernel, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32),
-                              options={"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages})
+    return triton.compile(source, target=GPUTarget("cuda", ARCHS[arch], 32),
+                          options={"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages})
+
+
+def compile_launch(launch, arch: str) -> dict:
+    """Compile one captured launch for ``arch``: registers, spills, shared, widest accesses,
+    approximate instructions."""
+    compiled = compile_kernel(launch, arch)
     ptx = compiled.asm["ptx"]
-    registers, spills = _ptxas_report(ptx, arch)
+    registers, spills = _ptxas_report(ptx, arch, fmad=getattr(compiled.metadata, "enable_fp_fusion", True))
     return dict(registers=registers, spills=spills, shared=int(compiled.metadata.shared),
-                max_load_bits=_widest_access(ptx, "ld"), max_store_bits=_widest_access(ptx, "st"))
+                max_load_bits=_widest_access(ptx, "ld"), max_store_bits=_widest_access(ptx, "st"),
+                approximate=approximate_ops(ptx))
 
 
 def inspect_kernels(archs: Iterable[str], dtypes: Iterable[str], layouts: Iterable[str],
@@ -267,5 +325,9 @@ def run(args: argparse.Namespace) -> int:
             json.dump([asdict(r) for r in rows], handle, indent=1)
         print(f"wrote {len(rows)} kernels to {args.json}")
     spilling = [r for r in rows if r.spills]
-    print(f"{len(rows)} compiled kernels, {len(spilling)} with spills")
-    return 1 if spilling else 0
+    approximating = [r for r in rows if r.unexpected_approximations()]
+    for r in approximating:
+        print(f"approximate math in {r.arch} {r.dtype} {r.layout} {r.kernel}: {r.unexpected_approximations()}")
+    print(f"{len(rows)} compiled kernels, {len(spilling)} with spills, "
+          f"{len(approximating)} with approximate math outside ALLOWED_APPROXIMATE")
+    return 1 if spilling or approximating else 0

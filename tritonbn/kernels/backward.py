@@ -17,6 +17,7 @@ from .common import (
     channel_major_split,
     channel_minor_offsets,
     finish_backward,
+    range_bound,
     row_offsets,
     scalar_offset,
 )
@@ -46,11 +47,11 @@ def channel_major_backward_reduce_kernel(
 
     sum_dy = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I], ACC)
-    for o0 in range(o_begin, o_end, BLOCK_O):
+    for o0 in range(range_bound(o_begin), range_bound(o_end), BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
         x_rows = x_base + row_offsets(o, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, INT64)
         dy_rows = dy_base + row_offsets(o, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, INT64)
-        for i0 in range(i_begin, i_end, BLOCK_I):
+        for i0 in range(range_bound(i_begin), range_bound(i_end), BLOCK_I):
             i = i0 + tl.arange(0, BLOCK_I)
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
             x = tl.load(x_rows[:, None] + scalar_offset(i, stride_xi, INT64)[None, :], mask=mask, other=0.0).to(ACC)
@@ -88,7 +89,7 @@ def channel_minor_backward_reduce_kernel(
 
     sum_dy = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for r0 in range(r_begin, r_end, BLOCK_R):
+    for r0 in range(range_bound(r_begin), range_bound(r_end), BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & c_mask[None, :]
         x = tl.load(x_ptr + channel_minor_offsets(

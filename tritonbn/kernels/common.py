@@ -12,12 +12,37 @@ two from the spread |last - first|, brings the values near 1 so that squares nei
 nor underflow float32 (data of 1e30, 1e-30, or float32 subnormals).  Powers of two scale
 exactly; the epilogues undo the scale, or normalise in z units where 1/std itself overflows.
 
+Compiled float32 ``/`` is div.full.f32 (2 ulp), so divisions go through helpers: ``exact_div``,
+``divide_by_count``, ``exact_inverse`` and ``unscale`` are correctly rounded, ``safe_invstd`` is
+sqrt.rn then div.rn; ``count_divide``, the per-element Welford update, is the one approximate
+division, on purpose (``inspect.ALLOWED_APPROXIMATE``, checked by tests/test_inspect.py).
+
 NaN/Inf: a finite pilot keeps one +-inf from turning every x - pilot into NaN, so mean =
 pilot + mean_z / scale is +-inf as sum(x) / m is (var is NaN, as the formula gives).
 """
 
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def range_bound(value):
+    """``value`` as a bound of a ``for ... in range(...)`` loop over a runtime extent (a scalar).
+
+    Compiled: ``value`` itself (this call inlines to nothing).  Interpreted: a Python int.  The
+    interpreter holds scalars as 1-element 1-D arrays, and Triton 3.6's interpreter converts a
+    range bound with ``int(array)``, which numpy >= 2.4 refuses for arrays that are not 0-d
+    ("only 0-dimensional arrays can be converted to Python scalars"); ``item()`` takes the one
+    element of any shape, on every Triton version.  (One returned expression, not an
+    assignment: the interpreter turns every assigned value back into a tensor.)
+    """
+    return (value.handle.data.item() if hasattr(value, "handle") else value) if INTERPRETED else value
+
+
+# Whether triton.jit built interpreted functions (TRITON_INTERPRET=1 when Triton decorated them):
+# a constexpr, so the compiled kernels never see the interpreter-only branches below.
+INTERPRETED = tl.constexpr(isinstance(range_bound, InterpretedFunction))
 
 
 @triton.jit
@@ -28,16 +53,50 @@ def welford_update(mean, m2, count, x, mask):
     """
     count_new = count + tl.where(mask, 1.0, 0.0).to(count.dtype)
     delta = x - mean
-    mean_new = mean + tl.where(mask, delta / tl.maximum(count_new, 1.0), 0.0)
+    mean_new = mean + tl.where(mask, count_divide(delta, tl.maximum(count_new, 1.0)), 0.0)
     m2_new = m2 + tl.where(mask, delta * (x - mean_new), 0.0)
     return mean_new, m2_new, count_new
 
 
 @triton.jit
-def chan_merge_rows(mean, m2, count):
-    """Merge per-row Welford states of [R, K] tiles along axis 0 into [K] (mean, M2, count)."""
+def count_divide(delta, count):
+    """delta / count of the per-element Welford update (count: the lane's count, 1 to 2^24),
+    with ``div.full.f32`` (within 2 ulp, PTX ISA): the one approximate division of the kernels,
+    by design.
+
+    It runs once per element in the statistics loops: ``div.rn.f32`` there measured 31 more
+    registers (56 -> 87, ``channel_major_stats``, fp16, sm_90: one program per SM instead of
+    two) and a slow-path branch per element; ``div.approx.f32`` (cheaper, as accurate for these
+    counts) made ptxas spill ``channel_minor_stats`` on sm_80.  The rounding only moves the
+    lane's mean, and M2 is updated with the mean actually kept, so the update stays a Welford
+    update.  Written as inline PTX, the instruction a plain ``/`` gives: ``inspect`` tells it
+    from an unintended ``/`` by the inline-asm markers around it, and ``tests/test_inspect.py``
+    allows it in the statistics kernels only.  float64 divides with ``div.rn.f64``; the
+    interpreter (no inline PTX) with numpy's IEEE division.
+    """
+    if INTERPRETED:
+        quotient = delta / count
+    elif delta.dtype == tl.float64:
+        quotient = delta / count
+    else:
+        quotient = tl.inline_asm_elementwise("div.full.f32 $0, $1, $2;", "=r,r,r", [delta, count],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    return quotient
+
+
+@triton.jit
+def chan_merge_rows(mean, m2, count, shared_count=None):
+    """Merge per-row Welford states of [R, K] tiles along axis 0 into [K] (mean, M2, count).
+
+    The merged mean's division by the count is correctly rounded: one ``exact_div`` per column,
+    or, given ``shared_count`` (the scalar count of every column that is stored: a statistics
+    kernel's channels all hold the rows of its split), ``divide_by_count``.
+    """
     total = tl.sum(count, 0)
-    merged_mean = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
+    if shared_count is None:
+        merged_mean = exact_div(tl.sum(count * mean, 0), tl.maximum(total, 1.0))
+    else:
+        merged_mean = divide_by_count(tl.sum(count * mean, 0), tl.maximum(shared_count, 1.0))
     delta = mean - merged_mean[None, :]
     merged_m2 = tl.sum(m2 + count * delta * delta, 0)
     return merged_mean, merged_m2, total
@@ -50,8 +109,60 @@ def split_f64(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
+def exact_div(numerator, denominator):
+    """numerator / denominator rounded to nearest (IEEE), in float32 or float64.
+
+    A plain ``/`` of float32 values compiles to ``div.full.f32``, within 2 ulp only (PTX ISA);
+    float64 ``/`` is ``div.rn.f64`` already.  For divisions once per channel or program, where
+    the correctly rounded quotient costs nothing that matters; ``tests/test_inspect.py`` checks
+    that no ``div.full.f32`` is left in the compiled kernels.
+    """
+    if numerator.dtype == tl.float64:
+        quotient = numerator / denominator
+    else:
+        quotient = tl.div_rn(numerator, denominator)
+    return quotient
+
+
+@triton.jit
+def exact_inverse(count):
+    """1 / count rounded to nearest (IEEE), float32 or float64, of any shape (a scalar count:
+    one division per program)."""
+    if count.dtype == tl.float64:
+        inverse = 1.0 / count
+    else:
+        inverse = tl.div_rn(1.0, count)
+    return inverse
+
+
+@triton.jit
+def divide_by_count(value, count):
+    """value / count rounded to nearest (IEEE) for a scalar ``count`` that all of ``value`` shares.
+
+    One correctly rounded inverse y = 1/count per program, then per value q = value * y and the
+    remainder's correction q + (value - q * count) * y, two explicit FMAs: with y correctly
+    rounded, that is the correctly rounded quotient (Markstein's theorem; barring underflow of
+    the remainder, i.e. quotients near float32's smallest normals).  Where many values share a
+    count this replaces a div.rn.f32 per value, whose slow-path call costs registers: with one
+    per channel, ``channel_minor_stats`` and the channel-minor single-pass forward spilled
+    (ptxas, sm_80/sm_90).  float64 and the interpreter divide (correctly rounded already; the
+    interpreter's fma rounds twice).
+    """
+    if INTERPRETED:
+        quotient = value / count
+    elif value.dtype == tl.float64:
+        quotient = value / count
+    else:
+        inverse = exact_inverse(count)
+        estimate = value * inverse
+        quotient = tl.fma(tl.fma(-estimate, count, value), inverse, estimate)
+    return quotient
+
+
+@triton.jit
 def safe_invstd(var, eps):
-    """1/sqrt(var + eps) rounded correctly, and 0 where var == 0 and eps == 0 (SPEC: Forward).
+    """1/sqrt(var + eps) as IEEE float math computes it (sqrt and division each correctly
+    rounded: sqrt.rn and div.rn, not rsqrt.approx), and 0 where var == 0 and eps == 0 (SPEC: Forward).
 
     var >= 0 and eps >= 0, so "both zero" is "var + eps == 0"; NaN stays NaN.
     """
@@ -100,6 +211,17 @@ def inverse_scale(scale):
 
 
 @triton.jit
+def unscale(value, scale):
+    """value / scale, exactly rounded, for the power of two scale of ``spread_scale``: a product
+    with the exact inverse (no division; 1 for float64, whose scale is 1)."""
+    if value.dtype == tl.float64:
+        result = value
+    else:
+        result = value * inverse_scale(scale)
+    return result
+
+
+@triton.jit
 def scaled_invstd(var_z, scale, eps):
     """(var, invstd, invstd_z) of var = var_z / scale^2, without the overflow or underflow of var.
 
@@ -109,7 +231,7 @@ def scaled_invstd(var_z, scale, eps):
     1/std in z units: (z - mean_z) * invstd_z is the normalised value, (x - mean) * invstd, also
     where invstd itself overflows (float32 data of ~1e-41: std ~1e-41, invstd ~1e41 > 3.4e38).
     """
-    var = var_z / scale / scale
+    var = unscale(unscale(var_z, scale), scale)
     use_scaled = ((tl.zeros_like(var) + eps) == 0) | (var == float("inf"))
     if scale.dtype == tl.float64:  # scale is 1
         from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0) * scale)
@@ -215,7 +337,7 @@ def apply_coefficients(invstd, invstd_z, g, beta, mean_z, scale):
     else:
         overflow = invstd == float("inf")
         z_coef = invstd_z * g
-        residual = mean_z - (mean_z / scale) * scale
+        residual = mean_z - unscale(mean_z, scale) * scale
         x_scale = tl.where(overflow, scale, invstd)
         x_coef = tl.where(overflow, z_coef, g)
         const = tl.where(overflow, beta - residual * z_coef, beta)
@@ -238,7 +360,9 @@ def finish_statistics(
     g + beta = ((z - mean_z) * invstd_z) * g + beta, the second form also where invstd overflows.
     """
     ACC: tl.constexpr = var_z.dtype
-    shifted_mean = mean_z / scale
+    # the value of unscale(mean_z, scale) (a power of two divides exactly), as a division: with
+    # the product, the channel-minor single-pass forward at its capacity spilled 8 bytes (ptxas, sm_90)
+    shifted_mean = exact_div(mean_z, scale)
     var, invstd, invstd_z = scaled_invstd(var_z, scale, split_f64(eps_hi, eps_lo, ACC))
     mean = pilot + shifted_mean
     if FIX_GAMMA:
@@ -253,7 +377,7 @@ def finish_statistics(
     if UPDATE_MOVING:
         momentum = split_f64(momentum_hi, momentum_lo, ACC)
         if UNBIASED:
-            var = var * (tl.cast(m, ACC) / tl.cast(m - 1, ACC))
+            var = var * exact_div(tl.cast(m, ACC), tl.cast(m - 1, ACC))
         old_mean = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
         old_var = tl.load(moving_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
         new_mean = old_mean * momentum + mean * (1.0 - momentum)
@@ -287,7 +411,7 @@ def finish_backward(
     tl.store(dgamma_ptr + c, dgamma.to(dgamma_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbeta_ptr + c, sum_dy.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
     if BATCH_STATS:
-        inv_m = 1.0 / tl.cast(m, ACC)
+        inv_m = exact_inverse(tl.cast(m, ACC))
         x_coef = -dy_coef * (invstd * sum_dy_xmu) * inv_m
         const = -dy_coef * sum_dy * inv_m
     else:

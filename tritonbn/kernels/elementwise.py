@@ -29,7 +29,14 @@ every significant digit of y when |mean| >> std.
 import triton
 import triton.language as tl
 
-from .common import channel_major_offsets, channel_minor_offsets, safe_invstd, scalar_offset, split_f64
+from .common import (
+    channel_major_offsets,
+    channel_minor_offsets,
+    range_bound,
+    safe_invstd,
+    scalar_offset,
+    split_f64,
+)
 
 
 @triton.jit
@@ -144,7 +151,7 @@ def channel_minor_elementwise_kernel(
         c, c_mask, C, coef_ptr, moving_mean_ptr, moving_var_ptr, gamma_ptr, beta_ptr,
         center_ptr, invstd_ptr, row_block == 0, eps_hi, eps_lo, FROM_MOVING, FIX_GAMMA, ACC, HAS_X, HAS_DY,
     )
-    for t in range(row_tiles):
+    for t in range(range_bound(row_tiles)):
         r = (row_block * row_tiles + t) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (r < rows)[:, None] & c_mask[None, :]
         result = tl.zeros([BLOCK_R, BLOCK_C], ACC) + const[None, :]

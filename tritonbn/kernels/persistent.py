@@ -27,6 +27,7 @@ from .common import (
     channel_major_offsets,
     channel_minor_offsets,
     element_offset,
+    divide_by_count,
     finish_backward,
     finish_statistics,
     finite_pilot,
@@ -43,9 +44,10 @@ def _two_pass_rows(x, mask, pilot, scale, m):
     z - mean_z 0 where masked.
     """
     z = tl.where(mask, (x - pilot) * scale, 0.0)
-    mean_z = tl.sum(z, 0) / m
+    count = tl.cast(m, z.dtype)
+    mean_z = divide_by_count(tl.sum(z, 0), count)
     centred_z = tl.where(mask, z - mean_z[None, :], 0.0)
-    return mean_z, tl.sum(centred_z * centred_z, 0) / m, z, centred_z
+    return mean_z, divide_by_count(tl.sum(centred_z * centred_z, 0), count), z, centred_z
 
 
 @triton.jit

@@ -31,9 +31,12 @@ from .common import (
     chan_merge_rows,
     channel_major_split,
     channel_minor_offsets,
+    divide_by_count,
     element_offset,
+    exact_div,
     finish_statistics,
     finite_pilot,
+    range_bound,
     row_offsets,
     scalar_offset,
     spread_scale,
@@ -92,10 +95,10 @@ def channel_major_stats_kernel(
     mean = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     m2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     count = tl.zeros([BLOCK_O, BLOCK_I], ACC)
-    for o0 in range(o_begin, o_end, BLOCK_O):
+    for o0 in range(range_bound(o_begin), range_bound(o_end), BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
         rows = base + row_offsets(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
-        for i0 in range(i_begin, i_end, BLOCK_I):
+        for i0 in range(range_bound(i_begin), range_bound(i_end), BLOCK_I):
             z, mask = _channel_major_z(rows, o, i0 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i, pilot, scale,
                                        ACC, INT64)
             mean, m2, count = welford_update(mean, m2, count, z, mask)
@@ -106,14 +109,14 @@ def channel_major_stats_kernel(
     )
     if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
         total = tl.zeros([BLOCK_O, BLOCK_I], ACC)
-        for o1 in range(o_begin, o_end, BLOCK_O):
+        for o1 in range(range_bound(o_begin), range_bound(o_end), BLOCK_O):
             o_redo = o1 + tl.arange(0, BLOCK_O)
             rows_redo = base + row_offsets(o_redo, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
-            for i1 in range(i_begin, i_end, BLOCK_I):
+            for i1 in range(range_bound(i_begin), range_bound(i_end), BLOCK_I):
                 z, in_split = _channel_major_z(rows_redo, o_redo, i1 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i,
                                                pilot, scale, ACC, INT64)
                 total += tl.where(in_split, z, 0.0)
-        mean = tl.sum(tl.reshape(total, [lanes, 1]), 0) / tl.maximum(count, 1.0)
+        mean = exact_div(tl.sum(tl.reshape(total, [lanes, 1]), 0), tl.maximum(count, 1.0))
         m2 = tl.full([1], float("nan"), ACC)
     slot = scalar_offset(c, num_splits, INT64) + split + tl.arange(0, 1)
     plane = C * num_splits
@@ -157,21 +160,22 @@ def channel_minor_stats_kernel(
     mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     count = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for r0 in range(r_begin, r_end, BLOCK_R):
+    for r0 in range(range_bound(r_begin), range_bound(r_end), BLOCK_R):
         z, mask = _channel_minor_z(x_ptr, r0 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid, outer_lo,
                                    stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
         mean, m2, count = welford_update(mean, m2, count, z, mask)
 
-    mean, m2, count = chan_merge_rows(mean, m2, count)
+    split_count = tl.cast(r_end - r_begin, ACC)  # the rows of this split: each channel's count
+    mean, m2, count = chan_merge_rows(mean, m2, count, split_count)
     if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
         total = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-        for r1 in range(r_begin, r_end, BLOCK_R):
+        for r1 in range(range_bound(r_begin), range_bound(r_end), BLOCK_R):
             z, in_split = _channel_minor_z(x_ptr, r1 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid,
                                            outer_lo, stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale,
                                            ACC, INT64)
             total += tl.where(in_split, z, 0.0)
         redo = mean != mean
-        mean = tl.where(redo, tl.sum(total, 0) / tl.maximum(count, 1.0), mean)
+        mean = tl.where(redo, divide_by_count(tl.sum(total, 0), tl.maximum(split_count, 1.0)), mean)
         m2 = tl.where(redo, float("nan"), m2)
     slot = scalar_offset(c, SPLIT, INT64) + split
     plane = C * SPLIT
@@ -195,7 +199,7 @@ def _merged_partials(partial_ptr, c, c_mask, C, P, BLOCK_P: tl.constexpr):
     mean_z, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
     pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
     scale = tl.load(partial_ptr + 4 * plane + c * P, mask=c_mask, other=1.0)
-    return pilot, mean_z, m2 / tl.maximum(count, 1.0), scale
+    return pilot, mean_z, exact_div(m2, tl.maximum(count, 1.0)), scale
 
 
 @triton.jit
