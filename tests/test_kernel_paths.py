@@ -157,14 +157,19 @@ LAUNCHES = [
 ]
 
 
+@pytest.mark.parametrize("axis, family", [(1, "channel_major"), (-1, "channel_minor")],
+                         ids=["channel-major", "channel-minor"])
 @pytest.mark.parametrize(
     "training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags", LAUNCHES)
-def test_launches_per_op(training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags):
-    inp = make_inputs((2, 3, 4), 1, torch.float32)
+def test_launches_per_op(training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags,
+                         axis, family):
+    """LAUNCHES names the channel-major kernels; the channel-minor family launches its twins."""
+    forward, backward = ([k.replace("channel_major", family) for k in ks] for ks in (forward, backward))
+    inp = make_inputs((2, 3, 4), axis, torch.float32)
     x = inp.x.requires_grad_(True)
     with override_configs(**({} if single_pass else {"persistent": PERSISTENT_OFF})):
         with tritonbn.trace.capture() as fwd:
-            y = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var,
+            y = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, axis=axis,
                                     training=training, use_global_stats=use_global_stats)
         with tritonbn.trace.capture() as bwd:
             y.sum().backward()
@@ -184,8 +189,8 @@ def test_single_pass_kernels_run_one_launch_per_op(shape, axis, layout, family):
 
 
 def test_slices_beyond_capacity_take_the_split_path():
-    from tritonbn.autotune.config import PERSISTENT_CAPACITY
-    inner = PERSISTENT_CAPACITY["forward"]["channel_major"] + 16  # its tile is twice the capacity
+    from tritonbn.autotune.config import SINGLE_PASS_CAPACITY
+    inner = SINGLE_PASS_CAPACITY["forward"]["channel_major"]["vector"]["fp32"] + 16  # a tile twice the capacity
     inp = make_inputs((1, 2, inner), 1, torch.float32)
     with tritonbn.trace.capture() as trace:
         tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, training=True)
@@ -231,8 +236,9 @@ def _plan_of(shape, axis=1, memory_format=None):
         pytest.param((32, 64, 32, 32), None, "backward", 2, None, id="nchw-backward-beyond-capacity"),
         pytest.param((16, 64, 32, 32), None, "forward", 8, (16, 1024), id="nchw-float64-at-half-capacity"),
         pytest.param((32, 64, 32, 32), None, "forward", 8, None, id="nchw-float64-beyond-half"),
-        pytest.param((128, 4, 7, 7), None, "forward", 2, (128, 64), id="7x7-scalar-loads-at-8192"),
-        pytest.param((256, 4, 7, 7), None, "forward", 2, None, id="7x7-scalar-loads-beyond-8192"),
+        pytest.param((64, 4, 7, 7), None, "forward", 2, (64, 64), id="7x7-scalar-loads-half-at-4096"),
+        pytest.param((128, 4, 7, 7), None, "forward", 2, None, id="7x7-scalar-loads-half-beyond-4096"),
+        pytest.param((128, 4, 7, 7), None, "forward", 4, (128, 64), id="7x7-scalar-loads-float32-at-8192"),
         pytest.param((1, 64, 16, 16), torch.channels_last, "backward", 2, (256, 64), id="nhwc-at-capacity"),
         pytest.param((4, 64, 16, 16), torch.channels_last, "forward", 2, (1024, 16), id="nhwc-one-sector-wide"),
         pytest.param((8, 6, 32, 32), torch.channels_last, "forward", 2, (8192, 1), id="nhwc-small-C-co-resident"),
@@ -249,19 +255,22 @@ def test_single_pass_tile_follows_the_capacities(shape, memory_format, op, eleme
 @pytest.mark.parametrize(
     "shape, stepped, tile",
     [
-        pytest.param((4, 64, 4, 16, 16), "stepped", (256, 16), id="channel-major-at-4096"),
-        pytest.param((4, 64, 8, 16, 16), "stepped", None, id="channel-major-beyond-4096"),
-        pytest.param((2, 64, 4, 8, 16), "stepped_channels_last_3d", (1024, 4), id="channel-minor-at-4096"),
+        pytest.param((16, 64, 4, 16, 16), "stepped", (1024, 16), id="channel-major-at-16384"),
+        pytest.param((32, 64, 4, 16, 16), "stepped", None, id="channel-major-beyond-16384"),
+        pytest.param((2, 64, 4, 8, 16), "stepped_channels_last_3d", (1024, 2), id="channel-minor-at-2048"),
     ],
 )
-def test_four_group_views_hold_half_the_scalar_load_capacity(shape, stepped, tile):
-    """Single-pass tiles of views needing four reduced groups (inspect's stepped-5d layout, which
-    compiles them at exactly this size without spills) hold FOUR_GROUP_CAPACITY elements."""
-    from tritonbn.autotune.config import FOUR_GROUP_CAPACITY, persistent_tile
+def test_four_group_views_hold_the_four_group_capacity(shape, stepped, tile):
+    """Single-pass tiles of views needing four reduced groups hold the half-precision forward's
+    four_group capacity (16384 channel-major, 2048 channel-minor: Triton 3.9 spills at 4096);
+    channel-minor tiles narrow their channels to fit, the programs staying co-resident."""
+    from tritonbn.autotune.config import SINGLE_PASS_CAPACITY, persistent_tile
     from tritonbn.inspect import _meta_data
     x = _meta_data(shape, stepped)
     plan = plan_view(shape, 1, [x.stride(), x.stride()])
-    assert plan.outer_mid > 1 and FOUR_GROUP_CAPACITY == 4096
+    capacity = SINGLE_PASS_CAPACITY["forward"][plan.family]["four_group"]
+    assert plan.outer_mid > 1 and min(capacity["fp16"], capacity["bf16"]) == {"channel_major": 16384,
+                                                                              "channel_minor": 2048}[plan.family]
     assert persistent_tile(plan, "forward", 2) == tile
 
 

@@ -16,6 +16,9 @@ COMMANDS = {
     "bench": ("tritonbn.perf.bench", "performance sweep: timed on CUDA, bytes counted under the interpreter on CPU"),
     "traffic": ("tritonbn.perf.traffic", "count the global-memory bytes and launches of each op (Triton interpreter)"),
     "tune": ("tritonbn.autotune.tune", "autotune launch configs per GPU model: measured on a GPU, modelled without one"),
+    "gpu-check": ("tritonbn.perf.gpu_check", "the lent GPU machine's check: CUDA tests, a measured bench subset, a measured tune, time-boxed"),
+    "capacities": ("tritonbn.perf.capacities", "probe the largest spill-free single-pass tile per class (no GPU needed)"),
+    "overhead": ("tritonbn.perf.overhead", "host µs per call and per layer of the call, beside torch's (GPU wall clock, or CPU with a no-op CUDA launcher)"),
     "inspect": ("tritonbn.inspect", "compile every kernel variant for sm_80/sm_90 (no GPU needed): registers, spills, widest accesses"),
 }
 

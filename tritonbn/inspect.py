@@ -37,23 +37,25 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, 
 DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on request: --dtype fp64
 
 # layout -> [(shape, axis, memory format)]: a large shape (split path) and shapes whose single-pass
-# tiles are exactly at the capacities of config.PERSISTENT_CAPACITY: vector-aligned (NCHW: slices
-# of 32768 elements for the forward and 16384 for the backward; channel-minor: [256 rows, 64
-# channels] = 16384 for both, and a tile one 32-byte sector of channels wide) and scalar-load
-# layouts at SCALAR_LOAD_CAPACITY = 8192 (7x7 images: [128, 64]; small-C channels_last, C=6:
-# co-resident programs of [8192 rows, 1 channel]).  "stepped-5d" views step D and W of NCDHW
-# data, or N, D and W of NDHWC data (four reduced groups: the kernels divide outer rows into
-# three groups there), channel-major and channel-minor, with single-pass tiles of exactly
-# FOUR_GROUP_CAPACITY = 4096 elements ([256, 16] and [1024 rows, 4 channels]).
+# tiles sit at the capacities of config.SINGLE_PASS_CAPACITY (derived from every supported
+# Triton's compiled code: `tritonbn capacities`): vector-aligned (NCHW: slices of 32768 elements
+# for the forward and 16384 for the backward; channel-minor: [256 rows, 64 channels] = 16384 for
+# both, and a tile one 32-byte sector of channels wide) and scalar-load layouts (7x7 images:
+# [64, 64] for half data, [128, 64] = 8192 for float32 (and the split path of half data); small-C
+# channels_last, C=6: co-resident programs of [8192 rows, 1 channel]).  "stepped-5d" views step D
+# and W of NCDHW data, or N, D and W of NDHWC data (four reduced groups: the kernels divide outer
+# rows into three groups there), channel-major and channel-minor: [256, 16] and [1024, 16] = 16384
+# channel-major tiles, [1024 rows, 2 channels] = 2048 channel-minor ones for half data.
 # memory format markers -> (base memory format, dims stepped by 2 from offset 1)
 STEPPED = {"stepped": (None, (2, 4)), "stepped_channels_last_3d": (torch.channels_last_3d, (0, 2, 4))}
 LAYOUTS = {
     "nchw": [((32, 64, 56, 56), 1, None), ((32, 64, 32, 32), 1, None), ((16, 64, 32, 32), 1, None),
-             ((128, 4, 7, 7), 1, None)],
+             ((128, 4, 7, 7), 1, None), ((64, 4, 7, 7), 1, None)],
     "channels_last": [((32, 64, 56, 56), 1, torch.channels_last), ((1, 64, 16, 16), 1, torch.channels_last),
                       ((4, 64, 16, 16), 1, torch.channels_last), ((8, 6, 32, 32), 1, torch.channels_last)],
     "axis-1": [((64, 512, 768), -1, None), ((2, 128, 64), -1, None), ((8, 128, 64), -1, None)],
     "stepped-5d": [((16, 64, 8, 28, 28), 1, "stepped"), ((4, 64, 4, 16, 16), 1, "stepped"),
+                   ((16, 64, 4, 16, 16), 1, "stepped"),
                    ((16, 64, 8, 28, 28), 1, "stepped_channels_last_3d"),
                    ((2, 64, 4, 8, 16), 1, "stepped_channels_last_3d")],
 }

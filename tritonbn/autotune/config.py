@@ -204,11 +204,8 @@ def _tile(plan: ViewPlan, tile_elements: int, block_c: int = BLOCK_C) -> tuple[i
 
 
 def _warps(tile_elements: int, per_thread: int = 16) -> int:
-    """Warps for a tile at ``per_thread`` elements per thread (at most 16 warps).
-
-    16 per thread keeps several 128-bit accesses in flight; the Welford reductions hold three
-    accumulators per element and take 8 (at 16, sm_80 fp32 code spilled 52 bytes).
-    """
+    """Warps for a tile at ``per_thread`` elements per thread (at most 16 warps); 16 per thread
+    keeps several 128-bit accesses in flight."""
     return max(1, min(16, tile_elements // (per_thread * 32)))
 
 
@@ -216,6 +213,13 @@ def _warps(tile_elements: int, per_thread: int = 16) -> int:
 # that the finalize reads back (40 bytes), at most 2% of what the split reads (1024 x 2 bytes).
 MIN_SPLIT_ELEMENTS = 1024
 MIN_TILE_ELEMENTS = 256
+# Reduction tiles (three Welford accumulators an element): at most 2048 elements, 16 a thread, so
+# 4 warps.  ptxas spills a 512-thread program to reach 64 registers (two programs an SM): the
+# statistics kernels at 4096 elements x 16 warps spilled 36-48 bytes on Triton 3.6 and 3.9
+# (sm_80; 3.6 sm_90 fp32 too), and 4096 x 8 warps spilled 68-80 bytes in fp32 on sm_80, while
+# 2048 x 4 warps compiles spill-free on 3.6, 3.8 and 3.9 for both archs (`tritonbn inspect`).
+MAX_REDUCE_TILE_ELEMENTS = 2048
+REDUCE_PER_THREAD = 16
 MAX_SPLITS = 1024  # the finalize merges up to this many partials per channel in one tile
 # Bounds a stored knob must respect (anything outside is an invalid entry: heuristic instead).
 MAX_TILE_ELEMENTS = 65536
@@ -250,7 +254,8 @@ def max_useful_split(plan: ViewPlan, tile: int, block_c: int = BLOCK_C) -> int:
 def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C,
                    num_warps: int | None = None, num_stages: int = 1) -> KernelConfig:
     """The reduction config of ``plan`` for a tile of ``tile`` elements split ``split`` ways
-    (rows first, then columns, whole tiles per split); warps default to 8 elements per thread."""
+    (rows first, then columns, whole tiles per split); warps default to REDUCE_PER_THREAD
+    elements per thread."""
     block_rows, block_cols = _tile(plan, tile, block_c)
     if plan.family == CHANNEL_MAJOR:
         tiles_rows, tiles_cols = -(-plan.outer // block_rows), -(-plan.inner // block_cols)
@@ -258,7 +263,7 @@ def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C
         tiles_rows, tiles_cols = -(-plan.m // block_rows), 1
     split_rows = min(split, tiles_rows)
     split_cols = min(-(-split // split_rows), tiles_cols)
-    warps = num_warps if num_warps is not None else _warps(block_rows * block_cols, per_thread=8)
+    warps = num_warps if num_warps is not None else _warps(block_rows * block_cols, per_thread=REDUCE_PER_THREAD)
     return KernelConfig(block_rows, block_cols, split_rows, split_cols, num_warps=warps, num_stages=num_stages)
 
 
@@ -272,7 +277,8 @@ def heuristic_reduce_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
     block_c = None if plan.family == CHANNEL_MAJOR else _reduce_block_c(plan, profile)
     channel_programs, channel_elements = reduce_geometry(plan, block_c or BLOCK_C)
     split = _reduce_split(plan, channel_programs, profile)
-    tile = max(MIN_TILE_ELEMENTS, min(profile.tile_elements, _pow2_floor(channel_elements // split)))
+    tile = max(MIN_TILE_ELEMENTS, min(profile.tile_elements, MAX_REDUCE_TILE_ELEMENTS,
+                                      _pow2_floor(channel_elements // split)))
     return Knobs(tile=tile, split=split, block_c=block_c)
 
 
@@ -461,22 +467,40 @@ def finalize_config(channels: int, partials: int) -> KernelConfig:
 # ----------------------------------------------------------------------------- persistent
 
 
-# Largest slice (elements per channel-major program, or rows x BLOCK_C per channel-minor
-# program) that a persistent program keeps in registers, per op and family, with 16 warps.
-# Chosen from the compiled code (`tritonbn inspect --arch sm_80|sm_90` compiles the kernels at
-# exactly these sizes; zero spills, the next power of two spills).  Vector loads share one
-# address among 16 bytes of elements; scalar loads (strides or the fast extent not multiples of
-# 16, e.g. 7x7 images) hold an address per element, so those tiles hold SCALAR_LOAD_CAPACITY
-# (at the vector capacities sm_90 spilled 16-752 bytes).  float64 takes two registers an element.
-PERSISTENT_CAPACITY = {
-    FORWARD: {CHANNEL_MAJOR: 32768, CHANNEL_MINOR: 16384},
-    BACKWARD: {CHANNEL_MAJOR: 16384, CHANNEL_MINOR: 16384},
+# Largest single-pass tile (elements a channel-major program holds, or rows x BLOCK_C of a
+# channel-minor one) in registers with 16 warps, per op, family, load class and dtype: for every
+# class the smallest, over the supported Triton versions, of the largest power-of-two tile that
+# compiles without spills for sm_80 and sm_90 (`tritonbn capacities --json` writes one version's
+# table into perf/inspect/capacities/; tests/test_capacities.py checks that these numbers are
+# that rule applied to the committed tables, and that they compile spill-free on the running
+# Triton).  Load classes: "vector" rows are 16-element aligned (128-bit accesses share an
+# address among 16 bytes); "scalar" rows are not (7x7 images, C = 6 channels_last: an address per
+# element); "four_group" views (steps in two dimensions) split each row offset with two more
+# divisions.  float64 takes two registers an element.
+_CAPACITY_TABLE = {  # (fp16, bf16, fp32, fp64)
+    FORWARD: {
+        CHANNEL_MAJOR: {"vector": (32768, 32768, 32768, 16384), "scalar": (8192, 4096, 8192, 8192),
+                        "four_group": (16384, 16384, 16384, 8192)},
+        CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),
+                        "four_group": (2048, 2048, 16384, 4096)},
+    },
+    BACKWARD: {
+        CHANNEL_MAJOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),
+                        "four_group": (8192, 16384, 8192, 4096)},
+        CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),
+                        "four_group": (16384, 16384, 16384, 4096)},
+    },
 }
-SCALAR_LOAD_CAPACITY = 8192
-# Views needing four reduced groups (steps in two dimensions: plan.outer_mid > 1) split every
-# row's offset with two more divisions: at SCALAR_LOAD_CAPACITY the channel-minor forward spilled
-# 24 bytes on sm_90 (fp16, a stepped NDHWC view), at half of it nothing spills.
-FOUR_GROUP_CAPACITY = SCALAR_LOAD_CAPACITY // 2
+CAPACITY_DTYPES = ("fp16", "bf16", "fp32", "fp64")  # the order of _CAPACITY_TABLE's tuples
+SINGLE_PASS_CAPACITY = {op: {family: {load: dict(zip(CAPACITY_DTYPES, tiles)) for load, tiles in loads.items()}
+                             for family, loads in families.items()}
+                        for op, families in _CAPACITY_TABLE.items()}
+# Lookups go by element size (the launch decisions know it, not always the dtype): both 16-bit
+# dtypes get the smaller of their two capacities.
+_CAPACITY_BY_SIZE = {op: {family: {load: {2: min(by["fp16"], by["bf16"]), 4: by["fp32"], 8: by["fp64"]}
+                                   for load, by in loads.items()}
+                          for family, loads in families.items()}
+                     for op, families in SINGLE_PASS_CAPACITY.items()}
 PERSISTENT_WARPS = 16  # the warps the capacities were measured with
 PERSISTENT_OFF = KernelConfig(0, 0)  # override_configs(persistent=PERSISTENT_OFF): split path only
 # A channel-minor single-pass launch with at most this many programs runs them all at once on
@@ -494,14 +518,16 @@ def vector_aligned(plan: ViewPlan) -> bool:
     return strides_ok and fast_extent % 16 == 0
 
 
-def persistent_capacity(op: str, plan: ViewPlan, element_size: int = 4) -> int:
-    """Elements a single-pass program of ``op`` holds for ``plan``: PERSISTENT_CAPACITY, or
-    SCALAR_LOAD_CAPACITY for layouts without vector loads, at most FOUR_GROUP_CAPACITY for views
-    of four reduced groups; half of that for float64."""
-    capacity = PERSISTENT_CAPACITY[op][plan.family] if vector_aligned(plan) else SCALAR_LOAD_CAPACITY
+def load_class(plan: ViewPlan) -> str:
+    """The capacity class of a plan's rows: "four_group", "vector" or "scalar"."""
     if plan.outer_mid > 1:
-        capacity = min(capacity, FOUR_GROUP_CAPACITY)
-    return capacity if element_size <= 4 else capacity // 2
+        return "four_group"
+    return "vector" if vector_aligned(plan) else "scalar"
+
+
+def persistent_capacity(op: str, plan: ViewPlan, element_size: int = 4) -> int:
+    """Elements a single-pass program of ``op`` holds for ``plan`` (SINGLE_PASS_CAPACITY)."""
+    return _CAPACITY_BY_SIZE[op][plan.family][load_class(plan)][element_size]
 
 
 def persistent_max_per_thread(op: str, plan: ViewPlan, element_size: int = 4) -> int:
