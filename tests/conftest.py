@@ -21,6 +21,9 @@ import os
 
 if os.environ.get("TRITONBN_TEST_DEVICE", "cpu") != "cuda":
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: kernels are built interpreted
+    # Build them now: a reference-path test (TRITON_INTERPRET=0) whose torch ops import Triton
+    # first (torch's dispatch modes import torch._dynamo) would otherwise leave them compiled.
+    import tritonbn.kernels  # noqa: E402,F401
 
 import pytest  # noqa: E402
 

@@ -45,7 +45,7 @@ DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on requ
 # channels_last, C=6: co-resident programs of [8192 rows, 1 channel]).  "stepped-5d" views step D
 # and W of NCDHW data, or N, D and W of NDHWC data (four reduced groups: the kernels divide outer
 # rows into three groups there), channel-major and channel-minor: [256, 16] and [1024, 16] = 16384
-# channel-major tiles, [1024 rows, 2 channels] = 2048 channel-minor ones for half data.
+# channel-major tiles, [1024 rows, 1 channel] channel-minor ones for half data.
 # memory format markers -> (base memory format, dims stepped by 2 from offset 1)
 STEPPED = {"stepped": (None, (2, 4)), "stepped_channels_last_3d": (torch.channels_last_3d, (0, 2, 4))}
 LAYOUTS = {

@@ -277,8 +277,9 @@ def heuristic_reduce_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
     block_c = None if plan.family == CHANNEL_MAJOR else _reduce_block_c(plan, profile)
     channel_programs, channel_elements = reduce_geometry(plan, block_c or BLOCK_C)
     split = _reduce_split(plan, channel_programs, profile)
-    tile = max(MIN_TILE_ELEMENTS, min(profile.tile_elements, MAX_REDUCE_TILE_ELEMENTS,
-                                      _pow2_floor(channel_elements // split)))
+    # four-group views index rows with two more divisions: 2048 x 4 warps spilled there (Triton 3.9, sm_90)
+    max_tile = MAX_REDUCE_TILE_ELEMENTS if plan.outer_mid == 1 else MAX_REDUCE_TILE_ELEMENTS // 2
+    tile = max(MIN_TILE_ELEMENTS, min(profile.tile_elements, max_tile, _pow2_floor(channel_elements // split)))
     return Knobs(tile=tile, split=split, block_c=block_c)
 
 
@@ -482,7 +483,7 @@ _CAPACITY_TABLE = {  # (fp16, bf16, fp32, fp64)
         CHANNEL_MAJOR: {"vector": (32768, 32768, 32768, 16384), "scalar": (8192, 4096, 8192, 8192),
                         "four_group": (16384, 16384, 16384, 8192)},
         CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),
-                        "four_group": (2048, 2048, 16384, 4096)},
+                        "four_group": (1024, 1024, 8192, 4096)},
     },
     BACKWARD: {
         CHANNEL_MAJOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),

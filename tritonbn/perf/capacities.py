@@ -4,7 +4,7 @@ A persistent (single-pass) program keeps a channel's slice in registers; how muc
 on the op, the family, how the rows are loaded and the dtype, and on the Triton version that
 compiles it (Triton 3.6's channel-minor half forward spills at a tile 3.8 holds).  This probe
 compiles each class's single-pass kernel ahead of time (``inspect.compile_launch``, ptxas of
-sm_80 and sm_90, 16 warps) at tiles of 2048, 4096, ... elements and reports the largest one that
+sm_80 and sm_90, the warps the library gives the tile) at tiles of 1024, 2048, ... elements and reports the largest one that
 spills nothing on both archs (searched from the library's capacity up or down).  ``--json`` writes one version's table; the committed tables
 (``perf/inspect/capacities/triton-<version>.json``) are what the library's capacities are
 derived from: ``autotune.config.persistent_capacity`` must equal, for every class, the minimum
@@ -29,8 +29,7 @@ import torch
 OPS = ("forward", "backward")
 LOADS = ("vector", "scalar", "four_group")
 PROBE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-TILES = tuple(2**k for k in range(11, 17))  # 2048 .. 65536 elements a program
-WARPS = 16  # config.PERSISTENT_WARPS
+TILES = tuple(2**k for k in range(10, 17))  # 1024 .. 65536 elements a program
 TABLE_DIR = Path(__file__).resolve().parents[2] / "perf" / "inspect" / "capacities"
 
 
@@ -38,7 +37,8 @@ TABLE_DIR = Path(__file__).resolve().parents[2] / "perf" / "inspect" / "capaciti
 class ProbeClass:
     """One capacity class and how to build a call whose single-pass tile has ``tile`` elements:
     ``shape(tile)`` the data's shape, its axis and layout marker (``inspect._meta_data``), and the
-    tile's channel width (channel-minor) or None (channel-major: the tile covers the slice)."""
+    tile's channel width (channel-minor; None: the tile's rows cover the rows, its width follows);
+    channel-major tiles cover the slice."""
 
     family: str
     load: str
@@ -54,7 +54,9 @@ CLASSES = [
     ProbeClass("channel_major", "four_group", lambda t: (t // 1024, 2, 4, 16, 16), 1, "stepped", None),
     ProbeClass("channel_minor", "vector", lambda t: (t // 64, 64), -1, None, 64),
     ProbeClass("channel_minor", "scalar", lambda t: (t, 6), -1, None, 1),
-    ProbeClass("channel_minor", "four_group", lambda t: (2, 64, t // 1024, 8, 16), 1, "stepped_channels_last_3d", 4),
+    # inspect's stepped NDHWC view: 1024 rows, the tile's channel width grows with it (as the
+    # library narrows channels to fit the capacity)
+    ProbeClass("channel_minor", "four_group", lambda t: (2, 64, 4, 8, 16), 1, "stepped_channels_last_3d", None),
 ]
 
 
@@ -62,7 +64,7 @@ def probe_launch(cls: ProbeClass, op: str, dtype: torch.dtype, tile: int):
     """The captured single-pass launch of ``op`` for ``cls`` at ``tile`` elements (dry run on
     meta tensors, the tile forced past the library's capacity)."""
     from .. import ops
-    from ..autotune.config import KernelConfig, _pow2_cover, load_class
+    from ..autotune.config import KernelConfig, _pow2_cover, _warps, load_class
     from ..inspect import _meta_data
     from ..plan import plan_view
     from ..validation import validate
@@ -77,12 +79,13 @@ def probe_launch(cls: ProbeClass, op: str, dtype: torch.dtype, tile: int):
     y = torch.empty_like(x)
     plan = plan_view(x.shape, axis, [x.stride(), y.stride()] + ([y.stride()] if op == "backward" else []))
     assert plan is not None and plan.family == cls.family and load_class(plan) == cls.load, (cls, plan)
-    if cls.block_cols is None:
+    if cls.family == "channel_major":
         block = (_pow2_cover(plan.outer, 1 << 30), _pow2_cover(plan.inner, 1 << 30))
     else:
-        block = (tile // cls.block_cols, cls.block_cols)
+        block_cols = cls.block_cols or tile // _pow2_cover(plan.m, 1 << 30)
+        block = (tile // block_cols, block_cols)
     assert block[0] * block[1] == tile, (cls, block, tile)
-    cfg = KernelConfig(*block, num_warps=WARPS)
+    cfg = KernelConfig(*block, num_warps=_warps(tile))  # the warps the library gives the tile
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     stats = [torch.empty(shape[axis], dtype=acc, device="meta") for _ in range(2)]
     with ops.dry_run() as launches:
@@ -149,7 +152,8 @@ def probe(archs: Iterable[str] = ("sm_80", "sm_90"), dtypes: Iterable[str] = tup
     for (op, index, name, _), tile in zip(entries, tiles):
         cls = CLASSES[index]
         table.setdefault(op, {}).setdefault(cls.family, {}).setdefault(cls.load, {})[name] = tile
-    return {"triton": triton.__version__, "archs": list(archs), "warps": WARPS, "capacities": table}
+    return {"triton": triton.__version__, "archs": list(archs), "warps": "library (16 a thread, at most 16)",
+            "capacities": table}
 
 
 def committed_tables(directory: Path = TABLE_DIR) -> list[dict]:
@@ -212,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(rows)} classes at the library's capacities, {len(spilling)} spilling ({', '.join(archs)})")
         return 1 if spilling else 0
     table = probe(archs, dtypes, progress=_progress, jobs=args.jobs)
-    print(f"Triton {table['triton']}, {', '.join(table['archs'])}, {WARPS} warps: largest spill-free single-pass tile")
+    print(f"Triton {table['triton']}, {', '.join(table['archs'])}: largest spill-free single-pass tile")
     for op, families in table["capacities"].items():
         for family, loads in families.items():
             for load, by_dtype in loads.items():
