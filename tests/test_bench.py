@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -288,7 +289,7 @@ def test_run_with_injected_timer_takes_the_timed_path(tmp_path, capsys):
 
 def test_cpu_run_counts_and_models(tmp_path, capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--families", "mlp,transformer", "--dtypes", "bf16",
-                 "--out", str(tmp_path), "--no-progress"]) == 0
+                 "--out", str(tmp_path), "--no-progress", "--no-cpu-timings"]) == 0
     with open(tmp_path / "results.csv") as handle:
         table = list(csv.DictReader(handle))
     kinds = {(r["provider"], r["kind"]) for r in table}
@@ -309,3 +310,105 @@ def test_cpu_run_counts_and_models(tmp_path, capsys):
 def test_scripts_bench_runs_the_quick_sweep():
     script = (REPO / "scripts" / "bench").read_text()
     assert "-m tritonbn bench --quick" in script and '"$@"' in script
+
+
+# ----------------------------------------------------------------------------- CPU timings (the torch path)
+
+
+class StubCpuTimer:
+    """Calls every provider once (so both really run, on the torch path: it records the trace,
+    TRITON_INTERPRET and the thread count it ran under) and returns fixed times: tritonbn 1 ms,
+    torch 2 ms."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def __call__(self, fns):
+        import os
+
+        import tritonbn
+
+        with tritonbn.trace.capture() as trace:
+            for fn in fns.values():
+                fn()
+        self.seen.append({"providers": sorted(fns), "paths": set(trace.paths), "threads": torch.get_num_threads(),
+                          "interpret": os.environ.get("TRITON_INTERPRET")})
+        return {"tritonbn": Timing(1.0, 0.9, 1.1), "torch": Timing(2.0, 1.8, 2.2)}
+
+
+def test_cpu_time_sweep_rows_on_the_torch_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as a CPU bench run has it: the timing switches it off
+    threads = torch.get_num_threads()
+    points = [_point("NCHW", "fp32", (4, 3, 2, 2)), _point("axis=-1", "bf16", (4, 3, 2, 2))]
+    stub = StubCpuTimer()
+    rows = bench.cpu_time_sweep(points, bench.CPU_MODES, stub, threads=2, progress=False)
+    assert len(rows) == 2 * len(points) * len(bench.CPU_MODES)
+    assert {r.kind for r in rows} == {bench.CPU_MEASURED}
+    assert {r.provider for r in rows} == set(bench.CPU_PROVIDERS.values())
+    for row in rows:
+        ours = row.provider == bench.CPU_PROVIDERS["tritonbn"]
+        assert row.ms == (1.0 if ours else 2.0) and row.speedup_vs_torch == (2.0 if ours else 1.0)
+        point = next(p for p in points if p.layout == row.layout)
+        assert row.gbps == pytest.approx(sweeps.MIN_PASSES[row.mode] * point.data_bytes / (row.ms * 1e6))
+        assert row.note.startswith("CPU timing, 2 threads")
+        if not ours and row.layout == "axis=-1":
+            assert "movedim" in row.note
+    assert all(s["providers"] == ["torch", "tritonbn"] and s["paths"] == {"reference"} for s in stub.seen)
+    assert all(s["threads"] == 2 and s["interpret"] == "0" for s in stub.seen)
+    assert torch.get_num_threads() == threads and os.environ["TRITON_INTERPRET"] == "1"  # both restored
+
+
+def test_interleaved_timer_alternates_and_takes_medians(monkeypatch):
+    import time
+
+    clock = {"now": 0.0}
+    calls: list[str] = []
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+
+    def provider(name, seconds):
+        def call():
+            calls.append(name)
+            clock["now"] += seconds
+        return call
+
+    timings = bench.interleaved_timer({"a": provider("a", 1e-3), "b": provider("b", 3e-3)}, repeats=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+    assert timings["a"].median == pytest.approx(1.0) and timings["b"].median == pytest.approx(3.0)
+
+
+def test_cpu_run_writes_cpu_timings(tmp_path, capsys):
+    args = _args("--device", "cpu", "--families", "mlp", "--dtypes", "fp32", "--modes", "inference",
+                 "--out", str(tmp_path), "--no-progress")
+    assert bench.run(args, cpu_timer=StubCpuTimer()) == 0
+    with open(tmp_path / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    kinds = {(r["provider"], r["kind"]) for r in table}
+    assert kinds == {("tritonbn", "counted"), ("torch", "modelled"), ("tritonbn (CPU)", "cpu-measured"),
+                     ("torch (CPU)", "cpu-measured")}
+    timed = [r for r in table if r["kind"] == "cpu-measured"]
+    assert {r["shape"] for r in timed} == {"256x1024"} and {r["mode"] for r in timed} == {"inference"}
+    text = (tmp_path / "report.md").read_text()
+    assert "## CPU timings" in text and "(cpu_timings.png)" in text and "1.000 / 2.000 (0.50×)" in text
+    assert "counted" in text  # the counted sections are still there
+    assert (tmp_path / "cpu_timings.png").stat().st_size > 1000
+    assert "CPU timings (the torch path" in capsys.readouterr().out
+
+
+def test_cpu_speed_prints_the_ratio_table(capsys):
+    args = build_parser().parse_args(["cpu-speed", "--families", "mlp", "--dtypes", "fp32,bf16",
+                                      "--modes", "inference,forward"])
+    from tritonbn.perf import cpu_speed
+
+    assert cpu_speed.run(args, timer=StubCpuTimer()) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("256x1024")]
+    assert len(rows) == 4 and all(" 0.50 " in line for line in rows)  # 1 ms / 2 ms
+    assert "reproduce: tritonbn cpu-speed --threads 2 --repeats 9 --warmup 2 --dtypes fp32,bf16" in text
+    assert "targets met: 4 of 4" in text
+
+
+def test_cpu_speed_bad_selection_exits_2(capsys):
+    from tritonbn.perf import cpu_speed
+
+    assert cpu_speed.run(build_parser().parse_args(["cpu-speed", "--layouts", "diagonal"])) == 2
+    assert "--layouts" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "demo": ("tritonbn.demo", "run the operator on a few shapes and layouts and check it against the reference"),
     "bench": ("tritonbn.perf.bench", "performance sweep: timed on CUDA, bytes counted under the interpreter on CPU"),
+    "cpu-speed": ("tritonbn.perf.cpu_speed", "time the torch path on CPU against torch's F.batch_norm: a table of ratios"),
     "traffic": ("tritonbn.perf.traffic", "count the global-memory bytes and launches of each op (Triton interpreter)"),
     "tune": ("tritonbn.autotune.tune", "autotune launch configs per GPU model: measured on a GPU, modelled without one"),
     "gpu-check": ("tritonbn.perf.gpu_check", "the lent GPU machine's check: CUDA tests, a measured bench subset, a measured tune, time-boxed"),

@@ -37,6 +37,7 @@ from .autotune.config import (
     persistent_config,
     reduce_config,
 )
+from .cpu_backend import CpuBackend
 from .plan import CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, plan_view
 from .validation import Settings, validate
 
@@ -652,10 +653,14 @@ class ReferenceBackend:
                                     sums=None if sums is None else tuple(sums.double()), count=count)
 
 
-def backend_for(device: torch.device) -> TritonBackend | ReferenceBackend:
-    """Triton kernels on CUDA, and on CPU under TRITON_INTERPRET=1; the reference otherwise."""
+def backend_for(device: torch.device) -> TritonBackend | CpuBackend | ReferenceBackend:
+    """Triton kernels on CUDA, and on CPU under TRITON_INTERPRET=1; on CPU otherwise torch's
+    vectorised ops (``cpu_backend.CpuBackend``, trace name "reference" too); the float64
+    reference on any other device."""
     if device.type == "cuda" or (device.type == "cpu" and interpreting()):
         return TritonBackend()
+    if device.type == "cpu":
+        return CpuBackend()
     return ReferenceBackend()
 
 

@@ -19,7 +19,15 @@ update the moving statistics get them restored after each measurement.
 Without a GPU the same command counts instead of timing: the CPU-sized cases run under
 ``TRITON_INTERPRET=1`` and the traffic counter (``traffic.py``) reports bytes moved / S,
 launches and programs per launch of tritonbn ("counted"), next to the pass counts of torch's
-documented CUDA design ("modelled": ``sweeps.TORCH_PASSES``).  Nothing there is a time.
+documented CUDA design ("modelled": ``sweeps.TORCH_PASSES``).  Nothing there is a GPU time.
+
+On a CPU it also times the torch path (``cpu_backend.CpuBackend``: what ``tritonbn.batch_norm``
+runs on CPU tensors without ``TRITON_INTERPRET=1``) against torch's ``F.batch_norm`` at full
+size (``cpu_time_sweep``: ``CPU_CASES``, inference / training forward / forward + backward,
+fp32 and bf16), ``--cpu-threads`` threads, the two providers' calls interleaved, medians of
+``--cpu-repeats``.  Those rows are kind "cpu-measured" (providers "tritonbn (CPU)" and "torch
+(CPU)"); ``write_cpu_timings`` adds their table and ``cpu_timings.png`` to the report
+(``--no-cpu-timings`` skips them).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import inspect
 import math
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +54,8 @@ from ..autotune.tuner import restored  # the moving statistics between measureme
 from .sweeps import MIN_PASSES, MODES, TORCH_PASSES, Point
 
 __all__ = ["Row", "Timing", "CompiledBaseline", "EagerFallback", "compile_limits", "default_compile",
-           "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "add_arguments", "run"]
+           "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "interleaved_timer", "cpu_points",
+           "cpu_time_sweep", "write_cpu_timings", "add_arguments", "run"]
 
 MEASURED, COUNTED, MODELLED = "measured", "counted", "modelled"
 PROVIDERS = ("tritonbn", "torch", "torch.compile")
@@ -409,6 +419,184 @@ def time_sweep(points: Sequence[Point], device: torch.device | str, timer: Calla
     return rows
 
 
+# ----------------------------------------------------------------------------- timing on a CPU (the torch path)
+
+CPU_MEASURED = "cpu-measured"
+CPU_PROVIDERS = {"tritonbn": "tritonbn (CPU)", "torch": "torch (CPU)"}
+# Full-size shapes of the torch path's speed targets: ResNet-50's widest and deepest BatchNorms,
+# an MLP's 2-D (N, C) and a transformer's (B, T, C) with axis=-1.
+CPU_CASES: tuple[sweeps.Case, ...] = (
+    sweeps.Case("resnet50", "R50 N32 64@56", (32, 64, 56, 56)),
+    sweeps.Case("resnet50", "R50 N32 2048@7", (32, 2048, 7, 7)),
+    sweeps.Case("mlp", "256x1024", (256, 1024)),
+    sweeps.Case("transformer", "B8 T2048 C1024", (8, 1024, 2048), layouts=("axis=-1",)),
+)
+CPU_MODES = ("inference", "forward", "forward_backward")
+CPU_DTYPES = ("fp32", "bf16")
+CPU_LAYOUTS = ("NCHW", "channels_last", "axis=-1")
+CPU_TARGET = 1.25  # the torch path's time over torch's, at most
+
+
+def interleaved_timer(fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: int = 2) -> dict[str, Timing]:
+    """Median and quartiles (ms) of each callable, timed in rounds: every round calls each once,
+    in an order that alternates round by round, so a noisy machine slows all of them alike."""
+    import time
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_index in range(repeats):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+
+    def timing(values: list[float]) -> Timing:
+        ordered = sorted(values)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return Timing(statistics.median(ordered), pick(0.25), pick(0.75))
+
+    return {name: timing(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def torch_path(threads: int) -> Iterator[None]:
+    """CPU tensors on the torch path (TRITON_INTERPRET unset for ``backend_for``, which reads it per
+    call) with ``threads`` torch threads; both restored on exit."""
+    saved_env, saved_threads = os.environ.get("TRITON_INTERPRET"), torch.get_num_threads()
+    os.environ["TRITON_INTERPRET"] = "0"
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+
+
+def cpu_points(layouts: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
+               families: Sequence[str] | None = None) -> list[Point]:
+    """The CPU timing points: ``CPU_CASES`` in ``layouts`` (default ``CPU_LAYOUTS``) and
+    ``dtypes`` (default ``CPU_DTYPES``), optionally only ``families``."""
+    cases = [c for c in CPU_CASES if families is None or c.family in families]
+    return sweeps.points(cases, list(layouts or CPU_LAYOUTS), list(dtypes or CPU_DTYPES))
+
+
+def cpu_time_point(point: Point, modes: Sequence[str], timer: Callable[[dict], dict[str, Timing]],
+                   threads: int = 2) -> list[Row]:
+    """Rows of the torch path and of torch's ``F.batch_norm`` for each mode at ``point`` (CPU
+    tensors), timed together by ``timer`` (``interleaved_timer`` or a test's stub)."""
+    inp = _inputs(point, torch.device("cpu"))
+    rows: list[Row] = []
+    with torch_path(threads):
+        for mode in modes:
+            by_provider = {provider: _base(point, label, CPU_MEASURED, mode)
+                           for provider, label in CPU_PROVIDERS.items()}
+            try:
+                with restored(inp.moving_mean, inp.moving_var):
+                    fns = {provider: _mode_fn(provider, mode, inp, None) for provider in CPU_PROVIDERS}
+                    timings = timer(fns)
+            except Exception as exc:  # noqa: BLE001 - one failing point must not end the sweep
+                for row in by_provider.values():
+                    row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                rows.extend(by_provider.values())
+                continue
+            for provider, row in by_provider.items():
+                timing = timings[provider]
+                row.ms, row.ms_q25, row.ms_q75 = timing.median, timing.q25, timing.q75
+                row.gbps = MIN_PASSES[mode] * point.data_bytes / (row.ms * 1e6)
+                row.note = f"CPU timing, {threads} threads, calls interleaved with the other provider"
+                if provider != "tritonbn" and point.axis != 1:
+                    row.note += f"; x.movedim({point.axis}, 1) (a view) for torch"
+            for row in by_provider.values():
+                row.speedup_vs_torch = by_provider["torch"].ms / row.ms
+            rows.extend(by_provider.values())
+    return rows
+
+
+def cpu_time_sweep(points: Sequence[Point], modes: Sequence[str] = CPU_MODES,
+                   timer: Callable[[dict], dict[str, Timing]] | None = None, threads: int = 2,
+                   progress: bool = True) -> list[Row]:
+    """CPU timing rows (``cpu_time_point``) of every point; ``timer`` defaults to
+    ``interleaved_timer`` (7 rounds after 2 warm-up calls)."""
+    timer = timer or interleaved_timer
+    rows: list[Row] = []
+    for point in _progress(points, "timing the torch path", progress):
+        rows.extend(cpu_time_point(point, modes, timer, threads))
+    return rows
+
+
+def cpu_timing_table(rows: Sequence[Row]) -> list[str]:
+    """Markdown table of the CPU timing rows: ms of both providers and their ratio per mode."""
+    timed = [r for r in rows if r.kind == CPU_MEASURED]
+    modes = [m for m in sweeps.MODES if any(r.mode == m for r in timed)]
+    head = "| case | layout | dtype | shape (axis) | " + " | ".join(
+        f"{sweeps.MODE_TITLES[m]}: tritonbn / torch ms (ratio)" for m in modes) + " |"
+    lines = [head, "|" + "---|" * (4 + len(modes))]
+    by_key = {(r.case, r.layout, r.dtype, r.mode, r.provider): r for r in timed}
+    keys = list(dict.fromkeys((r.case, r.layout, r.dtype, r.shape, r.axis) for r in timed))
+    for case, layout, dtype, shape, axis in keys:
+        cells = []
+        for mode in modes:
+            ours = by_key.get((case, layout, dtype, mode, CPU_PROVIDERS["tritonbn"]))
+            theirs = by_key.get((case, layout, dtype, mode, CPU_PROVIDERS["torch"]))
+            if ours is None or theirs is None or math.isnan(ours.ms) or math.isnan(theirs.ms):
+                cells.append("failed" if ours is not None else "–")
+                continue
+            ratio = ours.ms / theirs.ms
+            mark = "" if ratio <= CPU_TARGET else " ✗"
+            cells.append(f"{ours.ms:.3f} / {theirs.ms:.3f} ({ratio:.2f}×{mark})")
+        lines.append(f"| {case} | {layout} | {dtype} | {shape} ({axis}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cpu_timing_figure(rows: Sequence[Row], path: Path) -> Path:
+    """Time ratio (torch path / torch) per point, a panel per mode, a line per (layout, dtype)."""
+    from .report import _finish, _panels, _pyplot
+
+    plt = _pyplot()
+    timed = [r for r in rows if r.kind == CPU_MEASURED and r.provider == CPU_PROVIDERS["tritonbn"]]
+    modes = [m for m in sweeps.MODES if any(r.mode == m for r in timed)]
+    cases = list(dict.fromkeys(r.case for r in timed))
+    fig, axes, legend_ax = _panels(plt, len(modes), 4.2)
+    for ax, mode in zip(axes, modes):
+        for layout, dtype in dict.fromkeys((r.layout, r.dtype) for r in timed):
+            mine = {r.case: 1.0 / r.speedup_vs_torch for r in timed
+                    if r.mode == mode and r.layout == layout and r.dtype == dtype}
+            ax.plot(range(len(cases)), [mine.get(c, math.nan) for c in cases], marker="o",
+                    linestyle="-" if dtype == "fp32" else "--", linewidth=1, label=f"{layout} {dtype}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(CPU_TARGET, color="red", linewidth=0.8, linestyle=":", label=f"target {CPU_TARGET}×")
+        ax.set_ylim(bottom=0)
+        ax.set_title(sweeps.MODE_TITLES[mode], fontsize=10)
+    axes[0].set_ylabel("CPU time, tritonbn torch path / torch F.batch_norm")
+    return _finish(plt, fig, axes, legend_ax, cases, "CPU timings (median of interleaved calls; < 1: tritonbn faster)",
+                   path)
+
+
+def write_cpu_timings(rows: Sequence[Row], out: Path, command: str, threads: int) -> list[Path]:
+    """Append the CPU timings (table and ``cpu_timings.png``) to ``out/report.md``; returns the
+    paths written (none without CPU timing rows)."""
+    if not any(r.kind == CPU_MEASURED for r in rows):
+        return []
+    figure = _cpu_timing_figure(rows, Path(out) / "cpu_timings.png")
+    lines = ["", "## CPU timings: the torch path against torch's F.batch_norm", "",
+             "Measured on this CPU (not a GPU): `tritonbn.batch_norm` on CPU tensors without `TRITON_INTERPRET=1`",
+             f"(the torch path, `tritonbn/cpu_backend.py`) and `torch.nn.functional.batch_norm`, {threads} threads,",
+             "their calls interleaved round by round; medians. Ratio = tritonbn ms / torch ms "
+             f"(target ≤ {CPU_TARGET}; ✗ marks a miss).",
+             f"Reproduce: `{command}`; one table: `tritonbn cpu-speed`.", "",
+             *cpu_timing_table(rows), "", f"![CPU timings]({figure.name})", ""]
+    report = Path(out) / "report.md"
+    with open(report, "a") as handle:
+        handle.write("\n".join(lines))
+    return [figure]
+
+
 # ----------------------------------------------------------------------------- the subcommand
 
 
@@ -426,6 +614,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=25, help="GPU: do_bench warmup, ms")
     parser.add_argument("--rep", type=int, default=100, help="GPU: do_bench repetition time, ms")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-cpu-timings", action="store_true",
+                        help="CPU: skip timing the torch path against torch's F.batch_norm")
+    parser.add_argument("--cpu-threads", type=int, default=2, help="CPU timings: torch threads")
+    parser.add_argument("--cpu-repeats", type=int, default=7, help="CPU timings: interleaved rounds per point")
 
 
 def _subset(text: str | None, allowed: Sequence[str], what: str) -> list[str] | None:
@@ -462,9 +654,11 @@ def _command(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None:
             parts += [f"--{name}", str(value)]
-    for name, default in (("warmup", 25), ("rep", 100)):
-        if getattr(args, name) != default:
-            parts += [f"--{name}", str(getattr(args, name))]
+    for name, default in (("warmup", 25), ("rep", 100), ("cpu_threads", 2), ("cpu_repeats", 7)):
+        if getattr(args, name, default) != default:
+            parts += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if getattr(args, "no_cpu_timings", False):
+        parts.append("--no-cpu-timings")
     if args.out is not None:
         parts += ["--out", str(args.out)]
     return " ".join(parts)
@@ -486,8 +680,27 @@ def select_points(args: argparse.Namespace, cpu: bool) -> tuple[list[Point], lis
     return sweeps.points(cases, layouts, dtypes), modes
 
 
-def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Callable | None = None) -> int:
-    """Run the sweep and write CSV, plots and report.md; ``timer``/``compile_fn`` are for tests."""
+def _cpu_timing_rows(args: argparse.Namespace, modes: Sequence[str], timer: Callable | None) -> list[Row]:
+    """The CPU timing rows of a CPU run (none with ``--no-cpu-timings``), in the run's dtypes,
+    layouts and families where they are CPU timing ones."""
+    if getattr(args, "no_cpu_timings", False):
+        return []
+    dtypes = _subset(args.dtypes, list(sweeps.DTYPES), "dtypes") or list(CPU_DTYPES)
+    layouts = _subset(args.layouts, list(sweeps.LAYOUTS), "layouts") or list(CPU_LAYOUTS)
+    families = _subset(args.families, sorted({c.family for c in sweeps.FULL_CASES}), "families")
+    points = cpu_points(layouts, dtypes, families)
+    cpu_modes = [m for m in CPU_MODES if m in modes]
+    if not points or not cpu_modes:
+        return []
+    repeats = getattr(args, "cpu_repeats", 7)
+    return cpu_time_sweep(points, cpu_modes, timer or (lambda fns: interleaved_timer(fns, repeats=repeats)),
+                          threads=getattr(args, "cpu_threads", 2), progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Callable | None = None,
+        cpu_timer: Callable | None = None) -> int:
+    """Run the sweep and write CSV, plots and report.md; ``timer``/``compile_fn``/``cpu_timer``
+    (the CPU timings' interleaved timer) are for tests."""
     from . import report
 
     try:
@@ -520,9 +733,15 @@ def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Cal
                           progress=not args.no_progress)
     else:
         rows = [row for row in count_sweep(points, progress=not args.no_progress) if row.mode in modes]
+    cpu_rows = [] if timed else _cpu_timing_rows(args, modes, cpu_timer)
     meta = report.Meta(device=device_description(device), timed=timed,
                        date=now.strftime("%Y-%m-%d %H:%M"), command=_command(args))
-    written = report.write(rows, out, meta)
+    written = report.write(rows, out, meta)  # the counted figures and tables: counted rows only
+    if cpu_rows:
+        report.write_csv(rows + cpu_rows, Path(out) / "results.csv")  # one CSV with every row
+        written += write_cpu_timings(cpu_rows, out, meta.command, args.cpu_threads)
     print(report.console_summary(rows, timed))
+    if cpu_rows:
+        print("\n".join(["CPU timings (the torch path vs torch F.batch_norm):", *cpu_timing_table(cpu_rows)]))
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
