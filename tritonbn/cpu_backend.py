@@ -111,24 +111,6 @@ class Geometry:
         return shape
 
 
-def _blocks(shape: tuple[int, ...], limit: int) -> Iterator[tuple[slice, ...]]:
-    """Index tuples tiling ``shape`` with blocks of at most ``limit`` elements: whole slices of
-    the leading dimension where a slice fits, otherwise one index of it and recursion inwards
-    (``reference._blocks``' scheme)."""
-    if math.prod(shape) <= limit:
-        yield ()
-        return
-    inner = math.prod(shape[1:])
-    if inner <= limit:
-        step = limit // max(inner, 1)
-        for start in range(0, shape[0], step):
-            yield (slice(start, min(start + step, shape[0])),)
-        return
-    for i in range(shape[0]):
-        for rest in _blocks(shape[1:], limit):
-            yield (slice(i, i + 1), *rest)
-
-
 def _block_numel(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
     sizes = [len(range(*s.indices(n))) for s, n in zip(index, shape)] + list(shape[len(index):])
     return math.prod(sizes)
@@ -155,7 +137,7 @@ def geometry(shape: tuple[int, ...], strides: tuple[int, ...], axis: int, limit:
     order = tuple(sorted(range(len(shape)), key=lambda d: (-abs(strides[d]), d)))
     where = order.index(axis)
     permuted = tuple(shape[d] for d in order)
-    blocks = tuple(_blocks(permuted, limit))
+    blocks = tuple(reference._blocks(permuted, limit))  # the reference's tiling (stops clamp in _block_numel)
     channels = shape[axis]
     per_channel = max(1, min(HEAD_ELEMENTS, limit // (4 * max(channels, 1))))
     return Geometry(order, where, channels, blocks, tuple(d for d in range(len(shape)) if d != where),
