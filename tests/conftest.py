@@ -112,24 +112,24 @@ _launched: set[str] = set()
 
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_ledger(request):
-    """Wraps ``ops._launch`` for the session when ``--require-every-kernel`` is given."""
+    """Wraps ``Launch.__call__`` for the session when ``--require-every-kernel`` is given."""
     if not request.config.getoption("--require-every-kernel"):
         yield
         return
-    from tritonbn import ops
+    from tritonbn import launch
 
-    original = ops._launch
+    original = launch.Launch.__call__
 
-    def launch_and_note(kernel, name, programs, config, args, **constexprs):
-        original(kernel, name, programs, config, args, **constexprs)
-        if ops._dry_run.get() is None:
-            _launched.add(_variant(name, constexprs))
+    def launch_and_note(self, *tensors):
+        original(self, *tensors)
+        if launch._dry_run.get() is None:
+            _launched.add(_variant(self.name, self.constexprs))
 
-    ops._launch = launch_and_note
+    launch.Launch.__call__ = launch_and_note
     try:
         yield
     finally:
-        ops._launch = original
+        launch.Launch.__call__ = original
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,9 +54,11 @@ def _entry(dtype, family, op, role, channels, m, config):
     return dict(dtype=dtype, family=family, op=op, role=role, channels=channels, m=m, config=config)
 
 
-def _write(config_dir, entries, gpu="h100-sxm", **meta):
+def _write(config_dir, entries, gpu="h100-sxm", timing="measured", **meta):
+    """A store file; measured unless told otherwise (only measured stores steer launches)."""
     path = config_dir / f"{gpu}.json"
-    store.save_store(path, store.store_document(gpu, entries, {"modelled": True, **meta}))
+    stamp = {} if timing is None else {"timing": timing, "modelled": timing == "modelled"}
+    store.save_store(path, store.store_document(gpu, entries, {**stamp, **meta}))
     return path
 
 
@@ -81,7 +89,7 @@ def test_store_round_trips(tmp_path):
                       Knobs(tile=4096, block_c=32, num_warps=4).to_json())]
     path = _write(tmp_path, entries)
     data = json.loads(path.read_text())
-    assert data["schema"] == store.SCHEMA and data["modelled"] is True
+    assert data["schema"] == store.SCHEMA and data["timing"] == "measured" and data["modelled"] is False
     assert "C64_m131072" in data["configs"]["float16"]["channel_major"]["forward"]["reduce"]
     loaded = store.load_store(path)
     assert len(loaded) == 3
@@ -103,6 +111,12 @@ def test_store_rejects_other_schemas_and_bad_entries(tmp_path):
         store.save_store(tmp_path / "x.json", bad)
     with pytest.raises(ValueError, match="role"):
         store.parse_store({"schema": 1, "configs": {"float16": {"channel_major": {"forward": {"apply": {}}}}}})
+    with pytest.raises(ValueError, match="unknown knobs"):  # no space varies the stages: not a knob
+        Knobs.from_json({"tile": 1024, "num_stages": 2})
+    with pytest.raises(ValueError, match="timing"):
+        store.parse_store({"schema": 1, "timing": "guessed", "configs": {}})
+    with pytest.raises(ValueError, match="contradicts"):
+        store.parse_store({"schema": 1, "timing": "measured", "modelled": True, "configs": {}})
 
 
 def test_a_broken_store_file_is_ignored(isolated_stores):
@@ -257,15 +271,64 @@ def test_lookups_are_cached_per_call_signature(isolated_stores, monkeypatch):
     assert len(calls) == 1
 
 
-def test_the_shipped_store_is_found_and_used_off_the_gpu(monkeypatch):
+REPORT_STORE = Path(__file__).resolve().parents[1] / "perf" / "results" / "autotune" / "h100-sxm" / "h100-sxm.json"
+
+
+def test_only_measured_stores_ship_and_off_the_gpu_the_heuristic_decides(monkeypatch):
+    """No measured H100 store ships yet: off the GPU every decision is the heuristic's."""
     monkeypatch.delenv(store.CONFIG_DIR_ENV)
     C.clear_caches()
-    paths = store.store_paths("h100-sxm", None, False)
-    assert paths and paths[0].parent.name == "autotune_configs"
-    shipped = store.load_store(paths[0])
-    assert shipped.meta["schema"] == 1 and shipped.meta["modelled"] is True and len(shipped) > 100
+    shipped = store.store_paths("h100-sxm", None, False)
+    assert all(store.load_store(p).measured for p in shipped)
+    if not shipped:
+        plan = _plan((32, 64, 3136))
+        assert C.explain("reduce", plan, H100_PROFILE, dtype="float16").source == "heuristic"
+
+
+def test_the_modelled_h100_sweep_is_a_report_not_a_source_of_decisions(isolated_stores, caplog):
+    """The modelled store stays readable (its report is beside it) but steers nothing, even in
+    the folder stores are loaded from; the same file stamped measured would steer."""
+    modelled = store.load_store(REPORT_STORE)
+    assert modelled.timing == "modelled" and modelled.meta["modelled"] is True and not modelled.measured
+    assert len(modelled) > 100 and (REPORT_STORE.parent / "report.md").is_file()
+    plan = _plan((256, 2048, 49))  # ResNet-50 N256 2048@7: the modelled sweep split its reduction 8 ways
+    with C.heuristic_only():
+        heuristic = reduce_config(plan, H100_PROFILE, dtype="float16")
+    shutil.copy(REPORT_STORE, isolated_stores / "h100-sxm.json")
+    C.clear_caches()
+    with caplog.at_level(logging.WARNING, logger="tritonbn"):
+        decision = C.explain("reduce", plan, H100_PROFILE, dtype="float16")
+    assert decision.source == "heuristic" and decision.config == heuristic
+    assert "not measured" in caplog.text
+    stamped = json.loads(REPORT_STORE.read_text()) | {"timing": "measured", "modelled": False}
+    store.save_store(isolated_stores / "h100-sxm.json", stamped)
+    C.clear_caches()
+    decision = C.explain("reduce", plan, H100_PROFILE, dtype="float16")
+    assert decision.source == "store" and decision.config != heuristic
+
+
+@pytest.mark.parametrize("timing", ["modelled", None])
+def test_a_store_not_timed_on_a_gpu_is_ignored(isolated_stores, timing):
     plan = _plan((32, 64, 3136))
-    assert C.explain("reduce", plan, H100_PROFILE, dtype="float16").source == "store"
+    _write(isolated_stores, [_entry("float32", "channel_major", "forward", "reduce", 64, 100352,
+                                    {"tile": 512, "split": 2})], timing=timing)
+    assert C.explain("reduce", plan, H100_PROFILE, dtype="float32").source == "heuristic"
+
+
+def test_stores_of_different_timings_never_mix(tmp_path):
+    measured = _write(tmp_path, [_entry("float32", "channel_major", "forward", "reduce", 64, 4096, {})])
+    modelled = store.store_document("h100-sxm", [], {"timing": "modelled", "modelled": True})
+    with pytest.raises(ValueError, match="cannot merge"):
+        store.merge_documents(json.loads(measured.read_text()), modelled)
+    from tritonbn.autotune.tune import run
+
+    before = measured.read_text()
+    for extra in ((), ("--merge",)):  # a modelled run neither replaces nor merges into a measured store
+        args, argv = _tune_args(tmp_path / "out", shapes="8x32x16x16", dtypes="float16", timer="modelled",
+                                **{"store-dir": str(tmp_path)})
+        args.merge = bool(extra)
+        assert run(args, argv=argv) == 2
+    assert measured.read_text() == before
 
 
 # ----------------------------------------------------------------------------- spaces and the model
@@ -286,7 +349,7 @@ def test_config_spaces_are_valid_deduplicated_and_hold_the_heuristic():
             if role == "reduce":
                 assert all(c.config.splits <= C.max_useful_split(plan, c.knobs.tile, c.knobs.block_c or 64)
                            for c in cands)
-    assert len(space.finalize_space(64, 8)) >= 2
+            assert all(c.config is None or c.config.num_stages == 1 for c in cands)  # stages: not a knob
 
 
 def test_modelled_data_bytes_match_the_interpreters_count():
@@ -373,7 +436,7 @@ def _tune_args(out, **kw):
     return parser.parse_args(argv), argv
 
 
-def test_the_cpu_pipeline_writes_a_modelled_store_report_and_plots(tmp_path):
+def test_the_cpu_pipeline_writes_a_modelled_store_report_and_plots(tmp_path, monkeypatch):
     from tritonbn.autotune.tune import run
 
     args, argv = _tune_args(tmp_path / "out", shapes="8x32x16x16", dtypes="float16")
@@ -392,6 +455,10 @@ def test_the_cpu_pipeline_writes_a_modelled_store_report_and_plots(tmp_path):
     assert "overview.png" in pngs and len(pngs) >= 5
     assert all((out / p).stat().st_size > 5_000 for p in pngs)
     assert (out / "trials.csv").read_text().splitlines()[1].startswith("modelled,")
+    # the modelled store is the report's: pointed at, it steers nothing
+    monkeypatch.setenv(store.CONFIG_DIR_ENV, str(out))
+    C.clear_caches()
+    assert C.explain("reduce", _plan((8, 32, 256)), H100_PROFILE, dtype="float16").source == "heuristic"
 
 
 def test_the_measured_pipeline_runs_with_a_stub_bench(tmp_path):
@@ -440,6 +507,52 @@ def test_online_tuning_tunes_unseen_keys_once_and_caches_them(isolated_stores, t
     # the modelled off-GPU profile never tunes on-line
     assert C.explain("reduce", _plan((2, 512, 4096)), H100_PROFILE, dtype=torch.float32).source == "heuristic"
     assert len(benched) == count
+
+
+def test_without_an_installed_tuner_autotune_on_gives_the_heuristic(isolated_stores, monkeypatch, caplog):
+    """The on-line tuner is a hook (config.set_online_tuner) that importing online installs;
+    TRITONBN_AUTOTUNE=1 alone does not import it."""
+    gpu = DeviceProfile("NVIDIA H100 80GB HBM3", 132, 4096, on_gpu=True)
+    assert C._online_tuner is online.tune_on_first_use
+    monkeypatch.setenv(store.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(C, "_warned_no_tuner", False)
+    C.set_online_tuner(None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tritonbn"):
+            decision = C.explain("reduce", _plan((2, 3, 40)), gpu, op="forward", dtype=torch.float32)
+    finally:
+        C.set_online_tuner(online.tune_on_first_use)
+    assert decision.source == "heuristic" and "no on-line tuner is installed" in caplog.text
+
+
+# Modules of the tools: the op (tritonbn, tritonbn.ops, tritonbn.nn) must import none of them.
+TOOL_MODULES = ("tritonbn.autotune.tuner", "tritonbn.autotune.tune", "tritonbn.autotune.online",
+                "tritonbn.autotune.model", "tritonbn.autotune.report", "tritonbn.autotune.space",
+                "tritonbn.perf", "tritonbn.inspect", "tritonbn.cli")
+_IMPORT_PROBE = """
+import sys
+import tritonbn, tritonbn.ops, tritonbn.nn
+from tritonbn.autotune import config as C
+from tritonbn.plan import plan_view
+gpu = C.DeviceProfile("NVIDIA H100 80GB HBM3", 132, 4096, on_gpu=True)
+C.explain("reduce", plan_view((2, 3, 40), 1, [(120, 40, 1)] * 2), gpu, op="forward", dtype="float32")
+print(" ".join(sorted(m for m in sys.modules if m.startswith("tritonbn"))))
+"""
+
+
+def test_the_op_imports_none_of_its_tools(tmp_path):
+    """In a fresh interpreter, with TRITONBN_AUTOTUNE=1 and a decision made on a GPU profile (where
+    the on-line tuner used to be imported lazily): no tuner, tune, online, model, report, space,
+    perf, inspect or cli module is loaded, so the graph ops -> config never closes a cycle."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITONBN_")}
+    env.update(TRITONBN_AUTOTUNE="1", TRITONBN_CONFIG_DIR=str(tmp_path), TRITONBN_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout.split()
+    assert "tritonbn.ops" in loaded and "tritonbn.nn" in loaded
+    assert [m for m in loaded if m.startswith(TOOL_MODULES)] == []
 
 
 def test_cli_registers_tune():

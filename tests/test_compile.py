@@ -1,19 +1,24 @@
 """torch.compile and torch.library: the custom ops, opcheck, fullgraph compilation of every layer
 configuration (forward, backward, buffers) against torch's eager modules, dynamic shapes,
-channels_last, autocast, and one run through Inductor."""
+channels_last, autocast, one run through Inductor, and the eager path (no custom op) bitwise
+against the compiled layer, the custom op run eagerly and the functional op."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Callable, Optional
 
 import pytest
 import torch
 
 import tritonbn
+from tritonbn import library
 from tritonbn import nn as tnn
 from tritonbn import trace
-from tritonbn.plan import empty_like_layout
-from test_nn import ConvNet, F32_TOL, _batch_norms, _input, _randomise, assert_same_state, torch_layer
+from tritonbn.plan import empty_like_layout, layout_strides
+from helpers import apply_layout
+from test_nn import ConvNet, F32_TOL, OpLog, _batch_norms, _input, _randomise, assert_same_state, torch_layer
 
 
 @pytest.fixture(autouse=True)
@@ -181,3 +186,126 @@ def test_inductor_convnet_channels_last():
     ours.eval(), theirs.eval()
     x = _input((2, 3, 5, 5), 5, torch.channels_last)
     torch.testing.assert_close(compiled(x), theirs(x), **F32_TOL)
+
+
+# ----------------------------------------------------------------------------- eager path, bitwise
+
+
+def _functional(layer: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """``layer``'s forward as one ``tritonbn.batch_norm`` call on ``layer``'s own tensors, or None
+    where the functional op has no equivalent (the cumulative average of ``momentum=None``)."""
+    if isinstance(layer, tnn.BatchNorm):
+        def gluon(x):
+            beta = layer.beta if layer.center else torch.zeros_like(layer.beta)
+            return tritonbn.batch_norm(x, layer.gamma, beta, layer.running_mean, layer.running_var,
+                                       eps=layer.epsilon, momentum=layer.momentum, fix_gamma=not layer.scale,
+                                       use_global_stats=layer.use_global_stats, axis=layer.axis,
+                                       training=layer.training)
+        return gluon
+    if layer.momentum is None:
+        return None
+
+    def torch_style(x):
+        channels, tracked = layer.num_features, layer.track_running_stats
+        gamma = layer.weight if layer.weight is not None else torch.ones(channels)
+        beta = layer.bias if layer.bias is not None else torch.zeros(channels)
+        moving = (layer.running_mean, layer.running_var) if tracked else (torch.zeros(channels), torch.ones(channels))
+        return tritonbn.batch_norm(x, gamma, beta, *moving, eps=layer.eps, momentum=1.0 - layer.momentum,
+                                   fix_gamma=layer.weight is None, training=layer.training or not tracked,
+                                   unbiased_update=tracked)
+    return torch_style
+
+
+def _custom_op_eagerly(layer: torch.nn.Module, monkeypatch) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``layer`` through ``tritonbn::batch_norm_forward`` in eager mode (the path before the eager
+    one; what a compiled graph runs)."""
+    def run(x):
+        with monkeypatch.context() as patch:
+            patch.setattr(library, "_runs_eagerly", lambda *args: False)
+            return layer(x)
+    return run
+
+
+def _step(run: Callable[[torch.Tensor], torch.Tensor], holder: torch.nn.Module, x: torch.Tensor,
+          autocast: bool) -> dict[str, torch.Tensor]:
+    """One forward/backward: y, the input's and every parameter's gradient, every float buffer."""
+    x = x.clone().requires_grad_()
+    holder.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        y = run(x)
+    (y.float() * y.float()).sum().backward()
+    out = {"y": y.detach(), "x.grad": x.grad}
+    out |= {f"{name}.grad": p.grad for name, p in holder.named_parameters() if p.grad is not None}
+    out |= {name: b.clone() for name, b in holder.named_buffers() if b.is_floating_point()}
+    return out
+
+
+def _assert_bitwise(actual: dict, expected: dict, what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for key, value in expected.items():
+        assert actual[key].stride() == value.stride() and torch.equal(actual[key], value), f"{what}: {key}"
+
+
+# (id, layer factory, input shape, memory format, under autocast)
+BITWISE = [
+    ("2d-momentum-0.1", lambda: tnn.BatchNorm2d(3), (2, 3, 4, 4), "contiguous", False),
+    ("2d-momentum-None-channels_last", lambda: tnn.BatchNorm2d(3, momentum=None), (2, 3, 4, 4), "channels_last",
+     False),
+    ("1d-affine-False-momentum-0.3", lambda: tnn.BatchNorm1d(3, affine=False, momentum=0.3), (4, 3, 5),
+     "contiguous", False),
+    ("3d-untracked", lambda: tnn.BatchNorm3d(3, track_running_stats=False), (2, 3, 2, 2, 3), "stepped", False),
+    ("gluon-axis-1", lambda: tnn.BatchNorm(axis=-1, in_channels=3, momentum=0.8), (4, 5, 3), "permuted", False),
+    ("2d-autocast-bfloat16", lambda: tnn.BatchNorm2d(3, momentum=None), (2, 3, 4, 4), "contiguous", True),
+]
+
+
+@pytest.mark.parametrize("label,factory,shape,layout,autocast", BITWISE, ids=[b[0] for b in BITWISE])
+def test_eager_matches_compiled_custom_op_and_functional_bitwise(path, monkeypatch, label, factory, shape, layout,
+                                                                  autocast):
+    """Two training steps and one evaluation: the eager layer, the compiled one (fullgraph), the
+    custom op run eagerly and (float momentum) ``tritonbn.batch_norm`` give the same bits."""
+    eager = factory()
+    _randomise(eager)
+    if getattr(eager, "num_batches_tracked", None) is not None:
+        eager.num_batches_tracked.fill_(6)  # cumulative average factors 1/7, 1/8: inexact in binary
+    holders = {name: copy.deepcopy(eager) for name in ("compiled", "custom op", "functional")}
+    runs = {"compiled": torch.compile(holders["compiled"], fullgraph=True, backend="aot_eager"),
+            "custom op": _custom_op_eagerly(holders["custom op"], monkeypatch),
+            "functional": _functional(holders["functional"])}
+    for step, training in enumerate([True, True, False]):
+        for layer in (eager, *holders.values()):
+            layer.train(training)
+        x = apply_layout(_input(shape, step), layout, -1 if "axis-1" in label else 1)
+        expected = _step(eager, eager, x, autocast)
+        for name, run in runs.items():
+            if run is None:
+                continue
+            actual = _step(run, holders[name], x, autocast)
+            if name == "functional":  # it counts no batches
+                expected_here = {k: v for k, v in expected.items() if k in actual}
+                _assert_bitwise(actual, expected_here, f"{name}, step {step}")
+            else:
+                _assert_bitwise(actual, expected, f"{name}, step {step}")
+
+
+# (id, tensor factory): dense and non-dense layouts, size-1 dimensions with arbitrary strides
+LAYOUTS = [
+    ("contiguous", lambda: torch.empty(2, 3, 4, 5)),
+    ("channels_last", lambda: torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
+    ("channels_last_3d", lambda: torch.empty(2, 3, 2, 4, 5).contiguous(memory_format=torch.channels_last_3d)),
+    ("permuted", lambda: torch.empty(5, 4, 3, 2).permute(3, 2, 1, 0)),
+    ("sliced", lambda: torch.empty(2, 3, 4, 11)[..., 1::2]),
+    ("stepped-rank-6", lambda: torch.empty(3, 3, 3, 3, 3, 3)[::2, :, ::2, ::2, ::2, ::2]),
+    ("expanded", lambda: torch.empty(3, 1, 5).expand(3, 4, 5)),
+    ("size-1-odd-strides", lambda: torch.empty_strided((2, 1, 3, 1), (3, 7, 1, 100))),
+    ("transposed-sliced", lambda: torch.empty(6, 8).t()[::2]),
+]
+
+
+@pytest.mark.parametrize("label,make", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_layout_strides_are_empty_like_layouts_without_allocating(label, make):
+    t = make()
+    with OpLog() as log:
+        strides = layout_strides(tuple(t.shape), t.stride())
+    assert log.ops == []  # no tensor made, not even a meta one
+    assert strides == empty_like_layout(t).stride()

@@ -46,7 +46,7 @@ class ScalarReads(TorchDispatchMode):
     The mode is switched off inside its own handler, so a tritonbn custom op would hide the
     aten ops of its implementation: those are run below the Python key with the mode on again.
     Interpreted kernel launches are counted too: the interpreters of Triton 3.6 and 3.8 read no
-    tensor value through the dispatcher (were one to, ``ops._launch`` is where to stop counting).
+    tensor value through the dispatcher (were one to, ``Launch.__call__`` is where to stop counting).
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,5 @@
-"""tritonbn.nn against torch.nn: the torch-style layers, convert(), the Gluon-style layer, autocast.
+"""tritonbn.nn against torch.nn: the torch-style layers, convert(), the Gluon-style layer, autocast,
+and the eager path (no custom op, no copies of the moving statistics).
 
 Every numerical test runs through both paths (interpreted Triton kernels and the reference) and
 compares with torch's own modules step by step: outputs, input and parameter gradients, and
@@ -8,13 +9,17 @@ every buffer (running statistics, num_batches_tracked) after each training step.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonbn
+from tritonbn import library
 from tritonbn import nn as tnn
 from tritonbn import trace
+from tritonbn.plan import empty_like_layout
 
 F32_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -361,3 +366,145 @@ def test_sync_batch_norm_without_process_group_is_local(path):
     assert_same_state(ours, theirs)
     with pytest.raises(ValueError, match="at least 2D"):
         ours(torch.randn(3))
+
+
+# ----------------------------------------------------------------------------- eager path
+
+
+# Where a tritonbn custom op's implementation runs from inside a mode (CPU tensors: these tests').
+_BELOW_PYTHON = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+class OpLog(TorchDispatchMode):
+    """Records every op dispatched while active as (op, shapes of its tensor arguments).
+
+    A tritonbn custom op is recorded, then run below the Python key with the mode on again, so
+    the aten ops of its implementation (the clones of the moving statistics) are recorded too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[torch._ops.OpOverload, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((func, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        if func.namespace == "tritonbn":
+            with self:
+                return func.redispatch(_BELOW_PYTHON, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def custom_ops(self) -> list[str]:
+        return [str(func) for func, _ in self.ops if func.namespace == "tritonbn"]
+
+    def on_vectors(self, packet, channels: int) -> list[str]:
+        """The recorded ``packet`` ops (e.g. ``aten.clone``) with a [channels] tensor argument."""
+        return [f"{func}{shapes}" for func, shapes in self.ops
+                if func.overloadpacket is packet and (channels,) in shapes]
+
+
+# (id, layer factory, input shape, training)
+EAGER_LAYERS = [
+    ("1d-momentum-0.3", lambda: tnn.BatchNorm1d(3, momentum=0.3), (4, 3, 5), True),
+    ("2d-momentum-None", lambda: tnn.BatchNorm2d(3, momentum=None), (2, 3, 4, 4), True),
+    ("3d-affine-False", lambda: tnn.BatchNorm3d(3, affine=False), (2, 3, 2, 2, 3), True),
+    ("2d-untracked", lambda: tnn.BatchNorm2d(3, track_running_stats=False), (2, 3, 4, 4), True),
+    ("2d-eval", lambda: tnn.BatchNorm2d(3), (2, 3, 4, 4), False),
+    ("gluon-axis-1", lambda: tnn.BatchNorm(axis=-1, in_channels=3), (4, 5, 3), True),
+    ("gluon-global-stats", lambda: tnn.BatchNorm(use_global_stats=True, in_channels=3), (4, 3, 5), True),
+    ("sync-local-momentum-None", lambda: tnn.SyncBatchNorm(3, momentum=None), (2, 3, 4, 4), True),
+]
+EAGER_IDS = [case[0] for case in EAGER_LAYERS]
+
+
+def _eager_layer(factory: Callable[[], torch.nn.Module], training: bool) -> torch.nn.Module:
+    layer = factory()
+    _randomise(layer)
+    return layer.train(training)
+
+
+def _train_step(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward and backward with a gradient to the input and every parameter."""
+    y = layer(x.clone().requires_grad_())
+    (y * y).sum().backward()
+    return y
+
+
+@pytest.fixture
+def custom_op_calls(monkeypatch) -> list[tuple]:
+    """Every call of ``library.batch_norm_forward`` (the custom op) from ``batch_norm_op``."""
+    calls: list[tuple] = []
+    op = library.batch_norm_forward
+
+    def counted(*args):
+        calls.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(library, "batch_norm_forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("label,factory,shape,training", EAGER_LAYERS, ids=EAGER_IDS)
+def test_eager_layer_call_skips_the_custom_op(path, custom_op_calls, label, factory, shape, training):
+    layer = _eager_layer(factory, training)
+    with trace.capture() as t, OpLog() as log:
+        _train_step(layer, _input(shape, 0))
+    assert custom_op_calls == [] and log.custom_ops() == []
+    assert set(t.paths) == {path} and bool(t.launches) == (path == "triton")
+
+
+def test_eager_layout_needing_a_copy_keeps_the_custom_op(path, custom_op_calls):
+    """A rank-6 view with five stepped reduced dimensions (more than four groups) is copied
+    anyway: it keeps the custom op's copy and relayout, so eager stays bitwise the compiled."""
+    layer = tnn.BatchNorm(in_channels=3)
+    x = _input((3, 3, 3, 3, 3, 3), 0)[::2, :, ::2, ::2, ::2, ::2]  # (a clone would be dense)
+    with trace.capture() as t:
+        y = layer(x)
+    assert len(custom_op_calls) == 1 and any("reduced groups" in note for note in t.copies)
+    expected = torch.nn.functional.batch_norm(x, None, None, training=True, eps=layer.epsilon)
+    torch.testing.assert_close(y, expected, **F32_TOL)
+    assert y.stride() == empty_like_layout(x).stride()
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake"])
+def test_make_fx_traces_the_custom_op(tracing_mode):
+    """make_fx/AOTAutograd see aten ops, not the kernels' writes: a traced call stays the custom op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = tnn.BatchNorm2d(3, momentum=None)
+    state = dict(layer.named_parameters()) | dict(layer.named_buffers())
+
+    def forward(state: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, state, (x,))
+
+    graph = make_fx(forward, tracing_mode=tracing_mode)(state, _input((2, 3, 4, 4), 0)).graph
+    targets = [node.target for node in graph.nodes]
+    assert torch.ops.tritonbn.batch_norm_forward.default in targets
+
+
+def _moving_copies_of_the_backend(training: bool, channels: int) -> int:
+    """[C] copy_ ops of the backend's own update in ``tritonbn.batch_norm`` (the functional op):
+    none in the kernels, one per statistic in the CPU backend, which writes its float64 result."""
+    gamma, beta = torch.ones(channels), torch.zeros(channels)
+    with OpLog() as log:
+        tritonbn.batch_norm(_input((4, channels, 5), 1), gamma, beta, torch.zeros(channels), torch.ones(channels),
+                            training=training)
+    return len(log.on_vectors(torch.ops.aten.copy_, channels))
+
+
+@pytest.mark.parametrize("label,factory,shape,training", EAGER_LAYERS, ids=EAGER_IDS)
+def test_eager_step_neither_clones_nor_copies_the_moving_statistics(path, label, factory, shape, training):
+    layer = _eager_layer(factory, training)
+    _train_step(layer, _input(shape, 0))  # a first step (the cumulative average then has count 2)
+    buffers = {name: (t, t.data_ptr()) for name, t in layer.named_buffers() if t.dim() == 1}
+    with OpLog() as log:
+        _train_step(layer, _input(shape, 1))
+    aten = torch.ops.aten
+    assert log.on_vectors(aten.clone, 3) == []
+    copies = log.on_vectors(aten.copy_, 3)
+    batch_stats = training and not getattr(layer, "use_global_stats", False)
+    assert len(copies) == _moving_copies_of_the_backend(batch_stats, 3), copies
+    if path == "triton":
+        assert copies == []  # the kernels update the buffers where they are
+    for name, (tensor, ptr) in buffers.items():
+        assert getattr(layer, name) is tensor and tensor.data_ptr() == ptr, name

@@ -12,11 +12,18 @@ updates the moving statistics in place) into a bad one.  For every row, on both 
 ``ACCEPTED_CALLS`` are the boundaries that must still work (eps = 0, momentum 0 and 1,
 axis = -ndim, half data with half or float32 parameters, ``out=``, ...); their results are
 checked against the SPEC formulas in float64.
+
+Last, ``validation.validate``'s signature cache (issue 13): after a good call cached its
+signature, every value-dependent bad call still raises exactly what it raises on an empty cache,
+other values get their own Settings, calls a key cannot describe are never cached, and the cache
+is bounded, holds no tensor and is bypassed while Dynamo traces.
 """
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -25,6 +32,8 @@ import torch
 
 import tritonbn
 from helpers import TOLERANCES, assert_close, make_inputs
+from tritonbn import validation
+from tritonbn.validation import Settings
 
 SHAPE = (2, 3, 4)
 AXIS = 1
@@ -432,3 +441,224 @@ def test_strided_param_is_handled(path, name):
     assert_close(y, want_y, torch.float32, "out")
     assert_close(kw["moving_mean"], want_mm, torch.float32, "moving_mean")
     assert_close(kw["moving_var"], want_mv, torch.float32, "moving_var")
+
+
+# ----------------------------------------------------------------------------- the signature cache
+#
+# validation.validate remembers the Settings of each accepted call signature (issue 13).  What
+# depends on values -- devices, eps and momentum, where out lies in memory, the exact Python types
+# behind equal keys (True == 1 == 1.0) -- must still be checked on every call.
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch) -> dict:
+    """An empty signature cache for this test (the module's own is left as it was)."""
+    cache: dict = {}
+    monkeypatch.setattr(validation, "_signatures", cache)
+    return cache
+
+
+def validate_call(kw: dict) -> Settings:
+    """``validation.validate`` on batch_norm keyword arguments, with batch_norm's defaults."""
+    return validation.validate(
+        kw["data"], tuple(kw[n] for n in PARAMS), eps=kw.get("eps", 1e-3), momentum=kw.get("momentum", 0.9),
+        fix_gamma=kw.get("fix_gamma", True), use_global_stats=kw.get("use_global_stats", False),
+        axis=kw.get("axis", 1), out=kw.get("out"), training=kw.get("training", False),
+        unbiased_update=kw.get("unbiased_update", False),
+    )
+
+
+def _full_args(kw: dict) -> tuple:
+    """validate_call's arguments, positionally, as ``validation._validate_fully`` takes them."""
+    return (kw["data"], tuple(kw[n] for n in PARAMS), kw.get("eps", 1e-3), kw.get("momentum", 0.9),
+            kw.get("fix_gamma", True), kw.get("use_global_stats", False), kw.get("axis", 1), kw.get("out"),
+            kw.get("training", False), kw.get("unbiased_update", False))
+
+
+def mutated(mutate: Mutation) -> dict:
+    """A fresh good call (same signature every time: same seed and shapes), then ``mutate``."""
+    kw = good_kwargs()
+    mutate(kw)
+    return kw
+
+
+def error_of(kw: dict) -> Exception:
+    with pytest.raises((TypeError, ValueError)) as info:
+        validate_call(kw)
+    return info.value
+
+
+def _disjoint_windows(kw: dict) -> None:
+    """data and out: two disjoint (2, 3, 4) windows of a (4, 3, 4) buffer (overlapping_out's strides)."""
+    big = torch.randn(4, *SHAPE[1:])
+    kw["data"], kw["out"] = big[:2], big[2:]
+
+
+def _on_meta(name: str) -> Mutation:
+    return with_(name, lambda t, kw: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+def _cached_then(good: Mutation, bad: Mutation, exc: type[Exception], name: str, id_: str):
+    return pytest.param(good, bad, exc, name, id=id_)
+
+
+_OUT = set_(out=torch.empty(SHAPE))
+CACHED_THEN_BAD = [
+    # where out lies: the one check the key cannot decide
+    _cached_then(_disjoint_windows, overlapping_out, ValueError, "out", "out-partially-overlaps-data"),
+    _cached_then(_OUT, with_("out", lambda t, kw: kw["data"]), ValueError, "out", "out-is-data"),
+    _cached_then(_OUT, with_("out", lambda t, kw: kw["data"][:]), ValueError, "out", "out-full-view-of-data"),
+    # devices
+    _cached_then(set_(), _on_meta("gamma"), ValueError, "gamma", "gamma-on-meta"),
+    _cached_then(set_(), _on_meta("moving_var"), ValueError, "moving_var", "moving_var-on-meta"),
+    _cached_then(set_(), _on_meta("data"), ValueError, "gamma", "data-on-meta-params-on-cpu"),
+    _cached_then(_OUT, set_(out=torch.empty(SHAPE, device="meta")), ValueError, "out", "out-on-meta"),
+    # eps and momentum values
+    _cached_then(set_(), set_(eps=float("nan")), ValueError, "eps", "eps-nan"),
+    _cached_then(set_(), set_(eps=float("inf")), ValueError, "eps", "eps-inf"),
+    _cached_then(set_(), set_(eps=-1e-3), ValueError, "eps", "eps-negative"),
+    _cached_then(set_(), set_(eps=np.float32("nan")), ValueError, "eps", "eps-numpy-nan"),
+    _cached_then(set_(), set_(eps="1e-3"), TypeError, "eps", "eps-str"),
+    _cached_then(set_(), set_(momentum=float("nan")), ValueError, "momentum", "momentum-nan"),
+    _cached_then(set_(), set_(momentum=float("-inf")), ValueError, "momentum", "momentum-minus-inf"),
+    # equal as dict keys, but a TypeError: True == 1 == 1.0
+    _cached_then(set_(eps=1), set_(eps=True), TypeError, "eps", "eps-true-after-eps-1"),
+    _cached_then(set_(momentum=1), set_(momentum=True), TypeError, "momentum", "momentum-true-after-momentum-1"),
+    _cached_then(set_(), set_(axis=True), TypeError, "axis", "axis-true-after-axis-1"),
+    _cached_then(set_(), set_(axis=1.0), TypeError, "axis", "axis-float-after-axis-1"),
+    # kinds and strides
+    _cached_then(set_(), with_("gamma", lambda t, kw: t.numpy()), TypeError, "gamma", "gamma-numpy"),
+    _cached_then(set_(), with_("data", lambda t, kw: t.numpy()), TypeError, "data", "data-numpy"),
+    _cached_then(set_(), with_("moving_mean", lambda t, kw: t[:1].expand(C)), ValueError, "moving_mean",
+                 "moving_mean-expanded"),
+    _cached_then(_OUT, set_(out=torch.empty(1, C, 1).expand(SHAPE)), ValueError, "out", "out-expanded"),
+    # flags: the same tensors, a check that only some flags make
+    _cached_then(rebuild((1, 3), 1), rebuild((1, 3), 1, unbiased_update=True), ValueError, "unbiased_update",
+                 "unbiased-m1-after-biased"),
+    _cached_then(rebuild((0, 3), 1, training=False), rebuild((0, 3), 1), ValueError, "data",
+                 "m0-training-after-inference"),
+]
+
+
+@pytest.mark.parametrize("good, bad, exc, name", CACHED_THEN_BAD)
+def test_cached_signature_still_raises_value_errors(fresh_cache, good, bad, exc, name):
+    """After a good call cached its signature, a bad call raises exactly what it raises on an
+    empty cache (type and message), on every repeat, and caches nothing."""
+    want = error_of(mutated(bad))
+    assert type(want) is exc and first_named_argument(str(want)) == name, want
+    validate_call(mutated(good))
+    assert len(fresh_cache) == 1, "the good call was not cached, so this row tests nothing"
+    for _ in range(2):
+        got = error_of(mutated(bad))
+        assert (type(got), str(got)) == (type(want), str(want))
+    assert len(fresh_cache) == 1
+
+
+def _cached_then_ok(first: Mutation, then: Mutation, id_: str):
+    return pytest.param(first, then, id=id_)
+
+
+CACHED_THEN_OTHER_VALUES = [
+    _cached_then_ok(set_(), set_(eps=1e-5), "eps-other"),
+    _cached_then_ok(set_(eps=0.0), set_(eps=-0.0), "eps-minus-zero-after-zero"),
+    _cached_then_ok(set_(momentum=0.0), set_(momentum=-0.0), "momentum-minus-zero-after-zero"),
+    _cached_then_ok(set_(), set_(momentum=0.25), "momentum-other"),
+    _cached_then_ok(set_(eps=1.0), set_(eps=1), "eps-int-after-equal-float"),
+    _cached_then_ok(set_(), set_(fix_gamma=True), "fix_gamma"),
+    _cached_then_ok(set_(), set_(fix_gamma=1), "fix_gamma-int"),
+    _cached_then_ok(set_(), set_(training=False), "inference"),
+    _cached_then_ok(set_(), set_(use_global_stats=True), "use_global_stats"),
+    _cached_then_ok(set_(), set_(unbiased_update=True), "unbiased_update"),
+    _cached_then_ok(set_(), set_(axis=-2), "axis-negative-same-dim"),
+    _cached_then_ok(set_(), _OUT, "out-after-none"),
+    _cached_then_ok(_disjoint_windows, _disjoint_view_out, "out-other-disjoint-window"),
+    _cached_then_ok(set_(), with_("data", lambda t, kw: t.transpose(0, 2).contiguous().transpose(0, 2)),
+                    "data-other-strides"),
+    _cached_then_ok(set_(), with_("gamma", lambda t, kw: torch.stack([t, t], 1)[:, 0]),
+                    "gamma-strided-view"),
+    _cached_then_ok(set_(), with_("gamma", lambda t, kw: torch.nn.Parameter(t)), "gamma-parameter"),
+]
+
+
+@pytest.mark.parametrize("first, then", CACHED_THEN_OTHER_VALUES)
+def test_cached_signature_with_other_values_gets_their_settings(fresh_cache, first, then):
+    """A call after a cached one returns the Settings the full checks give it (repr: -0.0 kept)."""
+    want = repr(validation._validate_fully(*_full_args(mutated(then))))
+    validate_call(mutated(first))
+    assert fresh_cache, "the first call was not cached"
+    for _ in range(2):
+        assert repr(validate_call(mutated(then))) == want
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+NOT_CACHED = [
+    pytest.param(set_(eps=np.float32(1e-3)), id="eps-numpy-float32"),
+    pytest.param(set_(eps=-0.0), id="eps-minus-zero"),
+    pytest.param(set_(axis=np.int64(1)), id="axis-numpy-int"),
+    pytest.param(set_(training=torch.tensor(True)), id="training-tensor"),
+    pytest.param(set_(fix_gamma=np.bool_(True)), id="fix_gamma-numpy-bool"),
+    pytest.param(with_("data", lambda t, kw: t.as_subclass(_Subclass)), id="data-tensor-subclass"),
+    pytest.param(with_("moving_var", lambda t, kw: t.to_sparse()), id="moving_var-sparse"),
+]
+
+
+@pytest.mark.parametrize("mutate", NOT_CACHED)
+def test_calls_the_key_cannot_describe_are_checked_in_full(fresh_cache, mutate):
+    """Arguments whose exact type or sign a key would lose take the full checks every time
+    (a sparse tensor has no strides to key on; the full checks decide what it gets)."""
+    kw = mutated(mutate)
+    try:
+        want = repr(validation._validate_fully(*_full_args(kw)))
+    except Exception as e:  # noqa: BLE001 - whatever the full checks raise, validate raises too
+        with pytest.raises(type(e), match=re.escape(str(e))):
+            validate_call(kw)
+    else:
+        assert repr(validate_call(kw)) == want
+    assert fresh_cache == {}
+
+
+def test_cache_is_bounded(fresh_cache):
+    """More signatures than MAX_SIGNATURES never make the cache grow past it (it starts over)."""
+    base = torch.empty(1, C)
+    params = tuple(torch.ones(C) for _ in PARAMS)
+    sizes = []
+    for n in range(1, validation.MAX_SIGNATURES + 50):
+        validation.validate(base.expand(n, C), params, eps=1e-3, momentum=0.9, fix_gamma=False,
+                            use_global_stats=False, axis=1, out=None, training=True, unbiased_update=False)
+        sizes.append(len(fresh_cache))
+    assert max(sizes) == validation.MAX_SIGNATURES
+    assert sizes[-1] < validation.MAX_SIGNATURES
+
+
+def test_cache_holds_no_tensor(fresh_cache):
+    """The cache keeps dtypes, sizes, devices and scalars: every tensor of a call can be freed."""
+    kw = good_kwargs()
+    kw["out"] = torch.empty(SHAPE)
+    kw["gamma"] = torch.nn.Parameter(kw["gamma"])
+    validate_call(kw)
+    assert len(fresh_cache) == 1
+    for key in fresh_cache:
+        assert not [e for e in key if isinstance(e, torch.Tensor)], key
+    refs = [weakref.ref(v) for v in kw.values() if isinstance(v, torch.Tensor)]
+    del kw
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+
+
+def test_dynamo_trace_bypasses_the_cache(fresh_cache):
+    """Dynamo traces symbolic sizes, which no key can hold: a fullgraph trace with dynamic shapes
+    runs the full checks (no graph break) and leaves the cache alone."""
+    def settings_eps(x, *params):
+        settings = validation.validate(x, params, eps=1e-3, momentum=0.9, fix_gamma=False, use_global_stats=False,
+                                       axis=1, out=None, training=True, unbiased_update=False)
+        return x * settings.eps
+
+    compiled = torch.compile(settings_eps, fullgraph=True, backend="eager", dynamic=True)
+    params = [torch.ones(C) for _ in PARAMS]
+    for n in (2, 5):
+        x = torch.randn(n, C, 4)
+        assert torch.equal(compiled(x, *params), x * 1e-3)
+    assert fresh_cache == {}

@@ -28,35 +28,60 @@ without a data-dependent graph break.
 
 Autocast: none is registered, as torch registers none for ``aten::batch_norm`` on CPU and CUDA:
 the op runs in the data's dtype with float32 parameters (autocast is switched off inside it).
+
+Eager calls skip the custom op (``batch_norm_op``): the dispatcher round trip, its autograd node
+and the functional form's clones and copies of the moving statistics cost ~60 µs of host time
+and four [C] device kernels per call, more than the kernels of a small batch.  Outside any
+tracing, ``batch_norm_op`` runs ``ops.apply_forward`` (what ``tritonbn.batch_norm`` runs):
+the same backend calls with the same arguments, so the same kernels and bitwise the same y,
+gradients and statistics, with the moving statistics updated in place by the kernels (and, for
+the cumulative average, by one ``out=`` add per statistic).  Dynamo, torch.export,
+``torch.jit.trace``, make_fx/AOTAutograd (fake, functional or proxy tracing) and ``torch.func``
+transforms get the custom op, which they know how to trace, and so does a layout the kernels
+cannot read in place (it is copied anyway).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from . import reference, trace
-from .ops import backend_for
-from .plan import MAX_REDUCED_GROUPS, empty_like_layout, plan_view
+from .ops import apply_forward, backend_for
+from .plan import MAX_REDUCED_GROUPS, empty_like_layout, layout_strides, plan_view
 from .validation import Settings, validate
 
 __all__ = ["batch_norm_op", "batch_norm_forward", "batch_norm_backward", "cumulative_average"]
 
 
+# ----------------------------------------------------------------------------- layouts
+
+
+def _layout_strides(t: Tensor) -> tuple[int, ...]:
+    """The strides ``plan.empty_like_layout(t)`` gives, without allocating."""
+    return layout_strides(tuple(t.shape), t.stride())
+
+
 def _in_layout(t: Tensor, like: Tensor) -> Tensor:
     """``t`` with ``empty_like_layout(like)``'s strides (what the fake impls promise)."""
-    target = empty_like_layout(like)
-    if t.stride() == target.stride():
+    if t.numel() and t.stride() == _layout_strides(like):
         return t
-    return target.copy_(t)
+    return empty_like_layout(like).copy_(t)
+
+
+def _needs_copy(x: Tensor, axis: int) -> bool:
+    """Whether the kernels cannot read ``x`` as one (outer, C, inner) view (more than four groups)."""
+    if x.dim() <= MAX_REDUCED_GROUPS + 1 or not x.numel():
+        return False  # at most four non-channel dimensions: always four groups or fewer
+    return plan_view(x.shape, axis, [x.stride(), _layout_strides(x)]) is None
 
 
 def _plannable(x: Tensor, axis: int) -> Tensor:
     """``x``, or a contiguous copy when the kernels cannot read it as one (outer, C, inner) view."""
-    if x.numel() and plan_view(x.shape, axis, [x.stride(), empty_like_layout(x).stride()]) is None:
+    if _needs_copy(x, axis):
         trace.record_copy(f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to contiguous")
         return x.contiguous()
     return x
@@ -70,14 +95,37 @@ def _own(t: Tensor, *others: Optional[Tensor]) -> Tensor:
     return t
 
 
+# ----------------------------------------------------------------------------- cumulative average
+
+
+def _average_weights(count: Tensor) -> tuple[Tensor, Tensor]:
+    """(momentum, 1 - momentum) of torch's cumulative average, ``momentum = 1 - 1 / count``:
+    float64 tensors on the count's device (the count is never read on the host)."""
+    # torch evaluates ``1.0 / t`` as ``t.reciprocal() * 1.0``: the same bits, one op more
+    momentum = 1.0 - count.double().reciprocal()
+    return momentum, 1.0 - momentum
+
+
 def cumulative_average(moving: Tensor, batch: Tensor, count: Tensor) -> Tensor:
     """``moving * (1 - 1 / count) + batch / count`` in float64, as a new tensor in ``moving``'s
     dtype: torch's cumulative moving average (``momentum=None``) with the count left on its device.
 
     The same float64 arithmetic as ``reference.moving_update`` with momentum ``1 - 1 / count``.
+
+    Args:
+        moving: [C] running statistic (any float dtype); not modified.
+        batch: [C] batch statistic.
+        count: one-element integer tensor (``num_batches_tracked``, already incremented).
     """
-    momentum = 1.0 - 1.0 / count.double()
-    return (moving.double() * momentum + batch.double() * (1.0 - momentum)).to(moving.dtype)
+    momentum, weight = _average_weights(count)
+    return (moving.double() * momentum + batch.double() * weight).to(moving.dtype)
+
+
+def _average_in_place(moving: Tensor, batch: Tensor, weights: tuple[Tensor, Tensor]) -> None:
+    """``moving = cumulative_average(moving, batch, count)`` in place, bitwise the same: the
+    float64 sum is rounded once into ``moving``'s dtype by the ``out=`` add (no copy, no clone)."""
+    momentum, weight = weights
+    torch.add(moving.double() * momentum, batch.double() * weight, out=moving)
 
 
 def _forward_averaging(backend, x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_var: Tensor,
@@ -210,6 +258,79 @@ def _backward(ctx, grad_y, *_grad_stats):
 torch.library.register_autograd("tritonbn::batch_norm_forward", _backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- eager path
+
+# The dispatch modes through which make_fx / AOTAutograd trace: they see aten ops only, not the
+# kernels' writes, so a call under them must go through the custom op.
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _runs_eagerly(x: Tensor, axis: int) -> bool:
+    """Whether a call on ``x`` may skip the custom op: nothing traces it (Dynamo/export,
+    ``torch.jit.trace``, make_fx's fake/proxy/functional modes, ``torch.func`` transforms,
+    tensor subclasses) and the kernels read ``x`` in place (the rare layout that needs a copy
+    keeps the custom op's copy-and-relayout, so both paths stay bitwise equal there too)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) not in _PLAIN_TENSORS:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    for key in _TRACING_MODES:
+        if torch._C._get_dispatch_mode(key) is not None:
+            return False
+    return not _needs_copy(x, axis)
+
+
+@dataclass(frozen=True)
+class _AutocastOff:
+    """``backend`` with autocast switched off in its forward and backward, as inside the custom
+    ops: autocast would recast the backend's own torch ops (float64 [C] math, CPU matmuls)."""
+
+    backend: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "backend":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    def forward(self, x: Tensor, *args: Any) -> Any:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.backend.forward(x, *args)
+
+    def backward(self, dy: Tensor, x: Tensor, *args: Any) -> Any:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.backend.backward(dy, x, *args)
+
+
+def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional[Tensor],
+                   moving_var: Optional[Tensor], settings: Settings,
+                   average_count: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch_norm_forward`` and the buffer update without the custom op: (y, mean, invstd).
+
+    The backend calls ``batch_norm_forward`` makes, through ``ops.apply_forward`` (autograd when a gradient is wanted),
+    but with the moving statistics themselves as the kernels' targets (no clones, no copies
+    back).  The cumulative average keeps its float64 [2, C] scratch and device-side count.
+    """
+    backend = backend_for(x.device)
+    trace.record_path(backend.name)
+    if torch.is_autocast_enabled(x.device.type):
+        backend = _AutocastOff(backend)
+    if moving_mean is None or moving_var is None:  # untracked: the kernels update throw-away scratch
+        if not settings.batch_stats:
+            raise ValueError("moving_mean and moving_var are required unless batch statistics are used")
+        moving_mean, moving_var, average_count = torch.zeros_like(gamma), torch.ones_like(gamma), None
+    if average_count is None or not settings.batch_stats:
+        return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend)
+    # Cumulative average: the kernels leave the batch statistics in the scratch (momentum 0).
+    batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
+    y, mean, invstd = apply_forward(x, gamma, beta, batch[0], batch[1], replace(settings, momentum=0.0), backend)
+    with torch.no_grad():
+        weights = _average_weights(average_count)
+        _average_in_place(moving_mean, batch[0], weights)
+        _average_in_place(moving_var, batch[1], weights)
+    return y, mean, invstd
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -228,12 +349,28 @@ def batch_norm_op(
     unbiased_update: bool = False,
     average_count: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate (SPEC "Bad input") and run ``tritonbn::batch_norm_forward``: (y, mean, invstd).
+    """Validate (SPEC "Bad input") and run the forward: (y, mean, invstd); the moving statistics
+    are updated in place when ``batch_stats``.
 
-    ``momentum`` is tritonbn's (``moving = moving * momentum + batch * (1 - momentum)``);
-    with ``average_count`` it is ignored for torch's cumulative average by ``average_count``
-    (computed on the device).
-    moving_mean/moving_var may be None when ``batch_stats`` (nothing is tracked).
+    Eagerly through ``ops.apply_forward``; while traced (``torch.compile``, export, ...)
+    through ``tritonbn::batch_norm_forward`` and a copy into the buffers.  Bitwise the same.
+
+    Args:
+        x: data (..., C, ...), any layout; C = x.shape[axis].
+        gamma, beta: [C] scale and shift (gamma ignored with ``fix_gamma``).
+        moving_mean, moving_var: [C] running statistics, or both None when ``batch_stats``
+            (nothing is tracked).
+        axis: the channel axis (negative allowed).
+        eps: added to the variance.
+        momentum: tritonbn's (``moving = moving * momentum + batch * (1 - momentum)``); with
+            ``average_count`` it is ignored for torch's cumulative average by ``average_count``
+            (computed on the device).
+        fix_gamma: gamma read as ones.
+        batch_stats: normalise with (and track) the batch statistics.
+        unbiased_update: update moving_var with the unbiased batch variance.
+        average_count: one-element integer tensor (``num_batches_tracked``) or None.
+    Returns:
+        y (x's layout), mean [C] and invstd [C] in the accumulation dtype.
     """
     tracked = (moving_mean, moving_var) if moving_mean is not None and moving_var is not None else (gamma, gamma)
     # While Dynamo traces, eps and momentum may be symbolic floats (dynamic=True), which the
@@ -246,6 +383,8 @@ def batch_norm_op(
                         use_global_stats=not batch_stats, axis=axis, out=None, training=True,
                         unbiased_update=unbiased_update and moving_mean is not None)
     if not tracing:
+        if _runs_eagerly(x, settings.axis):
+            return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count)
         eps, momentum = settings.eps, settings.momentum
     y, mean, invstd, _, new_mean, new_var = batch_norm_forward(
         x, gamma, beta, moving_mean, moving_var, average_count, settings.axis, eps,

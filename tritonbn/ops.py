@@ -13,32 +13,37 @@ Launch counts per op (channel-major or channel-minor alike):
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import importlib
-import math
+import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
-import numpy as np
 import torch
 
 from . import reference, trace
 from .autotune.config import (
     BACKWARD,
+    ELEMENTWISE,
+    FINALIZE,
     FORWARD,
     INFERENCE,
+    PERSISTENT,
+    REDUCE,
     KernelConfig,
+    decision_context,
     device_profile,
     elementwise_config,
     finalize_config,
     interpreting,
+    launch_programs,
     persistent_config,
     reduce_config,
 )
 from .cpu_backend import CpuBackend
-from .plan import CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, plan_view
+from .launch import CapturedLaunch, Launch, cdiv, dry_run, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
+from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled,
+                   layout_strides, plan_view)
 from .validation import Settings, validate
 
 __all__ = ["batch_norm", "backend_for"]
@@ -47,282 +52,366 @@ TRITON = "triton"
 REFERENCE = "reference"
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _f64_halves(value: float) -> tuple[float, float]:
-    """A float64 scalar as two float32 values whose sum is it to ~1e-16 (kernels take float32).
-
-    Beyond float32's range the pair is (+-inf, 0): an eps that large gives invstd = 0, the
-    float32 rounding of 1/sqrt(eps) to within 3e-20 (an inf - inf low half would give NaN).
-    """
-    with np.errstate(over="ignore"):
-        hi = float(np.float32(value))
-    if math.isinf(hi):
-        return hi, 0.0
-    return hi, float(np.float32(value - hi))
-
-
+@functools.lru_cache(maxsize=None)
 def _kernels() -> Any:
     """The kernel modules, imported on first use (importing tritonbn needs no Triton)."""
     return importlib.import_module("tritonbn.kernels")
 
 
-@dataclass(frozen=True)
-class CapturedLaunch:
-    """A launch recorded instead of run (``dry_run``): what ``tritonbn inspect`` compiles."""
-
-    kernel: Any
-    name: str
-    programs: int
-    config: KernelConfig
-    args: tuple
-    constexprs: dict
-
-
-_dry_run: contextvars.ContextVar[list[CapturedLaunch] | None] = contextvars.ContextVar("tritonbn_dry_run", default=None)
-
-
-@contextlib.contextmanager
-def dry_run() -> Iterator[list[CapturedLaunch]]:
-    """Record launches (kernel, arguments, config) instead of running them; outputs stay unwritten."""
-    launches: list[CapturedLaunch] = []
-    token = _dry_run.set(launches)
-    try:
-        yield launches
-    finally:
-        _dry_run.reset(token)
-
-
-def _launch(kernel: Any, name: str, programs: int, config: KernelConfig, args: tuple, **constexprs: Any) -> None:
-    trace.record_launch(name, programs, config, **constexprs)
-    captured = _dry_run.get()
-    if captured is not None:
-        captured.append(CapturedLaunch(kernel, name, programs, config, args, constexprs))
-        return
-    kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- launches
+#
+# One function per kernel: the Launch of that kernel for a plan and its config (grid, scalars,
+# constexprs), decided from the call's signature alone.  The docstring names the tensors the
+# launch then takes, in order.
 
 
 def _split_extents(plan: ViewPlan, cfg: KernelConfig) -> tuple[int, int]:
     """(rows_per_split, cols_per_split): whole tiles per split, so splits start tile-aligned."""
     rows = plan.outer if plan.family == CHANNEL_MAJOR else plan.m
-    rows_per_split = _cdiv(_cdiv(rows, cfg.block_rows), cfg.split_rows) * cfg.block_rows
-    cols_per_split = _cdiv(_cdiv(plan.inner, cfg.block_cols), cfg.split_cols) * cfg.block_cols
+    rows_per_split = cdiv(cdiv(rows, cfg.block_rows), cfg.split_rows) * cfg.block_rows
+    cols_per_split = cdiv(cdiv(plan.inner, cfg.block_cols), cfg.split_cols) * cfg.block_cols
     return rows_per_split, cols_per_split
 
 
-def _reduction_programs(plan: ViewPlan, cfg: KernelConfig) -> int:
+def statistics_launch(plan: ViewPlan, cfg: KernelConfig) -> Launch:
+    """Shifted, scaled Welford partials of every (channel, split).  Tensors: (x, partial [5, C, P])."""
+    k = _kernels().stats
+    rows_per_split, cols_per_split = _split_extents(plan, cfg)
+    programs = launch_programs(REDUCE, plan, cfg)
     if plan.family == CHANNEL_MAJOR:
-        return plan.channels * cfg.splits
-    return _cdiv(plan.channels, cfg.block_cols) * cfg.split_rows
+        scalars = (plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo, *plan.strides[0],
+                   rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
+        return Launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, scalars,
+                      dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64))
+    scalars = (plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
+               rows_per_split, cfg.split_rows)
+    return Launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, scalars,
+                  dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64))
+
+
+def finalize_statistics_launch(plan: ViewPlan, partials: int, settings: Settings, update_moving: bool) -> Launch:
+    """Merge the partials into mean, invstd and the apply coefficients; update the moving
+    statistics in place.  Tensors: (partial [5, C, P], gamma, beta, moving_mean, moving_var,
+    mean [C] out, invstd [C] out, coef [6, C] out); coef[:2] is the mean as (pilot, shifted
+    mean), which the backward reuses."""
+    cfg = finalize_config(plan.channels, partials)
+    scalars = (plan.channels, partials, plan.m, *f64_halves(settings.eps), *f64_halves(settings.momentum))
+    return Launch(_kernels().stats.finalize_stats_kernel, "finalize_stats", launch_programs(FINALIZE, plan, cfg), cfg,
+                  scalars, dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=update_moving,
+                                UNBIASED=settings.unbiased_update, BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows))
+
+
+def elementwise_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings, *, has_x: bool, has_dy: bool,
+                       from_moving: bool) -> Launch:
+    """out = ((x - mean) * invstd) * x_coef + dy * dy_coef + const per channel.
+
+    Tensors: (x, dy, out, coef [6, C], moving_mean, moving_var, gamma, beta, center [2, C] out,
+    invstd [C] out).  ``plan.strides`` are those of (x, out) or (x, dy, out).  With
+    ``from_moving`` the coefficients come from the moving statistics (and gamma, beta), and
+    center/invstd are written; otherwise from coef (the [C] tensors are then unused: pass any).
+    Without x or dy, pass another tensor of the call in its place (it is not read).
+    """
+    k = _kernels().elementwise
+    x_strides = plan.strides[0]
+    dy_strides = plan.strides[1] if has_dy else x_strides
+    strides = (*x_strides, *dy_strides, *plan.strides[-1])
+    eps = f64_halves(settings.eps)
+    flags = dict(HAS_X=has_x, HAS_DY=has_dy, FROM_MOVING=from_moving, FIX_GAMMA=settings.fix_gamma,
+                 INT64=plan.int64)
+    if plan.family == CHANNEL_MAJOR:
+        tiles_o, tiles_i = cdiv(plan.outer, cfg.block_rows), cdiv(plan.inner, cfg.block_cols)
+        scalars = (plan.channels, plan.outer, plan.inner, *eps, plan.outer_mid, plan.outer_lo, *strides,
+                   tiles_o, tiles_i)
+        return Launch(k.channel_major_elementwise_kernel, "channel_major_elementwise",
+                      launch_programs(ELEMENTWISE, plan, cfg), cfg, scalars,
+                      dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags))
+    c_blocks = cdiv(plan.channels, cfg.block_cols)
+    scalars = (plan.channels, plan.inner, plan.m, *eps, plan.outer_mid, plan.outer_lo, *strides,
+               c_blocks, cfg.row_tiles)
+    return Launch(k.channel_minor_elementwise_kernel, "channel_minor_elementwise",
+                  launch_programs(ELEMENTWISE, plan, cfg), cfg, scalars,
+                  dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags))
+
+
+def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig) -> Launch:
+    """Partial S = sum(dy) and D = sum((x - mean) * dy).  Tensors: (x, dy, center [2, C] (the
+    forward's mean as (pilot, shifted mean)), partial [2, C, P] out)."""
+    k = _kernels().backward
+    rows_per_split, cols_per_split = _split_extents(plan, cfg)
+    programs = launch_programs(REDUCE, plan, cfg)
+    if plan.family == CHANNEL_MAJOR:
+        scalars = (plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo,
+                   *plan.strides[0], *plan.strides[1], rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
+        return Launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg,
+                      scalars, dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64))
+    scalars = (plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo,
+               *plan.strides[0], *plan.strides[1], rows_per_split, cfg.split_rows)
+    return Launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg,
+                  scalars, dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64))
+
+
+def finalize_backward_launch(plan: ViewPlan, partials: int, settings: Settings) -> Launch:
+    """Sum the S/D partials into dgamma, dbeta and the dx coefficients.  Tensors: (partial
+    [2, C, P], center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out, coef [6, C] out)."""
+    cfg = finalize_config(plan.channels, partials)
+    return Launch(_kernels().backward.finalize_backward_kernel, "finalize_backward",
+                  launch_programs(FINALIZE, plan, cfg), cfg, (plan.channels, partials, plan.m), dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats,
+                                                     BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows))
+
+
+def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
+    """Training forward in one pass (a channel's slice fits a program): writes y, mean, invstd
+    and center, updates the moving statistics in place.  Tensors: (x, y, gamma, beta,
+    moving_mean, moving_var, mean [C] out, invstd [C] out, center [2, C] out)."""
+    k = _kernels().persistent
+    scalars = (*f64_halves(settings.eps), *f64_halves(settings.momentum), plan.outer_mid, plan.outer_lo)
+    flags = dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=True, UNBIASED=settings.unbiased_update,
+                 INT64=plan.int64)
+    strides = (*plan.strides[0], *plan.strides[1])
+    if plan.family == CHANNEL_MAJOR:
+        return Launch(k.channel_major_persistent_forward_kernel, "channel_major_persistent_forward",
+                      launch_programs(PERSISTENT, plan, cfg), cfg, (plan.channels, plan.outer, plan.inner, plan.m, *scalars, *strides),
+                      dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags))
+    return Launch(k.channel_minor_persistent_forward_kernel, "channel_minor_persistent_forward",
+                  launch_programs(PERSISTENT, plan, cfg), cfg, (plan.channels, plan.inner, plan.m, *scalars, *strides),
+                  dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags))
+
+
+def persistent_backward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
+    """Backward in one pass (a channel's slice fits a program): writes dx, dgamma, dbeta.
+    Tensors: (x, dy, dx, center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out)."""
+    k = _kernels().persistent
+    flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64)
+    strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])
+    if plan.family == CHANNEL_MAJOR:
+        return Launch(k.channel_major_persistent_backward_kernel, "channel_major_persistent_backward",
+                      launch_programs(PERSISTENT, plan, cfg), cfg, (plan.channels, plan.outer, plan.inner, plan.m, plan.outer_mid,
+                                           plan.outer_lo, *strides),
+                      dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags))
+    return Launch(k.channel_minor_persistent_backward_kernel, "channel_minor_persistent_backward",
+                  launch_programs(PERSISTENT, plan, cfg), cfg,
+                  (plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *strides),
+                  dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags))
 
 
 def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: torch.dtype) -> torch.Tensor:
-    """Shifted, scaled Welford partials of every (channel, split): returns partial [5, C, P] in ``acc``."""
-    k = _kernels().stats
-    rows_per_split, cols_per_split = _split_extents(plan, cfg)
+    """Run ``statistics_launch``: returns partial [5, C, P] in ``acc``."""
     partial = torch.empty((5, plan.channels, cfg.splits), dtype=acc, device=x.device)
-    programs = _reduction_programs(plan, cfg)
-    if plan.family == CHANNEL_MAJOR:
-        args = (x, partial, plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo, *plan.strides[0],
-                rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
-        _launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, args,
-                BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
-    else:
-        args = (x, partial, plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
-                rows_per_split, cfg.split_rows)
-        _launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, args,
-                BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
+    statistics_launch(plan, cfg)(x, partial)
     return partial
 
 
-def launch_finalize_statistics(
-    partial: torch.Tensor,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    moving_mean: torch.Tensor,
-    moving_var: torch.Tensor,
-    settings: Settings,
-    m: int,
-    update_moving: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge partials: returns (mean [C], invstd [C], coef [6, C]); updates moving stats in place.
-
-    coef[:2] is the mean as (pilot, shifted mean), which the backward reuses.
-    """
-    channels, partials = partial.shape[1], partial.shape[2]
-    cfg = finalize_config(channels, partials)
-    mean = torch.empty(channels, dtype=partial.dtype, device=partial.device)
-    invstd = torch.empty_like(mean)
-    coef = torch.empty((6, channels), dtype=partial.dtype, device=partial.device)
-    args = (partial, gamma, beta, moving_mean, moving_var, mean, invstd, coef, channels, partials, m,
-            *_f64_halves(settings.eps), *_f64_halves(settings.momentum))
-    _launch(_kernels().stats.finalize_stats_kernel, "finalize_stats", _cdiv(channels, cfg.block_cols), cfg, args,
-            FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=update_moving, UNBIASED=settings.unbiased_update,
-            BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows)
-    return mean, invstd, coef
-
-
-def launch_elementwise(
-    plan: ViewPlan,
-    cfg: KernelConfig,
-    out: torch.Tensor,
-    *,
-    x: torch.Tensor | None,
-    dy: torch.Tensor | None,
-    coef: torch.Tensor | None,
-    moving: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    stats_out: tuple[torch.Tensor, torch.Tensor],
-    settings: Settings,
-) -> None:
-    """out = ((x - mean) * invstd) * x_coef + dy * dy_coef + const per channel.
-
-    ``plan.strides`` are those of (x, out) or (x, dy, out).  With ``moving`` (moving_mean,
-    moving_var, gamma, beta) the coefficients come from the moving statistics and ``stats_out``
-    (center [2, C], invstd [C]) is written by the kernel; otherwise they come from ``coef`` [6, C].
-    """
-    k = _kernels().elementwise
-    center_out, invstd_out = stats_out
-    x_strides = plan.strides[0]
-    dy_strides = plan.strides[1] if dy is not None else x_strides
-    out_strides = plan.strides[-1]
-    from_moving = moving is not None
-    moving_mean, moving_var, gamma, beta = moving if from_moving else (center_out,) * 4
-    coef = center_out if coef is None else coef
-    x_arg = x if x is not None else out
-    dy_arg = dy if dy is not None else x_arg
-    flags = dict(HAS_X=x is not None, HAS_DY=dy is not None, FROM_MOVING=from_moving,
-                 FIX_GAMMA=settings.fix_gamma, INT64=plan.int64)
-    common = (x_arg, dy_arg, out, coef, moving_mean, moving_var, gamma, beta, center_out, invstd_out)
-    eps = _f64_halves(settings.eps)
-    if plan.family == CHANNEL_MAJOR:
-        tiles_o, tiles_i = _cdiv(plan.outer, cfg.block_rows), _cdiv(plan.inner, cfg.block_cols)
-        args = (*common, plan.channels, plan.outer, plan.inner, *eps, plan.outer_mid, plan.outer_lo,
-                *x_strides, *dy_strides, *out_strides, tiles_o, tiles_i)
-        _launch(k.channel_major_elementwise_kernel, "channel_major_elementwise",
-                plan.channels * tiles_o * tiles_i, cfg, args,
-                BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
-    else:
-        c_blocks = _cdiv(plan.channels, cfg.block_cols)
-        args = (*common, plan.channels, plan.inner, plan.m, *eps, plan.outer_mid, plan.outer_lo,
-                *x_strides, *dy_strides, *out_strides, c_blocks, cfg.row_tiles)
-        _launch(k.channel_minor_elementwise_kernel, "channel_minor_elementwise",
-                _cdiv(plan.m, cfg.block_rows * cfg.row_tiles) * c_blocks, cfg, args,
-                BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
-
-
-def launch_backward_reduce(
-    x: torch.Tensor, dy: torch.Tensor, center: torch.Tensor, plan: ViewPlan, cfg: KernelConfig
-) -> torch.Tensor:
-    """Partial S = sum(dy) and D = sum((x - mean) * dy): returns partial [2, C, P].
-
-    ``center`` [2, C] is the forward's mean as (pilot, shifted mean).
-    """
-    k = _kernels().backward
-    rows_per_split, cols_per_split = _split_extents(plan, cfg)
-    partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
-    programs = _reduction_programs(plan, cfg)
-    if plan.family == CHANNEL_MAJOR:
-        args = (x, dy, center, partial, plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo,
-                *plan.strides[0], *plan.strides[1],
-                rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
-        _launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg, args,
-                BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64)
-    else:
-        args = (x, dy, center, partial, plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo,
-                *plan.strides[0], *plan.strides[1],
-                rows_per_split, cfg.split_rows)
-        _launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg, args,
-                BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64)
-    return partial
-
-
-def launch_finalize_backward(
-    partial: torch.Tensor,
-    center: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta_dtype: torch.dtype,
-    settings: Settings,
-    m: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum S/D partials: returns (dgamma [C], dbeta [C], dx coef [6, C])."""
-    channels, partials = partial.shape[1], partial.shape[2]
-    cfg = finalize_config(channels, partials)
-    dgamma = torch.empty(channels, dtype=gamma.dtype, device=gamma.device)
-    dbeta = torch.empty(channels, dtype=beta_dtype, device=gamma.device)
-    coef = torch.empty((6, channels), dtype=partial.dtype, device=partial.device)
-    args = (partial, center, invstd, gamma, dgamma, dbeta, coef, channels, partials, m)
-    _launch(_kernels().backward.finalize_backward_kernel, "finalize_backward", _cdiv(channels, cfg.block_cols),
-            cfg, args, FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats,
-            BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows)
-    return dgamma, dbeta, coef
-
-
-def launch_persistent_forward(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    plan: ViewPlan,
-    cfg: KernelConfig,
-    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    settings: Settings,
-    acc: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward in one pass (a channel's slice fits a program): returns (mean, invstd,
-    center [2, C]) and writes y; updates the moving statistics in place."""
-    k = _kernels().persistent
-    channels = plan.channels
-    mean = torch.empty(channels, dtype=acc, device=x.device)
-    invstd = torch.empty_like(mean)
-    center = torch.empty((2, channels), dtype=acc, device=x.device)
-    scalars = (*_f64_halves(settings.eps), *_f64_halves(settings.momentum), plan.outer_mid, plan.outer_lo)
-    flags = dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=True, UNBIASED=settings.unbiased_update,
-                 INT64=plan.int64)
-    common = (x, y, *params, mean, invstd, center)
-    if plan.family == CHANNEL_MAJOR:
-        args = (*common, channels, plan.outer, plan.inner, plan.m, *scalars, *plan.strides[0], *plan.strides[1])
-        _launch(k.channel_major_persistent_forward_kernel, "channel_major_persistent_forward", channels, cfg,
-                args, BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
-    else:
-        args = (*common, channels, plan.inner, plan.m, *scalars, *plan.strides[0], *plan.strides[1])
-        _launch(k.channel_minor_persistent_forward_kernel, "channel_minor_persistent_forward",
-                _cdiv(channels, cfg.block_cols), cfg, args, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
+def launch_persistent_forward(x: torch.Tensor, y: torch.Tensor, plan: ViewPlan, cfg: KernelConfig,
+                              params: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                              settings: Settings, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``persistent_forward_launch`` with ``params`` (gamma, beta, moving_mean, moving_var):
+    returns (mean, invstd, center [2, C]) and writes y."""
+    mean, invstd, center = _stat_outputs(plan.channels, acc, x.device)
+    persistent_forward_launch(plan, cfg, settings)(x, y, *params, mean, invstd, center)
     return mean, invstd, center
 
 
-def launch_persistent_backward(
-    x: torch.Tensor,
-    dy: torch.Tensor,
-    dx: torch.Tensor,
-    plan: ViewPlan,
-    cfg: KernelConfig,
-    center: torch.Tensor,
-    invstd: torch.Tensor,
-    gamma: torch.Tensor,
-    beta_dtype: torch.dtype,
-    settings: Settings,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward in one pass (a channel's slice fits a program): writes dx, returns (dgamma, dbeta)."""
-    k = _kernels().persistent
-    channels = plan.channels
-    dgamma = torch.empty(channels, dtype=gamma.dtype, device=x.device)
-    dbeta = torch.empty(channels, dtype=beta_dtype, device=x.device)
-    flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64)
-    common = (x, dy, dx, center, invstd, gamma, dgamma, dbeta)
-    strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])
-    if plan.family == CHANNEL_MAJOR:
-        args = (*common, channels, plan.outer, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *strides)
-        _launch(k.channel_major_persistent_backward_kernel, "channel_major_persistent_backward", channels, cfg,
-                args, BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags)
-    else:
-        args = (*common, channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *strides)
-        _launch(k.channel_minor_persistent_backward_kernel, "channel_minor_persistent_backward",
-                _cdiv(channels, cfg.block_cols), cfg, args, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags)
-    return dgamma, dbeta
+def _stat_outputs(channels: int, acc: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(mean [C], invstd [C], center [2, C]) in the accumulation dtype, unwritten."""
+    mean = torch.empty(channels, dtype=acc, device=device)
+    return mean, torch.empty(channels, dtype=acc, device=device), torch.empty((2, channels), dtype=acc, device=device)
+
+
+# ----------------------------------------------------------------------------- call plans
+#
+# What a forward or backward call launches depends only on its signature: shapes, strides,
+# dtypes, device, settings, the 16-byte alignment of its pointers (Triton specialises on it) and
+# the decision context (overrides, stores).  A call plan holds those decisions, made once; a call
+# looks its plan up, allocates its outputs and launches.
+
+PERSISTENT_PATH = "persistent"  # one single-pass launch
+SPLIT_PATH = "split"  # partials, finalize, elementwise
+INFERENCE_PATH = "inference"  # one elementwise launch from the moving statistics
+
+
+@dataclass(frozen=True, eq=False)
+class CallPlan:
+    """The decisions of one forward or backward call signature.
+
+    Attributes:
+        path: PERSISTENT_PATH, SPLIT_PATH or INFERENCE_PATH.
+        view: the view plan of the tensors the kernels read and write.
+        launches: the path's launches, in order.
+        acc: the accumulation dtype (float32, float64 for float64 data).
+        partials: partials per channel of the split path's reduction (0 otherwise).
+        dense_x: x needs more than four reduced groups: the kernels read a dense copy.
+        temp_output: the output shares no view plan with x: the kernels write a dense temporary.
+        dense_dy: (backward) dy shares no view plan with x: the kernels read a dense copy.
+    """
+
+    path: str
+    view: ViewPlan
+    launches: tuple[Launch, ...]
+    acc: torch.dtype
+    partials: int = 0
+    dense_x: bool = False
+    temp_output: bool = False
+    dense_dy: bool = False
+
+
+MAX_CALL_PLANS = 4096  # distinct signatures kept; the cache is emptied past that
+_call_plans: dict[tuple, CallPlan | None] = {}
+
+
+def clear_call_plans() -> None:
+    """Forget every cached call plan (with their direct launchers)."""
+    _call_plans.clear()
+
+
+def _cached_plan(key: tuple, make: Callable[[], CallPlan | None]) -> CallPlan | None:
+    plan = _call_plans.get(key, _MISSING)
+    if plan is _MISSING:
+        if len(_call_plans) >= MAX_CALL_PLANS:
+            _call_plans.clear()
+        plan = _call_plans[key] = make()
+    return plan
+
+
+_MISSING: Any = object()
+
+
+def _alignment(*tensors: torch.Tensor) -> int:
+    """A bit per pointer: set where it is 16-byte aligned (Triton compiles aligned pointers apart;
+    divisibility by 16 is all it specialises a pointer on)."""
+    mask = 0
+    for t in tensors:
+        mask = (mask << 1) | (t.data_ptr() & 15 == 0)
+    return mask
+
+
+def _forward_layout(shape: tuple[int, ...], axis: int, x_strides: tuple[int, ...], y_strides: tuple[int, ...]
+                    ) -> tuple[ViewPlan, bool, bool]:
+    """(plan, dense_x, temp_output) of a forward: copies only for layouts with no 4-group view."""
+    plan = plan_view(shape, axis, [x_strides, y_strides])
+    if plan is not None:
+        return plan, False, False
+    dense_x = plan_view(shape, axis, [x_strides]) is None
+    if dense_x:
+        x_strides = layout_strides(shape, x_strides)
+        plan = plan_view(shape, axis, [x_strides, y_strides])
+        if plan is not None:
+            return plan, True, False
+    return plan_view(shape, axis, [x_strides, layout_strides(shape, x_strides)]), dense_x, True
+
+
+def _backward_layout(shape: tuple[int, ...], axis: int, x_strides: tuple[int, ...], dy_strides: tuple[int, ...]
+                     ) -> tuple[ViewPlan, bool, bool]:
+    """(plan of (x, dy, dx), dense_x, dense_dy): dx is allocated in x's layout; x is copied only
+    when it needs more than four groups (a caller that kept no dense copy), dy only when it does
+    not share a plan with x."""
+    plan = plan_view(shape, axis, [x_strides, dy_strides, layout_strides(shape, x_strides)])
+    dense_x = plan is None and plan_view(shape, axis, [x_strides]) is None
+    if dense_x:
+        x_strides = layout_strides(shape, x_strides)
+        plan = plan_view(shape, axis, [x_strides, dy_strides, x_strides])
+    if plan is not None:
+        return plan, dense_x, False
+    dense = layout_strides(shape, x_strides)
+    return plan_view(shape, axis, [x_strides, dense, dense]), dense_x, True
+
+
+def _forward_plan(x: torch.Tensor, y_strides: tuple[int, ...], settings: Settings) -> CallPlan | None:
+    """The call plan of a forward (None: no elements, handled apart)."""
+    view, dense_x, temp_output = _forward_layout(tuple(x.shape), settings.axis, x.stride(), y_strides)
+    if view.m == 0 or view.channels == 0:
+        return None
+    acc = reference.stat_dtype(x.dtype)
+    profile, dtype = device_profile(x.device), x.dtype
+    layout = dict(dense_x=dense_x, temp_output=temp_output)
+    if not settings.batch_stats:
+        apply = elementwise_config(view, profile, op=INFERENCE, dtype=dtype)
+        launch = elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=True)
+        return CallPlan(INFERENCE_PATH, view, (launch,), acc, **layout)
+    single_pass = persistent_config(view, FORWARD, profile, x.element_size(), dtype=dtype)
+    if single_pass is not None:
+        return CallPlan(PERSISTENT_PATH, view, (persistent_forward_launch(view, single_pass, settings),), acc,
+                        **layout)
+    reduce = reduce_config(view, profile, op=FORWARD, dtype=dtype)
+    apply = elementwise_config(view, profile, op=FORWARD, dtype=dtype)
+    launches = (statistics_launch(view, reduce),
+                finalize_statistics_launch(view, reduce.splits, settings, update_moving=True),
+                elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=False))
+    return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
+
+
+def _backward_plan(x: torch.Tensor, dy: torch.Tensor, settings: Settings) -> CallPlan | None:
+    """The call plan of a backward (None: no elements)."""
+    view, dense_x, dense_dy = _backward_layout(tuple(x.shape), settings.axis, x.stride(), dy.stride())
+    if view.m == 0 or view.channels == 0:
+        return None
+    acc = reference.stat_dtype(x.dtype)
+    profile, dtype = device_profile(x.device), x.dtype
+    layout = dict(dense_x=dense_x, dense_dy=dense_dy)
+    single_pass = persistent_config(view, BACKWARD, profile, x.element_size(), dtype=dtype)
+    if single_pass is not None:
+        return CallPlan(PERSISTENT_PATH, view, (persistent_backward_launch(view, single_pass, settings),), acc,
+                        **layout)
+    reduce = reduce_config(view, profile, op=BACKWARD, dtype=dtype)
+    apply = elementwise_config(view, profile, op=BACKWARD, dtype=dtype)
+    launches = (backward_reduce_launch(view, reduce),
+                finalize_backward_launch(view, reduce.splits, settings),
+                elementwise_launch(view, apply, settings, has_x=settings.batch_stats, has_dy=True, from_moving=False))
+    return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
+
+
+DENSE_X_COPY = f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to a dense tensor"
+TEMP_OUTPUT = "out layout does not share a view plan with data; writing through a temporary"
+DENSE_DY_COPY = "grad_out layout does not share a view plan with data"
+
+
+def _forward_copies(x: torch.Tensor, y: torch.Tensor, dense_x: bool, temp_output: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x to read, y to write) as ``_forward_layout`` decided; when y to write is not ``y`` the
+    caller copies it back."""
+    if dense_x:
+        trace.record_copy(DENSE_X_COPY)
+        x = empty_like_layout(x).copy_(x)
+    if temp_output:
+        trace.record_copy(TEMP_OUTPUT)
+        y = empty_like_layout(x)
+    return x, y
+
+
+def _backward_copies(x: torch.Tensor, dy: torch.Tensor, dense_x: bool, dense_dy: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, dy) to read as ``_backward_layout`` decided (dy copied into x's layout)."""
+    if dense_x:
+        trace.record_copy(DENSE_X_COPY)
+        x = empty_like_layout(x).copy_(x)
+    if dense_dy:
+        trace.record_copy(DENSE_DY_COPY)
+        dy = empty_like_layout(x).copy_(dy)
+    return x, dy
+
+
+def _run_forward(call: CallPlan, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                 moving_mean: torch.Tensor, moving_var: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run a forward call plan: returns (mean, invstd, center [2, C]) and writes y."""
+    channels, acc, device = call.view.channels, call.acc, x.device
+    if call.path == SPLIT_PATH:
+        statistics, finalize, apply = call.launches
+        partial = torch.empty((5, channels, call.partials), dtype=acc, device=device)
+        mean = torch.empty(channels, dtype=acc, device=device)
+        invstd = torch.empty(channels, dtype=acc, device=device)
+        coef = torch.empty((6, channels), dtype=acc, device=device)
+        statistics(x, partial)
+        finalize(partial, gamma, beta, moving_mean, moving_var, mean, invstd, coef)
+        # coef's first two rows are the center: coef stands in for the unused [C] tensors
+        apply(x, x, y, coef, coef, coef, coef, coef, coef, invstd)
+        return mean, invstd, coef[:2]
+    if call.path == PERSISTENT_PATH:
+        mean, invstd, center = _stat_outputs(channels, acc, device)
+        call.launches[0](x, y, gamma, beta, moving_mean, moving_var, mean, invstd, center)
+        return mean, invstd, center
+    center = torch.empty((2, channels), dtype=acc, device=device)
+    invstd = torch.empty(channels, dtype=acc, device=device)
+    call.launches[0](x, x, y, center, moving_mean, moving_var, gamma, beta, center, invstd)
+    return center[0], invstd, center  # inference: the mean is the moving mean (shifted part 0)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -368,28 +457,50 @@ def on_data_device(method: _Method) -> _Method:
     return guarded  # type: ignore[return-value]
 
 
+class ForwardResult(NamedTuple):
+    """A backend's forward: y, the statistics it normalised with (mean, invstd [C] in the
+    accumulation dtype), center [2, C] (the mean as (pilot, shifted mean), for the backward) and
+    x as the kernels read it (a dense copy for layouts beyond four groups)."""
+
+    y: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    center: torch.Tensor
+    x: torch.Tensor
+
+
+class BackwardResult(NamedTuple):
+    """A backend's backward: dx, dgamma (gamma's dtype), dbeta (beta's dtype)."""
+
+    dx: torch.Tensor
+    dgamma: torch.Tensor
+    dbeta: torch.Tensor
+
+
 @dataclass(frozen=True)
 class TritonBackend:
     """Runs every phase as Triton kernels (on CUDA, or on CPU under TRITON_INTERPRET=1).
 
-    ``forward`` returns (y, mean, invstd, center, x as the kernels read it) and updates the
-    moving statistics; ``center`` [2, C] is the mean as (pilot, shifted mean) for the backward.
+    ``forward`` returns a ``ForwardResult`` and updates the moving statistics; ``backward`` a
+    ``BackwardResult``.  Both run the call plan of their signature (``CallPlan``).
     """
 
     name: str = TRITON
 
     @on_data_device
-    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out) -> ForwardResult:
         # The kernels index parameters as ptr + c: strided views go through contiguous copies,
         # and the moving statistics are copied back after the update.
-        moving = (moving_mean.contiguous(), moving_var.contiguous())
+        gamma, beta = gamma.contiguous(), beta.contiguous()
+        mean_arg, var_arg = moving_mean.contiguous(), moving_var.contiguous()
         if settings.batch_stats and not kernel_momentum(settings.momentum):
-            result = self._forward_updating_on_host(x, gamma.contiguous(), beta.contiguous(), *moving, settings, out)
+            result = self._forward_updating_on_host(x, gamma, beta, mean_arg, var_arg, settings, out)
         else:
-            result = self._forward(x, gamma.contiguous(), beta.contiguous(), *moving, settings, out)
-        for target, updated in zip((moving_mean, moving_var), moving):
-            if updated is not target:
-                target.copy_(updated)
+            result = self._forward(x, gamma, beta, mean_arg, var_arg, settings, out)
+        if mean_arg is not moving_mean:
+            moving_mean.copy_(mean_arg)
+        if var_arg is not moving_var:
+            moving_var.copy_(var_arg)
         return result
 
     def _forward_updating_on_host(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
@@ -403,80 +514,68 @@ class TritonBackend:
             reference.moving_update(moving, batch_value, settings.momentum)
         return result
 
-    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
-        acc = reference.stat_dtype(x.dtype)
-        channels = x.shape[settings.axis]
-        y = out if out is not None else empty_like_layout(x)
-        x, y_kernel, plan = _plan_output(x, y, settings.axis)
-        profile = device_profile(x.device)
-        if plan.m == 0 or channels == 0:
+    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out) -> ForwardResult:
+        y_strides = layout_strides(tuple(x.shape), x.stride()) if out is None else out.stride()
+        y_ptr = x if out is None else out  # y is allocated aligned; out's pointer is the caller's
+        key = (x.shape, x.stride(), x.dtype, x.device, y_strides, gamma.dtype, beta.dtype, moving_mean.dtype,
+               moving_var.dtype, settings, _alignment(x, y_ptr, gamma, beta, moving_mean, moving_var),
+               decision_context(), force_int64_enabled())
+        call = _cached_plan(key, lambda: _forward_plan(x, y_strides, settings))
+        y = out if out is not None else torch.empty_strided(x.shape, y_strides, dtype=x.dtype, device=x.device)
+        if call is None:
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
-        # The store keys decisions by op and dtype: training forward and inference differ.
-        op, dtype = (FORWARD if settings.batch_stats else INFERENCE), x.dtype
-        elementwise = elementwise_config(plan, profile, op=op, dtype=dtype)
-        single_pass = (persistent_config(plan, FORWARD, profile, x.element_size(), dtype=dtype)
-                       if settings.batch_stats else None)
-        if single_pass is not None:
-            mean, invstd, center = launch_persistent_forward(
-                x, y_kernel, plan, single_pass, (gamma, beta, moving_mean, moving_var), settings, acc)
-        elif settings.batch_stats:
-            partial = launch_statistics(x, plan, reduce_config(plan, profile, op=op, dtype=dtype), acc)
-            mean, invstd, coef = launch_finalize_statistics(
-                partial, gamma, beta, moving_mean, moving_var, settings, plan.m, update_moving=True)
-            launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=coef,
-                               stats_out=(coef[:2], invstd), settings=settings)
-            center = coef[:2]
-        else:
-            center = torch.empty((2, channels), dtype=acc, device=x.device)
-            invstd = torch.empty(channels, dtype=acc, device=x.device)
-            launch_elementwise(plan, elementwise, y_kernel, x=x, dy=None, coef=None,
-                               moving=(moving_mean, moving_var, gamma, beta),
-                               stats_out=(center, invstd), settings=settings)
-            mean = center[0]  # inference: the mean is the moving mean (shifted part 0)
+        x, y_kernel = _forward_copies(x, y, call.dense_x, call.temp_output)
+        mean, invstd, center = _run_forward(call, x, y_kernel, gamma, beta, moving_mean, moving_var)
         if y_kernel is not y:
             y.copy_(y_kernel)
-        return y, mean, invstd, center, x
+        return ForwardResult(y, mean, invstd, center, x)
 
     @staticmethod
-    def _empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings: Settings):
+    def _empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings: Settings) -> ForwardResult:
         """No elements to normalise (inference on an empty batch): per-channel statistics only."""
         _, mean, invstd = reference.forward(x, gamma, beta, moving_mean, moving_var, axis=settings.axis,
                                             eps=settings.eps, momentum=settings.momentum,
                                             fix_gamma=settings.fix_gamma, batch_stats=False,
                                             update_moving=False, out=y)
-        return y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x
+        return ForwardResult(y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x)
 
     @on_data_device
-    def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
+    def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype) -> BackwardResult:
         """Returns (dx, dgamma, dbeta)."""
         gamma = gamma.contiguous()
-        channels = x.shape[settings.axis]
-        x, dy, dx, plan = _plan_backward(dy, x, settings.axis)
-        if plan.m == 0 or channels == 0:
+        key = (x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, gamma.dtype, center.dtype, beta_dtype,
+               settings, _alignment(x, dy, gamma, center, invstd), decision_context(), force_int64_enabled())
+        call = _cached_plan(key, lambda: _backward_plan(x, dy, settings))
+        if call is None:
+            channels = x.shape[settings.axis]
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
-            return dx, dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device)
-        profile = device_profile(x.device)
-        single_pass = persistent_config(plan, BACKWARD, profile, x.element_size(), dtype=x.dtype)
-        if single_pass is not None:
-            dgamma, dbeta = launch_persistent_backward(x, dy, dx, plan, single_pass, center, invstd, gamma,
-                                                       beta_dtype, settings)
-            return dx, dgamma, dbeta
-        reduce = reduce_config(plan, profile, op=BACKWARD, dtype=x.dtype)
-        partial = launch_backward_reduce(x, dy, center, plan, reduce)
-        dgamma, dbeta, coef = launch_finalize_backward(partial, center, invstd, gamma, beta_dtype, settings, plan.m)
-        launch_elementwise(plan, elementwise_config(plan, profile, op=BACKWARD, dtype=x.dtype), dx,
-                           x=x if settings.batch_stats else None, dy=dy, coef=coef,
-                           stats_out=(center, invstd), settings=settings)
-        return dx, dgamma, dbeta
+            return BackwardResult(empty_like_layout(x), dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device))
+        x, dy = _backward_copies(x, dy, call.dense_x, call.dense_dy)
+        dx = empty_like_layout(x)
+        dgamma = torch.empty(call.view.channels, dtype=gamma.dtype, device=x.device)
+        dbeta = torch.empty(call.view.channels, dtype=beta_dtype, device=x.device)
+        if call.path == PERSISTENT_PATH:
+            call.launches[0](x, dy, dx, center, invstd, gamma, dgamma, dbeta)
+            return BackwardResult(dx, dgamma, dbeta)
+        reduce, finalize, apply = call.launches
+        partial = torch.empty((2, call.view.channels, call.partials), dtype=center.dtype, device=x.device)
+        coef = torch.empty((6, call.view.channels), dtype=center.dtype, device=x.device)
+        reduce(x, dy, center, partial)
+        finalize(partial, center, invstd, gamma, dgamma, dbeta, coef)
+        # without batch statistics dx does not read x: dx stands in for it
+        apply(x if settings.batch_stats else dx, dy, dx, coef, center, center, center, center, center, invstd)
+        return BackwardResult(dx, dgamma, dbeta)
 
     # ------------------------------------------------------------------ SyncBatchNorm's parts
+    # Uncached (one call per step each): the same launches, planned per call.
 
     @on_data_device
     def moments(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         """[3, C] float64 (count, mean, M2) of this rank's batch (``reference.moments``): the
         statistics kernel's shifted Welford partials, merged over splits on the host (O(C x P))."""
         channels = x.shape[axis]
-        x = _dense_if_unplannable(x, axis)
+        dense_x = plan_view(x.shape, axis, [x.stride()]) is None
+        x, _ = _forward_copies(x, x, dense_x, False)
         plan = _plan_for([x], axis)
         if plan.m == 0 or channels == 0:
             return reference.moments(x, axis)
@@ -494,7 +593,8 @@ class TritonBackend:
         acc = reference.stat_dtype(x.dtype)
         center, invstd_acc = center_pair(mean, acc), invstd.to(acc)
         y = empty_like_layout(x)
-        x, y_kernel, plan = _plan_output(x, y, axis)
+        plan, dense_x, temp_output = _forward_layout(tuple(x.shape), axis, x.stride(), y.stride())
+        x, y_kernel = _forward_copies(x, y, dense_x, temp_output)
         if plan.m == 0 or plan.channels == 0:
             return y, x, center, invstd_acc
         zeros = torch.zeros_like(invstd_acc)
@@ -502,8 +602,8 @@ class TritonBackend:
         settings = Settings(axis=axis, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True,
                             unbiased_update=False)
         cfg = elementwise_config(plan, device_profile(x.device), op=FORWARD, dtype=x.dtype)
-        launch_elementwise(plan, cfg, y_kernel, x=x, dy=None, coef=coef, stats_out=(center, invstd_acc),
-                           settings=settings)
+        apply = elementwise_launch(plan, cfg, settings, has_x=True, has_dy=False, from_moving=False)
+        apply(x, x, y_kernel, coef, center, center, center, center, center, invstd_acc)
         if y_kernel is not y:
             y.copy_(y_kernel)
         return y, x, center, invstd_acc
@@ -512,11 +612,14 @@ class TritonBackend:
     def gradient_sums(self, dy: torch.Tensor, x: torch.Tensor, center: torch.Tensor, axis: int) -> torch.Tensor:
         """[2, C] float64 (S, D) = (sum(dy), sum((x - mean) * dy)): the backward reduction kernel's
         partials summed on the host; ``center`` [2, C] is the mean as (pilot, shifted mean)."""
-        x, dy, _, plan = _plan_backward(dy, x, axis, with_dx=False)
+        plan, dense_x, dense_dy = _backward_layout(tuple(x.shape), axis, x.stride(), dy.stride())
+        x, dy = _backward_copies(x, dy, dense_x, dense_dy)
         if plan.m == 0 or plan.channels == 0:
             return torch.zeros((2, x.shape[axis]), dtype=torch.float64, device=x.device)
         cfg = reduce_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
-        return launch_backward_reduce(x, dy, center, plan, cfg).double().sum(-1)
+        partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
+        backward_reduce_launch(plan, cfg)(x, dy, center, partial)
+        return partial.double().sum(-1)
 
     @on_data_device
     def input_grad(self, dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, center: torch.Tensor,
@@ -526,7 +629,9 @@ class TritonBackend:
         ``finish_backward`` (kernels/common.py) from the given ``sums`` (S, D) over ``count``
         elements per channel, e.g. a process group's: an int, or a tensor ([C] or one element)
         on the data's device, which stays there (no host read)."""
-        x, dy, dx, plan = _plan_backward(dy, x, settings.axis)
+        plan, dense_x, dense_dy = _backward_layout(tuple(x.shape), settings.axis, x.stride(), dy.stride())
+        x, dy = _backward_copies(x, dy, dense_x, dense_dy)
+        dx = empty_like_layout(x)
         if plan.m == 0 or plan.channels == 0:
             return dx
         inv64 = invstd.double()
@@ -538,8 +643,8 @@ class TritonBackend:
             x_coef, const = -dy_coef * (inv64 * sums[1]) / count, -dy_coef * sums[0] / count
         coef = _coefficient_rows(center, invstd, x_coef, dy_coef, const)
         cfg = elementwise_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
-        launch_elementwise(plan, cfg, dx, x=x if sums is not None else None, dy=dy, coef=coef,
-                           stats_out=(center, invstd), settings=settings)
+        apply = elementwise_launch(plan, cfg, settings, has_x=sums is not None, has_dy=True, from_moving=False)
+        apply(x if sums is not None else dx, dy, dx, coef, center, center, center, center, center, invstd)
         return dx
 
 
@@ -557,52 +662,6 @@ def _coefficient_rows(center: torch.Tensor, invstd: torch.Tensor, x_coef: torch.
     in the accumulation dtype (``invstd``'s)."""
     rows = [center[0], center[1], invstd, x_coef, dy_coef, const]
     return torch.stack([row.to(invstd.dtype) for row in rows])
-
-
-def _plan_backward(dy: torch.Tensor, x: torch.Tensor, axis: int, with_dx: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, ViewPlan]:
-    """(x, dy, dx, plan) the backward kernels use: dx (when ``with_dx``) allocated in x's layout;
-    x copied only when it needs more than four groups (a caller that kept no dense copy), dy
-    only when it does not share a plan with x."""
-    def plan_of(x, dy):
-        dx = empty_like_layout(x) if with_dx else None
-        return dx, _plan_for([x, dy] + ([dx] if with_dx else []), axis)
-
-    dx, plan = plan_of(x, dy)
-    if plan is None and _plan_for([x], axis) is None:  # the forward saves its copy instead
-        x = _dense_if_unplannable(x, axis)
-        dx, plan = plan_of(x, dy)
-    if plan is None:
-        trace.record_copy("grad_out layout does not share a view plan with data")
-        dy = empty_like_layout(x).copy_(dy)
-        dx, plan = plan_of(x, dy)
-    return x, dy, dx, plan
-
-
-def _plan_output(x: torch.Tensor, y: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, ViewPlan]:
-    """The (x, y) pair the kernels use and its plan; copies only layouts with no 4-group view.
-
-    Returns (x to read, y to write, plan); when y to write is not ``y`` the caller copies it back.
-    """
-    plan = _plan_for([x, y], axis)
-    if plan is not None:
-        return x, y, plan
-    x = _dense_if_unplannable(x, axis)
-    plan = _plan_for([x, y], axis)
-    if plan is not None:
-        return x, y, plan
-    trace.record_copy("out layout does not share a view plan with data; writing through a temporary")
-    y_dense = empty_like_layout(x)
-    return x, y_dense, _plan_for([x, y_dense], axis)
-
-
-def _dense_if_unplannable(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """``x``, or a dense copy in its dimension order when ``x`` needs more than four reduced
-    groups (rank >= 6, step slices in four dimensions): the one full-size temporary tritonbn makes."""
-    if _plan_for([x], axis) is not None:
-        return x
-    trace.record_copy(f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to a dense tensor")
-    return empty_like_layout(x).copy_(x)
 
 
 @dataclass(frozen=True)
@@ -653,27 +712,44 @@ class ReferenceBackend:
                                     sums=None if sums is None else tuple(sums.double()), count=count)
 
 
+BACKEND_ENV = "TRITONBN_BACKEND"  # auto (default), triton or reference: forces the dispatch
+_TRITON, _CPU, _REFERENCE = TritonBackend(), CpuBackend(), ReferenceBackend()
+
+
 def backend_for(device: torch.device) -> TritonBackend | CpuBackend | ReferenceBackend:
-    """Triton kernels on CUDA, and on CPU under TRITON_INTERPRET=1; on CPU otherwise torch's
-    vectorised ops (``cpu_backend.CpuBackend``, trace name "reference" too); the float64
-    reference on any other device."""
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-        return TritonBackend()
-    if device.type == "cpu":
-        return CpuBackend()
-    return ReferenceBackend()
+    """The backend of a call on ``device``.
+
+    ``TRITONBN_BACKEND=auto`` (or unset): Triton kernels on CUDA, and on CPU under
+    TRITON_INTERPRET=1; on CPU otherwise torch's vectorised ops (``cpu_backend.CpuBackend``,
+    trace name "reference" too); the float64 reference on any other device.
+    ``triton``: the Triton kernels on every device (a CPU needs TRITON_INTERPRET=1).
+    ``reference``: the torch path (CpuBackend on CPU, the float64 reference elsewhere).
+    """
+    forced = os.environ.get(BACKEND_ENV)
+    if forced is None or forced == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return _TRITON
+    elif forced == "triton":
+        if device.type == "cpu" and not interpreting():
+            raise ValueError(f"{BACKEND_ENV}=triton on a CPU tensor needs TRITON_INTERPRET=1 (Triton compiles "
+                             "for GPUs only)")
+        return _TRITON
+    elif forced != "reference":
+        raise ValueError(f"{BACKEND_ENV} must be auto, triton or reference, got {forced!r}")
+    return _CPU if device.type == "cpu" else _REFERENCE
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Autograd binding shared by both backends; gradient flows to data, gamma and beta only."""
+    """Autograd binding shared by the backends; gradient flows to data, gamma and beta only."""
 
     @staticmethod
     def forward(ctx, x, gamma, beta, moving_mean, moving_var, settings, backend, out):
         y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, out)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # mean and invstd get no gradient: no zero-filled [C] tensors
         ctx.save_for_backward(x_read, gamma, center, invstd)
         ctx.settings = settings
         ctx.backend = backend
@@ -682,12 +758,25 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        needs = ctx.needs_input_grad
+        if grad_y is None:  # y took no part in the loss
+            return (None,) * 8
         x, gamma, center, invstd = ctx.saved_tensors
         trace.record_path(ctx.backend.name)
         dx, dgamma, dbeta = ctx.backend.backward(grad_y, x, gamma, center, invstd, ctx.settings, ctx.beta_dtype)
-        needs = ctx.needs_input_grad
         return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
                 None, None, None, None, None)
+
+
+def apply_forward(data: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, moving_mean: torch.Tensor,
+                  moving_var: torch.Tensor, settings: Settings, backend: Any
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, invstd) of ``backend``'s forward on validated arguments, through the autograd
+    Function only when a gradient is wanted (an autograd node costs several µs a call)."""
+    if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
+        return BatchNormFunction.apply(data, gamma, beta, moving_mean, moving_var, settings, backend, None)
+    y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, None)
+    return y, mean, invstd
 
 
 # ----------------------------------------------------------------------------- public op
@@ -740,13 +829,13 @@ def batch_norm(
         data, (gamma, beta, moving_mean, moving_var), eps=eps, momentum=momentum, fix_gamma=fix_gamma,
         use_global_stats=use_global_stats, axis=axis, out=out, training=training,
         unbiased_update=unbiased_update)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (data, gamma, beta))
-    if out is not None and needs_grad:
-        raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
     backend = backend_for(data.device)
-    trace.record_path(backend.name)
-    if out is not None:  # no autograd with out= (checked above): the result is ``out`` itself
-        y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, out)
+    if out is None:
+        trace.record_path(backend.name)
+        y, mean, invstd = apply_forward(data, gamma, beta, moving_mean, moving_var, settings, backend)
     else:
-        y, mean, invstd = BatchNormFunction.apply(data, gamma, beta, moving_mean, moving_var, settings, backend, None)
+        if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
+            raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
+        trace.record_path(backend.name)
+        y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, out)
     return (y, mean, invstd) if output_mean_var else y

@@ -47,7 +47,9 @@ __all__ = [
     "plan_view",
     "empty_like_layout",
     "is_dense",
+    "layout_strides",
     "force_int64_indexing",
+    "force_int64_enabled",
     "MAX_REDUCED_GROUPS",
 ]
 
@@ -72,6 +74,11 @@ def force_int64_indexing(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _force_int64.reset(token)
+
+
+def force_int64_enabled() -> bool:
+    """Whether ``force_int64_indexing`` is active here (call plans are keyed by it)."""
+    return _force_int64.get()
 
 
 @dataclass(frozen=True)
@@ -183,8 +190,12 @@ def _max_offset(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int:
 
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill a contiguous block in some dim order."""
+    return _dense(tuple(t.shape), tuple(t.stride()))
+
+
+def _dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: abs(p[1])):
+    for size, stride in sorted(zip(shape, strides), key=lambda p: abs(p[1])):
         if size == 1:
             continue
         if stride != expected:
@@ -193,16 +204,39 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def layout_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides ``empty_like_layout`` gives a tensor of ``shape`` and ``strides``: the same
+    where they are dense, otherwise dense in their dimension order (slowest stride first)."""
+    try:
+        return _layout_strides_cached(shape, strides)
+    except TypeError:  # symbolic sizes (torch.compile tracing) are not hashable
+        return _layout_strides(shape, strides)
+
+
+_MAX_CACHED_LAYOUTS = 4096
+
+
+def _layout_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    if _dense(shape, strides):
+        return strides
+    order = sorted(range(len(shape)), key=lambda d: (-abs(strides[d]), d))
+    dense = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        dense[d] = step
+        step *= max(shape[d], 1)  # as torch.empty: a zero extent does not zero the strides above it
+    return tuple(dense)
+
+
+_layout_strides_cached = functools.lru_cache(maxsize=_MAX_CACHED_LAYOUTS)(_layout_strides)
+
+
 def empty_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor shaped like ``t``: ``t``'s strides where ``t`` is dense,
     otherwise dense in ``t``'s dimension order (so the pair still plans as one view)."""
-    dtype = dtype or t.dtype
-    if is_dense(t):
-        return torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
-    order = sorted(range(t.dim()), key=lambda d: (-abs(t.stride(d)), d))
-    dense = torch.empty([t.shape[d] for d in order], dtype=dtype, device=t.device)
-    inverse = [order.index(d) for d in range(t.dim())]
-    return dense.permute(inverse)
+    shape = t.shape
+    return torch.empty_strided(shape, layout_strides(tuple(shape), t.stride()), dtype=dtype or t.dtype,
+                               device=t.device)
 
 
 def numel(shape: Sequence[int]) -> int:

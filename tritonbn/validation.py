@@ -3,6 +3,14 @@
 Every check runs before any kernel and before anything is written, and raises a ``TypeError``
 (wrong kind or dtype) or ``ValueError`` (wrong value, shape, device) whose message starts with
 the argument's name.
+
+Most calls repeat a signature (one layer, one batch shape), so ``validate`` remembers the
+``Settings`` of every signature it accepted, keyed by what the checks read: dtypes, shapes, the
+device, the strides whose self-overlap is checked, axis, eps, momentum and the flags (no tensor
+is held).  A repeat call builds that key, comparing every tensor's device with data's as it goes,
+and then runs the one check no key can decide: whether ``out`` overlaps ``data`` in memory.  A
+call the key cannot describe exactly (numpy scalars, tensor subclasses, -0.0, a Dynamo trace,
+...) or whose key is new takes the full checks, in their usual order, so every error is the same.
 """
 
 from __future__ import annotations
@@ -82,20 +90,21 @@ def _check_param(name: str, param: object, data: torch.Tensor, channels: int) ->
         raise ValueError(f"{name} has elements that share memory (an expanded view?); it is updated in place")
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes that t's elements can touch."""
+    start = t.data_ptr()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return start, start + (extent + 1) * t.element_size()
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Conservative memory-overlap test: same storage and intersecting byte ranges."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
-
-    def byte_range(t: torch.Tensor) -> tuple[int, int]:
-        start = t.data_ptr()
-        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        return start, start + (extent + 1) * t.element_size()
-
-    a0, a1 = byte_range(a)
-    b0, b1 = byte_range(b)
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
     return a0 < b1 and b0 < a1
 
 
@@ -109,6 +118,12 @@ def _self_overlapping(t: torch.Tensor) -> bool:
     return False
 
 
+def _check_out_apart(out: torch.Tensor, data: torch.Tensor) -> None:
+    """out must not share memory with data: the only check that reads addresses, not metadata."""
+    if _overlaps(out, data):
+        raise ValueError("out overlaps data in memory; pass a separate tensor")
+
+
 def _check_out(out: object, data: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
@@ -118,16 +133,14 @@ def _check_out(out: object, data: torch.Tensor) -> None:
         raise TypeError(f"out has dtype {out.dtype} but data has dtype {data.dtype}")
     if out.device != data.device:
         raise ValueError(f"out is on {out.device} but data is on {data.device}")
-    if _overlaps(out, data):
-        raise ValueError("out overlaps data in memory; pass a separate tensor")
+    _check_out_apart(out, data)
     if _self_overlapping(out):
         raise ValueError("out has elements that share memory (an expanded view?); pass a dense tensor")
 
 
-def validate(
+def _validate_fully(
     data: object,
     params: tuple[object, object, object, object],
-    *,
     eps: object,
     momentum: object,
     fix_gamma: object,
@@ -137,12 +150,7 @@ def validate(
     training: object,
     unbiased_update: object,
 ) -> Settings:
-    """Check one call's arguments (SPEC "Bad input") and return its Settings.
-
-    Raises:
-        TypeError: wrong type or dtype; the message names the argument.
-        ValueError: wrong value, shape or device; the message names the argument.
-    """
+    """Every check of SPEC "Bad input", in the order that decides which error a bad call gets."""
     data = _check_data(data)
     axis = _check_axis(axis, data.dim())
     channels = data.shape[axis]
@@ -171,3 +179,110 @@ def validate(
         batch_stats=batch_stats,
         unbiased_update=bool(unbiased_update),
     )
+
+
+# ----------------------------------------------------------------------------- signature cache
+
+MAX_SIGNATURES = 4096
+"""The cache is cleared when it holds this many signatures (a model has a few dozen)."""
+
+_signatures: dict[tuple, Settings] = {}
+
+# Exact types the key describes.  Equal keys must mean equal outcomes: True == 1 == 1.0 as dict
+# keys, so a bool or float axis or a bool eps (TypeErrors) must never meet a cached int; numpy
+# scalars and tensor subclasses (FakeTensor, ...) simply take the full checks.
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_NUMBER_TYPES = frozenset({float, int})
+_FLAG_TYPES = frozenset({bool, int, type(None)})  # only bool(flag) matters, and equal numbers agree on it
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_copysign = math.copysign
+
+
+def _signature(
+    data: object,
+    params: object,
+    eps: object,
+    momentum: object,
+    fix_gamma: object,
+    use_global_stats: object,
+    axis: object,
+    out: object,
+    training: object,
+    unbiased_update: object,
+) -> tuple | None:
+    """The cache key of one call: everything its checks and Settings depend on except where
+    ``out`` lies in memory; None when the call is not one the key can describe."""
+    # Dynamo traces symbolic sizes, which cannot be hashed (and a trace runs once per graph).
+    if _is_dynamo_compiling() or type(params) is not tuple or len(params) != 4 or type(axis) is not int:
+        return None
+    if type(eps) not in _NUMBER_TYPES or type(momentum) not in _NUMBER_TYPES:
+        return None
+    # -0.0 == 0.0 would share 0.0's entry, but Settings keeps the sign float() gives it.
+    if not (eps or _copysign(1.0, eps) > 0) or not (momentum or _copysign(1.0, momentum) > 0):
+        return None
+    flag_types = _FLAG_TYPES
+    if (type(fix_gamma) not in flag_types or type(use_global_stats) not in flag_types
+            or type(training) not in flag_types or type(unbiased_update) not in flag_types):
+        return None
+    gamma, beta, moving_mean, moving_var = params
+    tensor_types = _TENSOR_TYPES
+    if (type(data) not in tensor_types or type(gamma) not in tensor_types or type(beta) not in tensor_types
+            or type(moving_mean) not in tensor_types or type(moving_var) not in tensor_types
+            or (out is not None and type(out) not in tensor_types)):
+        return None
+    try:
+        # Devices are compared here, on every call: a mismatch is an error the full checks name.
+        device = data.device
+        if (gamma.device != device or beta.device != device or moving_mean.device != device
+                or moving_var.device != device or (out is not None and out.device != device)):
+            return None
+        key = (
+            data.dtype, data.shape, device, axis, eps, momentum, fix_gamma, use_global_stats, training,
+            unbiased_update, gamma.dtype, gamma.shape, beta.dtype, beta.shape,
+            # the moving statistics are updated in place: their strides decide _self_overlapping
+            moving_mean.dtype, moving_mean.shape, moving_mean.stride(),
+            moving_var.dtype, moving_var.shape, moving_var.stride(),
+        )
+        return key if out is None else key + (out.dtype, out.shape, out.stride())
+    except Exception:  # noqa: BLE001 - e.g. sparse or nested layouts: the full checks raise what they raise
+        return None
+
+
+def _remember(key: tuple, settings: Settings) -> None:
+    """Cache an accepted signature; clearing when full keeps the cache bounded without LRU costs."""
+    if len(_signatures) >= MAX_SIGNATURES:
+        _signatures.clear()
+    _signatures[key] = settings
+
+
+def validate(
+    data: object,
+    params: tuple[object, object, object, object],
+    *,
+    eps: object,
+    momentum: object,
+    fix_gamma: object,
+    use_global_stats: object,
+    axis: object,
+    out: object,
+    training: object,
+    unbiased_update: object,
+) -> Settings:
+    """Check one call's arguments (SPEC "Bad input") and return its Settings.
+
+    Raises:
+        TypeError: wrong type or dtype; the message names the argument.
+        ValueError: wrong value, shape or device; the message names the argument.
+    """
+    key = _signature(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training,
+                     unbiased_update)
+    settings = _signatures.get(key) if key is not None else None
+    if settings is None:
+        settings = _validate_fully(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out,
+                                   training, unbiased_update)
+        if key is not None:
+            _remember(key, settings)
+    elif out is not None:
+        # A cached signature passed every other check; where out lies is new with each call.
+        _check_out_apart(out, data)
+    return settings

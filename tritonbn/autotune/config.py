@@ -5,16 +5,21 @@ Every launch of every kernel takes its block sizes, split factors, warps and sta
 elementwise, persistent) a config is chosen in this order:
 
 1. ``override_configs`` (tests and the tuner force a config for one role);
-2. the config store (``store.py``): the tuned *knobs* of the nearest (C, m) bucket of the call's
-   (dtype, family, op, role) for this GPU model, realised for the call's geometry, if valid for
-   it (an invalid stored config, e.g. a split larger than the call can use, falls back);
-3. with ``TRITONBN_AUTOTUNE=1`` on a GPU, a key no store has is tuned on first use
-   (``online.py``);
+2. a *measured* config store (``store.py``; modelled stores are reports and never consulted):
+   the tuned *knobs* of the nearest (C, m) bucket of the call's (dtype, family, op, role) for
+   this GPU model, realised for the call's geometry, if valid for it (an invalid stored config,
+   e.g. a split larger than the call can use, falls back);
+3. with ``TRITONBN_AUTOTUNE=1`` on a GPU and an on-line tuner installed (``set_online_tuner``;
+   importing ``tritonbn.autotune.online`` installs one), a key no store has is tuned on first use;
 4. the heuristic below.
 
 Steps 2-4 are cached per call signature (plan, profile, op, dtype and the store settings), so a
 decision costs one dict lookup after the first call.  The finalize keeps its heuristic: it is
 one tiny launch whose time is its launch latency.
+
+This module is on the op's import path (``ops.py`` imports it), so it imports none of the tools
+(tuner, tune, online, model, report): the on-line tuner hooks in from outside, and the import
+graph stays acyclic (tools -> ops -> config, never back).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,6 +53,7 @@ __all__ = [
     "override_configs",
     "explain",
     "clear_caches",
+    "set_online_tuner",
     "PERSISTENT_OFF",
 ]
 
@@ -72,7 +78,8 @@ class KernelConfig:
             flattened rows).
         block_cols: tile extent along the fast axis (channel-major: inner; channel-minor: channels).
         split_rows, split_cols: programs per channel (block) along rows / columns (reductions).
-        num_warps, num_stages: Triton launch options.
+        num_warps, num_stages: Triton launch options (no tuned space varies the stages: they
+            stay at this default unless an override sets them).
         row_tiles: channel-minor elementwise: tiles of block_rows rows each program runs, one
             after the other, with its channels' coefficients loaded once.
     """
@@ -224,7 +231,6 @@ MAX_SPLITS = 1024  # the finalize merges up to this many partials per channel in
 # Bounds a stored knob must respect (anything outside is an invalid entry: heuristic instead).
 MAX_TILE_ELEMENTS = 65536
 MAX_WARPS = 32
-MAX_STAGES = 8
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -252,7 +258,7 @@ def max_useful_split(plan: ViewPlan, tile: int, block_c: int = BLOCK_C) -> int:
 
 
 def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C,
-                   num_warps: int | None = None, num_stages: int = 1) -> KernelConfig:
+                   num_warps: int | None = None) -> KernelConfig:
     """The reduction config of ``plan`` for a tile of ``tile`` elements split ``split`` ways
     (rows first, then columns, whole tiles per split); warps default to REDUCE_PER_THREAD
     elements per thread."""
@@ -264,7 +270,7 @@ def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C
     split_rows = min(split, tiles_rows)
     split_cols = min(-(-split // split_rows), tiles_cols)
     warps = num_warps if num_warps is not None else _warps(block_rows * block_cols, per_thread=REDUCE_PER_THREAD)
-    return KernelConfig(block_rows, block_cols, split_rows, split_cols, num_warps=warps, num_stages=num_stages)
+    return KernelConfig(block_rows, block_cols, split_rows, split_cols, num_warps=warps)
 
 
 def heuristic_reduce_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
@@ -315,13 +321,13 @@ def reduce_from_knobs(plan: ViewPlan, knobs: Knobs) -> KernelConfig | None:
         return None
     if knobs.split > max_useful_split(plan, knobs.tile, block_c):
         return None
-    config = realize_reduce(plan, knobs.tile, knobs.split, block_c, knobs.num_warps, knobs.num_stages)
+    config = realize_reduce(plan, knobs.tile, knobs.split, block_c, knobs.num_warps)
     return config if config.splits <= MAX_SPLITS else None
 
 
 def _launch_options_ok(knobs: Knobs) -> bool:
-    warps_ok = knobs.num_warps is None or (_is_pow2(knobs.num_warps) and knobs.num_warps <= MAX_WARPS)
-    return warps_ok and isinstance(knobs.num_stages, int) and 1 <= knobs.num_stages <= MAX_STAGES
+    """The stored warps (if any) are a power of two Triton accepts."""
+    return knobs.num_warps is None or (_is_pow2(knobs.num_warps) and knobs.num_warps <= MAX_WARPS)
 
 
 def reduce_config(plan: ViewPlan, profile: DeviceProfile, *, op: str | None = None,
@@ -341,12 +347,12 @@ def reduce_config(plan: ViewPlan, profile: DeviceProfile, *, op: str | None = No
 # ----------------------------------------------------------------------------- elementwise
 
 
-def realize_elementwise(plan: ViewPlan, tile: int, block_c: int = BLOCK_C, num_warps: int | None = None,
-                        num_stages: int = 1) -> KernelConfig:
+def realize_elementwise(plan: ViewPlan, tile: int, block_c: int = BLOCK_C,
+                        num_warps: int | None = None) -> KernelConfig:
     """One tile of ``tile`` elements per program; warps default to 16 elements per thread."""
     block_rows, block_cols = _tile(plan, tile, block_c)
     warps = num_warps if num_warps is not None else _warps(block_rows * block_cols)
-    return KernelConfig(block_rows, block_cols, num_warps=warps, num_stages=num_stages)
+    return KernelConfig(block_rows, block_cols, num_warps=warps)
 
 
 # Every elementwise program loads its channels' coefficients once (16-20 bytes a channel). A
@@ -408,11 +414,36 @@ def heuristic_elementwise_knobs(plan: ViewPlan, profile: DeviceProfile, op: str 
     return Knobs(tile=config.block_rows * config.block_cols, block_c=ELEMENTWISE_BLOCK_C)
 
 
+def launch_programs(role: str, plan: ViewPlan, config: KernelConfig) -> int:
+    """The 1-D grid of a launch of ``role`` (REDUCE, ELEMENTWISE, FINALIZE, PERSISTENT) with
+    ``config`` on ``plan``: the one place for every kernel's grid formula (launchers, rules and
+    tests call it).
+
+    - REDUCE: one program per (channel, split) channel-major, per (channel block, row split)
+      channel-minor.
+    - ELEMENTWISE: one per (channel, outer tile, inner tile) channel-major, per (row tiles of
+      ``row_tiles`` tiles, channel block) channel-minor.
+    - FINALIZE: one per block of ``block_cols`` channels.
+    - PERSISTENT: one per channel channel-major, per channel block channel-minor.
+    """
+    channel_blocks = -(-plan.channels // config.block_cols)
+    if role == FINALIZE:
+        return channel_blocks
+    major = plan.family == CHANNEL_MAJOR
+    if role == REDUCE:
+        return plan.channels * config.splits if major else channel_blocks * config.split_rows
+    if role == ELEMENTWISE:
+        if major:
+            return plan.channels * -(-plan.outer // config.block_rows) * -(-plan.inner // config.block_cols)
+        return -(-plan.m // (config.block_rows * config.row_tiles)) * channel_blocks
+    if role == PERSISTENT:
+        return plan.channels if major else channel_blocks
+    raise ValueError(f"launch_programs: unknown role {role!r}")
+
+
 def elementwise_programs(plan: ViewPlan, config: KernelConfig) -> int:
-    """Programs of an elementwise launch of ``config`` (what ops.launch_elementwise launches)."""
-    if plan.family == CHANNEL_MAJOR:
-        return plan.channels * -(-plan.outer // config.block_rows) * -(-plan.inner // config.block_cols)
-    return -(-plan.m // (config.block_rows * config.row_tiles)) * -(-plan.channels // config.block_cols)
+    """Programs of an elementwise launch of ``config``."""
+    return launch_programs(ELEMENTWISE, plan, config)
 
 
 def elementwise_from_knobs(plan: ViewPlan, knobs: Knobs, min_run: int | None = None,
@@ -426,7 +457,7 @@ def elementwise_from_knobs(plan: ViewPlan, knobs: Knobs, min_run: int | None = N
         return None
     if not _launch_options_ok(knobs):
         return None
-    config = realize_elementwise(plan, knobs.tile, block_c, knobs.num_warps, knobs.num_stages)
+    config = realize_elementwise(plan, knobs.tile, block_c, knobs.num_warps)
     shortest = MIN_CHANNEL_RUN[plan.family] if min_run is None else min_run
     if channel_run(plan, config) < min(shortest, plan.m):
         return None  # too short a run per channel: its coefficient loads would weigh too much
@@ -568,8 +599,8 @@ HEURISTIC_KNOBS = Knobs()  # a stored "{}": the heuristic's choice (the tuner fo
 
 
 def persistent_from_knobs(plan: ViewPlan, op: str, element_size: int, knobs: Knobs) -> Any:
-    """None (split path) for ``enabled: false``; the single-pass config with the stored warps and
-    stages; or _INVALID when the tile cannot cover the slice or the options are out of range."""
+    """None (split path) for ``enabled: false``; the single-pass config with the stored warps;
+    or _INVALID when the tile cannot cover the slice or the warps are out of range."""
     if not knobs.enabled:
         return None
     tile = persistent_tile(plan, op, element_size)
@@ -578,7 +609,7 @@ def persistent_from_knobs(plan: ViewPlan, op: str, element_size: int, knobs: Kno
     warps = knobs.num_warps if knobs.num_warps is not None else _warps(tile[0] * tile[1])
     if tile[0] * tile[1] > persistent_max_per_thread(op, plan, element_size) * 32 * warps:
         return _INVALID  # too few warps for this slice: the registers would spill
-    return KernelConfig(*tile, num_warps=warps, num_stages=knobs.num_stages)
+    return KernelConfig(*tile, num_warps=warps)
 
 
 def persistent_config(plan: ViewPlan, op: str, profile: DeviceProfile, element_size: int, *,
@@ -658,7 +689,24 @@ def _dtype_candidates(dtype: str | None, element_size: int | None) -> tuple[str,
 
 
 def online_enabled() -> bool:
+    """TRITONBN_AUTOTUNE=1: read the on-line tuner's cache and tune unseen keys (off by default)."""
     return os.environ.get(_store.AUTOTUNE_ENV, "0") == "1"
+
+
+# The on-line tuner, if a tool installed one: (role, plan, profile, op, dtype, element_size) ->
+# the role's knobs (Knobs(): the heuristic's choice) or None.  A hook rather than an import, so
+# that the op (ops.py -> config) never imports the tuner (tuner -> ops would close a cycle).
+OnlineTuner = Callable[[str, ViewPlan, DeviceProfile, str, str | None, int | None], Knobs | None]
+_online_tuner: OnlineTuner | None = None
+_warned_no_tuner = False
+
+
+def set_online_tuner(tuner: OnlineTuner | None) -> None:
+    """Install (or with None remove) the tuner that TRITONBN_AUTOTUNE=1 runs for keys no store
+    has; decisions made before are forgotten."""
+    global _online_tuner
+    _online_tuner = tuner
+    clear_caches()
 
 
 def _decide(role: str, plan: ViewPlan, profile: DeviceProfile, op: str | None, dtype: str | None,
@@ -743,9 +791,15 @@ def _heuristic(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, eleme
 
 def _tune_online(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, dtype: str | None,
                  element_size: int | None) -> Decision | None:
-    from . import online
-
-    knobs = online.tune_on_first_use(role, plan, profile, op, dtype, element_size)
+    """The installed on-line tuner's decision for a key no store has, or None."""
+    global _warned_no_tuner
+    if _online_tuner is None:
+        if not _warned_no_tuner:
+            _warned_no_tuner = True
+            log.warning("tritonbn: %s=1 but no on-line tuner is installed (import tritonbn.autotune.online "
+                        "to install it): unseen keys get the heuristic", _store.AUTOTUNE_ENV)
+        return None
+    knobs = _online_tuner(role, plan, profile, op, dtype, element_size)
     if knobs is None:
         return None
     if knobs == HEURISTIC_KNOBS:
@@ -767,3 +821,12 @@ def explain(role: str, plan: ViewPlan, profile: DeviceProfile, *, op: str | None
 def interpreting() -> bool:
     """True when TRITON_INTERPRET=1 (CPU tensors then run the Triton kernels)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def decision_context() -> tuple:
+    """Everything besides the call's signature that the decisions above depend on (overrides,
+    a forced profile, the store settings, the store generation), as a hashable value: call plans
+    cached per signature are keyed by it too, so an override or a new store is never missed."""
+    overrides = _overrides.get()
+    return (tuple(overrides.items()) if overrides else (), _profile_override.get(), _store_disabled.get(),
+            _generation, os.environ.get(_store.CONFIG_DIR_ENV), os.environ.get(_store.AUTOTUNE_ENV))

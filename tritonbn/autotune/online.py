@@ -1,11 +1,15 @@
 """On-line tuning: with ``TRITONBN_AUTOTUNE=1``, a key that no store has is tuned on first use.
 
-Off by default.  On a GPU, the first call whose (dtype, family, op, C and m buckets) finds no
-stored config within the lookup distance tunes that op there and then: the model ranks the
-candidates, the best ``TOP`` of each role and the heuristic's are measured with
-``triton.testing.do_bench`` (short warmup and repetition), on tensors of the call's geometry
-that the tuner allocates itself (the caller's tensors and moving statistics are never touched),
-and the winners are added to ``~/.cache/tritonbn/autotune/<gpu>.json`` (``TRITONBN_CACHE_DIR``
+Off by default, and kept off until a measured GPU run shows that it pays.  It takes two steps to
+turn on: importing this module installs ``tune_on_first_use`` into ``config`` (the op never
+imports it: ``config.set_online_tuner`` is the hook), and ``TRITONBN_AUTOTUNE=1`` lets it run.
+
+On a GPU, the first call whose (dtype, family, op, C and m buckets) finds no stored config
+within the lookup distance tunes that op there and then: the model ranks the candidates, the
+best ``TOP`` of each role and the heuristic's are measured with ``triton.testing.do_bench``
+(short warmup and repetition), on tensors of the call's geometry that the tuner allocates
+itself (the caller's tensors and moving statistics are never touched), and the winners are
+added to ``~/.cache/tritonbn/autotune/<gpu>.json`` (``TRITONBN_CACHE_DIR``
 or ``XDG_CACHE_HOME`` move it).  Later calls, and later processes with ``TRITONBN_AUTOTUNE=1``,
 read them from there; without the variable the cache is ignored.
 
@@ -26,7 +30,9 @@ import torch
 
 from ..plan import CHANNEL_MAJOR, ViewPlan
 from . import config as C
-from .store import Knobs, bucket, gpu_model, merge_documents, save_store, store_document, user_cache_dir
+from .model import GPUS, GpuSpec
+from .store import MEASURED, Knobs, bucket, gpu_model, merge_documents, save_store, store_document, user_cache_dir
+from .tuner import MeasuredTimer, ModelTimer, TuneCase, tune_op
 
 log = logging.getLogger("tritonbn")
 
@@ -49,11 +55,9 @@ def configure(bench: Callable[[Callable[[], Any]], float] | None = None, device:
     _failed.clear()
 
 
-def case_for_plan(plan: ViewPlan, dtype: torch.dtype):
+def case_for_plan(plan: ViewPlan, dtype: torch.dtype) -> TuneCase:
     """A tuning case with the plan's family, C and m: (outer, C, inner) contiguous for
     channel-major, (m, C) for channel-minor."""
-    from .tuner import TuneCase
-
     if plan.family == CHANNEL_MAJOR:
         return TuneCase((plan.outer, plan.channels, plan.inner), "NCHW", dtype)
     return TuneCase((plan.m, plan.channels), "NCHW", dtype)
@@ -69,8 +73,7 @@ def _busy() -> bool:
     """Tuning now would be wrong: already tuning, tracing, or capturing a CUDA graph."""
     if _tuning.get():
         return True
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if compiling is not None and compiling():
+    if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -106,9 +109,7 @@ def tune_on_first_use(role: str, plan: ViewPlan, profile: C.DeviceProfile, op: s
 
 
 def _tune(plan: ViewPlan, op: str, dtype: torch.dtype, profile: C.DeviceProfile, gpu: str) -> list:
-    from .model import GPUS, GpuSpec
-    from .tuner import MeasuredTimer, ModelTimer, tune_op
-
+    """Measure ``op``'s roles for the call's key: the model's best ``top`` and the heuristic's."""
     device = _settings["device"] or "cuda"
     timer = MeasuredTimer(device, _settings["bench"], warmup=WARMUP_MS, rep=REP_MS)
     spec = GPUS.get(gpu) or GpuSpec(gpu, profile.name, "", profile.sm_count, 2.0e12, 4.0, 0.6)
@@ -120,7 +121,7 @@ def _tune(plan: ViewPlan, op: str, dtype: torch.dtype, profile: C.DeviceProfile,
 
 def _save(gpu: str, results: list, profile: C.DeviceProfile) -> None:
     path = user_cache_dir() / f"{gpu}.json"
-    meta = {"modelled": False, "timing": "measured", "device": profile.name,
+    meta = {"modelled": False, "timing": MEASURED, "device": profile.name,
             "method": "on-line tuning on first use (TRITONBN_AUTOTUNE=1): triton.testing.do_bench, "
                       f"the model's best {_settings['top']} candidates per role and the heuristic's",
             "created": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -129,10 +130,14 @@ def _save(gpu: str, results: list, profile: C.DeviceProfile) -> None:
         previous = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         previous = None  # an unreadable cache is replaced
-    if previous is not None and previous.get("schema") == document["schema"]:
+    # an older cache of another schema or timing is replaced, not merged into
+    if previous is not None and previous.get("schema") == document["schema"] and previous.get("timing") == MEASURED:
         document = merge_documents(previous, document)
     try:
         save_store(path, document)
     except (OSError, ValueError) as exc:
         log.warning("tritonbn: cannot write the on-line tuning cache %s: %s", path, exc)
     C.clear_caches()
+
+
+C.set_online_tuner(tune_on_first_use)  # importing the on-line tuner is what makes it available

@@ -29,10 +29,6 @@ def _us(ms: float) -> str:
     return f"{ms * 1e3:.2f}"
 
 
-def _time_word(kind: str) -> str:
-    return "modelled time" if kind == MODELLED else "measured time (median)"
-
-
 def write_trials_csv(run: TuneRun, path: Path) -> Path:
     """Every timed candidate of every key (``kind`` says modelled or measured)."""
     with open(path, "w", newline="") as handle:
@@ -148,18 +144,16 @@ def plot_configs(results: Sequence[KeyResult], gpu: str, path: Path) -> Path:
 
 
 def _save(fig: Any, path: Path) -> None:
-    """Save as a 64-colour PNG (a third of the size; the plots use a handful of colours)."""
+    """Save as a 64-colour PNG (a third of the size; the plots use a handful of colours).
+    Pillow is a dependency of matplotlib, so it is there whenever a plot is."""
+    from PIL import Image
+
     plt = _plt()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    try:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            quantized = image.convert("RGB").quantize(colors=64)
-        quantized.save(path, optimize=True)
-    except Exception:  # noqa: BLE001 - the unquantized PNG is fine too
-        pass
+    with Image.open(path) as image:
+        quantized = image.convert("RGB").quantize(colors=64)
+    quantized.save(path, optimize=True)
 
 
 def _informative(results: Sequence[KeyResult]) -> list[KeyResult]:
@@ -206,7 +200,8 @@ def write_report(run: TuneRun, out: Path, *, gpu: str, store_path: Path, header:
         lines += ["**Every time in this report is modelled, not measured**: no GPU ran it. The times come from",
                   "the model-based timer (below) applied to the launches a dry run of each op would make on an",
                   f"{header.get('gpu_description', gpu)}. Re-tune on the GPU (`tritonbn tune --gpu {gpu}` on that",
-                  "machine) to replace them with measurements.", ""]
+                  "machine) to replace them with measurements. A modelled store is this report's data, not a",
+                  "source of launch decisions: launches read measured stores only.", ""]
     else:
         lines += ["Times are measured on the GPU with `triton.testing.do_bench` (L2 flushed before every run, "
                   "median); the moving statistics were restored after every trial.", ""]

@@ -9,7 +9,9 @@ built from small helpers, so a space is easy to read and to change:
 | reduce      | tile (elements) x split x warps (2-32 elements/thread)  | block_c            |
 | elementwise | tile x warps (4-64 elements/thread)                     | block_c            |
 | persistent  | off, or warps (at most 32 elements/thread)              |                    |
-| finalize    | block of channels x warps (not tuned: one small launch) |                    |
+
+The finalize is not tuned (one launch of a few KB: its time is the launch latency), and no
+space varies Triton's stages (the kernels stream; launches keep ``KernelConfig``'s default).
 
 Candidates are pruned by what compiles without spills for the target GPU (``spill_free``:
 ``tritonbn.inspect.compile_launch``, ahead of time, no GPU needed; results cached in memory and
@@ -43,7 +45,6 @@ __all__ = [
     "reduce_space",
     "elementwise_space",
     "persistent_space",
-    "finalize_space",
     "candidates",
     "spill_free",
 ]
@@ -168,19 +169,6 @@ def persistent_space(plan: ViewPlan, op: str, element_size: int) -> list[Candida
         if isinstance(config, KernelConfig):
             out.append(Candidate(knobs, config))
     return _dedupe(out)
-
-
-def finalize_space(channels: int, partials: int) -> list[KernelConfig]:
-    """Finalize configs: [partials, block_c] tiles of 512-4096 elements, 4 or 8 warps.  Not
-    tuned (a finalize is one launch of a few KB: its time is the launch latency) but listed so
-    that ``tritonbn inspect``-style checks can compile the space."""
-    block_rows = C._pow2_cover(partials, 1 << 20)
-    out = []
-    for budget in (512, 1024, 2048, 4096):
-        block_cols = C._pow2_cover(channels, max(1, budget // block_rows))
-        for warps in (4, 8):
-            out.append(KernelConfig(block_rows, block_cols, num_warps=warps))
-    return list(dict.fromkeys(out))
 
 
 def candidates(role: str, plan: ViewPlan, op: str, profile: C.DeviceProfile, element_size: int) -> list[Candidate]:

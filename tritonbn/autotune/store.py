@@ -5,17 +5,25 @@ One file per GPU model, ``<gpu>.json`` (``h100-sxm.json``), found in this order:
 1. ``$TRITONBN_CONFIG_DIR/<gpu>.json`` when that variable is set (a user's own store; it
    *replaces* the shipped one);
 2. the shipped store: ``autotune_configs/`` at the repository root (source checkouts and
-   editable installs), the package data of an installed wheel (``<prefix>/share/tritonbn/
-   autotune_configs``), or ``tritonbn/autotune_configs`` inside the package (importlib.resources);
+   editable installs), or the package data of an installed wheel (``<prefix>/share/tritonbn/
+   autotune_configs``);
 3. in front of both, with ``TRITONBN_AUTOTUNE=1``, the on-line tuner's cache
    (``~/.cache/tritonbn/autotune/<gpu>.json``; see ``online.py``).
 
+Only *measured* stores steer launches: a file found there whose ``timing`` is not
+``"measured"`` (a modelled store, written by ``tritonbn tune`` without a GPU, or one that does
+not say how it was made) is skipped with a warning.  A modelled store is a report: its numbers
+come from the cost model's constants, not from a GPU (it lives with its report, under
+``perf/results/autotune/<gpu>/``), and ``load_store`` still reads it for people and tools.
+
 Schema 1::
 
-    {"schema": 1, "gpu": "h100-sxm", "modelled": true, "method": "...", "lookup": {...},
+    {"schema": 1, "gpu": "h100-sxm", "timing": "measured" | "modelled", "modelled": false | true,
+     "method": "...", "lookup": {...},
      "configs": {dtype: {family: {op: {role: {"C64_m131072": {"config": {knobs}, ...}}}}}}}
 
-dtype: float16 | bfloat16 | float32 | float64; family: channel_major | channel_minor;
+``timing`` says how the store was produced (``modelled`` repeats it as a boolean; the two must
+agree).  dtype: float16 | bfloat16 | float32 | float64; family: channel_major | channel_minor;
 op: inference | forward | backward; role: reduce | elementwise | persistent.  A bucket is a
 power of two of C (channels) and of m (elements per channel), rounded in log2.  ``config`` holds
 the *knobs* of a role (``Knobs``), not block sizes: the launch's block sizes are derived from the
@@ -54,8 +62,11 @@ __all__ = [
     "save_store",
     "shipped_dirs",
     "store_paths",
+    "stores_for",
     "CONFIG_DIR_ENV",
     "AUTOTUNE_ENV",
+    "MEASURED",
+    "MODELLED",
 ]
 
 SCHEMA = 1
@@ -63,6 +74,9 @@ CONFIG_DIR_ENV = "TRITONBN_CONFIG_DIR"
 AUTOTUNE_ENV = "TRITONBN_AUTOTUNE"
 CACHE_DIR_ENV = "TRITONBN_CACHE_DIR"
 DEFAULT_MAX_DISTANCE = 2.0
+# How a store's times were produced (its "timing"): only measured stores steer launches.
+MEASURED, MODELLED = "measured", "modelled"
+TIMINGS = (MEASURED, MODELLED)
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 FAMILIES = ("channel_major", "channel_minor")
@@ -82,7 +96,8 @@ class Knobs:
         split: programs per channel (channel-major) or per channel block (channel-minor) of a
             reduction.
         block_c: channel-minor only: the most channels a tile spans (a power of two).
-        num_warps, num_stages: Triton launch options.
+        num_warps: Triton's warps (no space varies the stages: launches keep
+            ``KernelConfig.num_stages``'s default).
         enabled: persistent only: False sends the bucket to the split path.
     """
 
@@ -90,18 +105,17 @@ class Knobs:
     split: int | None = None
     block_c: int | None = None
     num_warps: int | None = None
-    num_stages: int = 1
     enabled: bool = True
 
     def to_json(self) -> dict[str, Any]:
         """The non-default fields (``{"enabled": false}`` for a persistent-off entry)."""
         if not self.enabled:
             return {"enabled": False}
-        return {k: v for k, v in asdict(self).items() if v is not None and k != "enabled"
-                and not (k == "num_stages" and v == 1)}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "enabled"}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Knobs":
+        """Knobs from a stored ``config`` (ValueError on an unknown knob or a bad value)."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -120,8 +134,7 @@ class Knobs:
         """Short text for reports: ``tile=4096 split=5 warps=8``."""
         if not self.enabled:
             return "off (split path)"
-        names = {"num_warps": "warps", "num_stages": "stages"}
-        parts = [f"{names.get(k, k)}={v}" for k, v in self.to_json().items()]
+        parts = [f"{'warps' if k == 'num_warps' else k}={v}" for k, v in self.to_json().items()]
         return " ".join(parts) or "heuristic"
 
 
@@ -211,6 +224,16 @@ class Store:
                     best, best_rank = entry, key
         return best
 
+    @property
+    def timing(self) -> str | None:
+        """How the store was produced: "measured", "modelled", or None (it does not say)."""
+        return self.meta.get("timing")
+
+    @property
+    def measured(self) -> bool:
+        """True for a store timed on a GPU: the only kind that steers launches."""
+        return self.timing == MEASURED
+
     def __len__(self) -> int:
         return sum(len(v) for v in self.entries.values())
 
@@ -239,10 +262,23 @@ def parse_store(data: Mapping[str, Any], path: str | None = None) -> Store:
                             raise ValueError(f"{dtype}/{family}/{op}/{role}/{key}: {exc}") from exc
                         entries.setdefault((dtype, family, op, role), []).append(
                             StoreEntry(dtype, family, op, role, c_bucket, m_bucket, knobs, entry))
+    _check_timing(data)
     lookup = data.get("lookup", {})
     meta = {k: v for k, v in data.items() if k != "configs"}
     return Store(path, str(data.get("gpu", "")), meta, entries,
                  float(lookup.get("max_log2_distance", DEFAULT_MAX_DISTANCE)))
+
+
+def _check_timing(data: Mapping[str, Any]) -> None:
+    """``timing`` (when given) is measured or modelled, and ``modelled`` (when given) agrees:
+    a file must not claim to be both."""
+    timing, modelled = data.get("timing"), data.get("modelled")
+    if timing is not None:
+        _check(timing, TIMINGS, "timing")
+    if modelled is not None and not isinstance(modelled, bool):
+        raise ValueError(f"modelled must be true or false, got {modelled!r}")
+    if timing is not None and modelled is not None and modelled != (timing == MODELLED):
+        raise ValueError(f'"timing": {timing!r} contradicts "modelled": {str(modelled).lower()}')
 
 
 def _check(value: str, allowed: Iterable[str], what: str) -> None:
@@ -300,7 +336,13 @@ def dumps_store(document: Mapping[str, Any]) -> str:
 
 
 def merge_documents(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with every bucket of ``update`` added or replaced (meta from ``update``)."""
+    """``base`` with every bucket of ``update`` added or replaced (meta from ``update``).
+
+    ValueError when the two were produced differently (measured vs modelled): the merged file
+    has one ``timing``, so modelled buckets would pass for measured ones or the reverse."""
+    if base.get("timing") != update.get("timing"):
+        raise ValueError(f"cannot merge a store timed {update.get('timing') or 'unstated'} into one "
+                         f"timed {base.get('timing') or 'unstated'}")
     merged = json.loads(json.dumps(base.get("configs", {})))
     for dtype, by_family in update.get("configs", {}).items():
         for family, by_op in by_family.items():
@@ -321,17 +363,12 @@ def repo_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def shipped_dirs() -> tuple[Path, ...]:
-    """Folders that may hold the shipped stores, most specific first."""
+    """Folders that may hold the shipped stores, most specific first: the checkout's, then the
+    data folders a wheel installs ``autotune_configs/*.json`` into (pyproject.toml)."""
     dirs = [repo_dir()]
     for scheme_path in {sysconfig.get_path("data"), sysconfig.get_path("data", f"{os.name}_user")}:
         if scheme_path:
             dirs.append(Path(scheme_path) / "share" / "tritonbn" / "autotune_configs")
-    try:
-        from importlib.resources import files
-
-        dirs.append(Path(str(files("tritonbn") / "autotune_configs")))
-    except (ModuleNotFoundError, TypeError):  # pragma: no cover - unusual installs
-        pass
     return tuple(dirs)
 
 
@@ -359,25 +396,32 @@ def store_paths(gpu: str, config_dir: str | None, online: bool) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_store(path: str, mtime_ns: int) -> Store | None:
+def _usable_store(path: str, mtime_ns: int) -> Store | None:
+    """The parsed store at ``path`` if it may steer launches: readable, valid and measured (each
+    file version is read, and any warning logged, once)."""
     try:
         store = load_store(path)
     except (OSError, ValueError) as exc:
         log.warning("tritonbn: ignoring config store %s: %s", path, exc)
+        return None
+    if not store.measured:
+        # a modelled store ranks configs on the cost model's constants: a report, not a decision
+        log.warning("tritonbn: ignoring config store %s: its timing is %s, not measured (only stores "
+                    "timed on a GPU steer launches)", path, store.timing or "not stated")
         return None
     log.debug("tritonbn: loaded config store %s (%d entries)", path, len(store))
     return store
 
 
 def stores_for(gpu: str, config_dir: str | None, online: bool) -> list[Store]:
-    """The parsed stores consulted for ``gpu`` (cached per file version)."""
+    """The measured stores consulted for ``gpu``, first match wins (cached per file version)."""
     stores = []
     for path in store_paths(gpu, config_dir, online):
         try:
             mtime = path.stat().st_mtime_ns
         except OSError:
             continue
-        store = _cached_store(str(path), mtime)
+        store = _usable_store(str(path), mtime)
         if store is not None:
             stores.append(store)
     return stores
@@ -385,4 +429,4 @@ def stores_for(gpu: str, config_dir: str | None, online: bool) -> list[Store]:
 
 def clear_cache() -> None:
     """Forget parsed stores (the lookup caches in config.py are cleared by its clear_caches)."""
-    _cached_store.cache_clear()
+    _usable_store.cache_clear()

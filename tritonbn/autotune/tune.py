@@ -10,6 +10,11 @@ seconds to minutes on a CPU; the store and the report then say ``modelled``.
 Writes ``<store-dir>/<gpu>.json`` (default: ``--out``) and ``report.md``, ``trials.csv`` and PNG
 plots in ``--out``.  Candidates are pruned by compiling them for the GPU's arch (spills), unless
 ``--no-prune`` or the kernels are interpreted.
+
+Only a measured store steers launches (``--store-dir autotune_configs`` ships one); a modelled
+store is part of its report and launches ignore it, wherever it is.  So that the two never mix,
+``--merge`` refuses a store of the other timing, and a modelled run never replaces a measured
+store.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import torch
 
 from . import config as C
 from .model import GPUS, GpuSpec, describe_model
-from .store import DEFAULT_MAX_DISTANCE, gpu_model, load_store, merge_documents, save_store, store_document
-from .tuner import DEFAULT_MARGIN, LAYOUTS, MODELLED, OP_ROLES, MeasuredTimer, ModelTimer, TuneCase, tune
+from .store import (DEFAULT_MAX_DISTANCE, MEASURED, MODELLED, gpu_model, load_store, merge_documents, save_store,
+                    store_document)
+from .tuner import DEFAULT_MARGIN, LAYOUTS, OP_ROLES, MeasuredTimer, ModelTimer, TuneCase, tune
 
 __all__ = ["SHAPE_SETS", "cases_for", "add_arguments", "run"]
 
@@ -119,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", default=",".join(OP_ROLES), help=f"comma-separated subset of {', '.join(OP_ROLES)}")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for report.md, trials.csv and plots (default perf/results/autotune/<gpu>)")
-    parser.add_argument("--store-dir", type=Path, default=None, help="folder for <gpu>.json (default: --out)")
+    parser.add_argument("--store-dir", type=Path, default=None,
+                        help="folder for <gpu>.json (default: --out); measured stores only steer launches "
+                             "from autotune_configs (or $TRITONBN_CONFIG_DIR)")
     parser.add_argument("--merge", action="store_true", help="add to an existing <gpu>.json instead of replacing it")
     parser.add_argument("--gpu", default=None, help=f"GPU model of the store (default: this GPU's, else h100-sxm); "
                                                     f"modelled: one of {', '.join(GPUS)}")
@@ -206,7 +214,11 @@ def run(args: argparse.Namespace, *, bench=None, argv: Sequence[str] | None = No
         print("tritonbn tune: the selection is empty", file=sys.stderr)
         return 2
     out = args.out or Path("perf/results/autotune") / gpu
-    store_dir = args.store_dir or out
+    store_path = (args.store_dir or out) / f"{gpu}.json"
+    conflict = _store_conflict(store_path, MODELLED if timer.kind == MODELLED else MEASURED, args.merge)
+    if conflict:  # found before tuning, not after minutes of it
+        print(f"tritonbn tune: {conflict}", file=sys.stderr)
+        return 2
     result = tune(cases, op_names, timer, profile, arch=arch, margin=args.margin, top=top, rank_timer=rank_timer,
                   progress=_progress(not args.no_progress))
     modelled = timer.kind == MODELLED
@@ -217,9 +229,7 @@ def run(args: argparse.Namespace, *, bench=None, argv: Sequence[str] | None = No
         meta["model"] = describe_model(spec)
     meta["lookup"] = {"max_log2_distance": DEFAULT_MAX_DISTANCE}
     document = store_document(gpu, result.entries(), meta)
-    store_path = store_dir / f"{gpu}.json"
     if args.merge and store_path.is_file():
-        load_store(store_path)  # a broken or foreign-schema file is an error, not something to merge into
         document = merge_documents(json.loads(store_path.read_text()), document)
     save_store(store_path, document)
     from .report import write_report
@@ -237,6 +247,24 @@ def run(args: argparse.Namespace, *, bench=None, argv: Sequence[str] | None = No
     return 0
 
 
+def _store_conflict(store_path: Path, timing: str, merge: bool) -> str | None:
+    """Why this run must not write ``store_path``, or None: with ``--merge``, a broken file or one of
+    another timing (its buckets would pass for this run's); without, a measured store that a
+    modelled run would replace."""
+    if not store_path.is_file():
+        return None
+    try:
+        existing = load_store(store_path)
+    except (OSError, ValueError) as exc:
+        return f"--merge: cannot read {store_path}: {exc}" if merge else None
+    if merge and existing.timing != timing:
+        return (f"--merge: {store_path} is timed {existing.timing or 'unstated'}, this run is {timing}; "
+                "merge only stores timed alike")
+    if not merge and existing.measured and timing == MODELLED:
+        return f"{store_path} is a measured store: a modelled run does not replace it (choose another --store-dir)"
+    return None
+
+
 def _header(args, argv, gpu: str, spec: GpuSpec, modelled: bool, arch: str | None, n_cases: int, result,
             started: float) -> dict:
     if modelled:
@@ -249,7 +277,7 @@ def _header(args, argv, gpu: str, spec: GpuSpec, modelled: bool, arch: str | Non
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (stub timer)"
     return {
         "gpu": gpu, "gpu_description": spec.description, "modelled": modelled,
-        "timing": "modelled" if modelled else "measured", "method": method, "device": device,
+        "timing": MODELLED if modelled else MEASURED, "method": method, "device": device,
         "created": datetime.datetime.now().isoformat(timespec="seconds"), "command": _command(argv),
         "versions": _versions(), "margin": args.margin,
         "spill_pruning": f"compiled for {arch}, spilling candidates dropped" if arch else

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ from . import config as C
 from . import space
 from .config import PERSISTENT_OFF, KernelConfig, override_configs, override_profile
 from .model import GpuSpec, LaunchCost, modelled_ms
-from .store import Knobs, bucket
+from .store import MEASURED, MODELLED, Knobs, bucket
 
 __all__ = [
     "OP_ROLES",
@@ -57,7 +57,6 @@ __all__ = [
     "restored",
 ]
 
-MODELLED, MEASURED = "modelled", "measured"
 OP_ROLES = {
     C.INFERENCE: (C.ELEMENTWISE,),
     C.FORWARD: (C.REDUCE, C.ELEMENTWISE, C.PERSISTENT),
@@ -105,14 +104,6 @@ class TuneCase:
     @property
     def m(self) -> int:
         return math.prod(self.logical) // self.channels
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The tensor's shape as run (axis=-1 moves C last)."""
-        if self.layout == "axis=-1":
-            n, c, *spatial = self.logical
-            return (n, *spatial, c)
-        return tuple(self.logical)
 
     @property
     def axis(self) -> int:
@@ -225,6 +216,16 @@ def restored(*tensors: torch.Tensor) -> Iterator[None]:
         with torch.no_grad():
             for t, s in zip(tensors, saved):
                 t.copy_(s)
+
+
+class Timer(Protocol):
+    """What the tuner times candidates with: ``kind`` (measured or modelled, which every result
+    carries), the ``device`` its workloads live on, and one run's Trial."""
+
+    kind: str
+    device: Any
+
+    def __call__(self, workload: Workload) -> Trial: ...
 
 
 class ModelTimer:
@@ -386,7 +387,7 @@ def _overrides_for(role: str, op: str, fixed: dict[str, KernelConfig], cand: spa
     return chosen
 
 
-def _time(timer: Callable[[Workload], Trial], workload: Workload, overrides: dict) -> Trial:
+def _time(timer: Timer, workload: Workload, overrides: dict) -> Trial:
     with override_configs(**overrides):
         return timer(workload)
 
@@ -403,7 +404,7 @@ def _ranked(role: str, op: str, fixed: dict, cands: list[space.Candidate], defau
     return keep
 
 
-def tune_op(case: TuneCase, op: str, timer: Callable[[Workload], Trial], profile: C.DeviceProfile, *,
+def tune_op(case: TuneCase, op: str, timer: Timer, profile: C.DeviceProfile, *,
             arch: str | None = None, margin: float = DEFAULT_MARGIN, top: int | None = None,
             rank_timer: ModelTimer | None = None, workload: Workload | None = None,
             roles: Sequence[str] | None = None) -> tuple[list[KeyResult], OpSummary]:
@@ -415,7 +416,7 @@ def tune_op(case: TuneCase, op: str, timer: Callable[[Workload], Trial], profile
     results: list[KeyResult] = []
     fixed: dict[str, KernelConfig] = {}
     with override_profile(profile), C.heuristic_only():
-        workload = workload or Workload(case, op, getattr(timer, "device", "meta"))
+        workload = workload or Workload(case, op, timer.device)
         rank_workload = Workload(case, op, "meta") if (rank_timer is not None and top) else None
         plan = workload.plan
         element_size = workload.x.element_size()
@@ -435,7 +436,7 @@ def tune_op(case: TuneCase, op: str, timer: Callable[[Workload], Trial], profile
             ordered = sorted(trials.values(), key=lambda t: t.ms)
             results.append(KeyResult(
                 dtype_name(case.dtype), plan.family, op, role, plan.channels, plan.m, case.label,
-                getattr(timer, "kind", MEASURED), chosen, trials[chosen].ms, default, trials[default].ms,
+                timer.kind, chosen, trials[chosen].ms, default, trials[default].ms,
                 ordered[0].ms, ordered[-1].ms, rows, arch if pruned else None, note))
             fixed[role] = chosen.config if chosen.config is not None else PERSISTENT_OFF
         heuristic, heuristic_launches = timer(workload), workload.capture()
@@ -444,7 +445,7 @@ def tune_op(case: TuneCase, op: str, timer: Callable[[Workload], Trial], profile
             tuned_launches = workload.capture()
     summary = OpSummary(case.label, op, plan.family, plan.channels, plan.m,
                         workload.x.numel() * workload.x.element_size(), heuristic.ms, tuned.ms,
-                        getattr(timer, "kind", MEASURED),
+                        timer.kind,
                         "/".join(launch.name for launch in heuristic_launches),
                         "/".join(launch.name for launch in tuned_launches))
     return results, summary
@@ -485,12 +486,12 @@ def _choose(role: str, op: str, fixed: dict, timed: list[space.Candidate], trial
     return chosen, rows, note, any(v is not None for v in spills.values())
 
 
-def tune(cases: Iterable[TuneCase], op_names: Sequence[str], timer: Callable[[Workload], Trial],
+def tune(cases: Iterable[TuneCase], op_names: Sequence[str], timer: Timer,
          profile: C.DeviceProfile, *, arch: str | None = None, margin: float = DEFAULT_MARGIN,
          top: int | None = None, rank_timer: ModelTimer | None = None,
          progress: Callable[[Iterable], Iterable] | None = None) -> TuneRun:
     """Tune every (case, op); a case whose keys an earlier case already tuned is skipped."""
-    run = TuneRun(getattr(timer, "kind", MEASURED))
+    run = TuneRun(timer.kind)
     work = [(case, op) for case in cases if case.applies for op in op_names]
     done: set[tuple] = set()
     for case, op in (progress(work) if progress else work):

@@ -93,8 +93,9 @@ def probe_launch(cls: ProbeClass, op: str, dtype: torch.dtype, tile: int):
             ops.launch_persistent_forward(x, y, plan, cfg, tuple(params), settings, acc)
         else:
             center = torch.empty((2, shape[axis]), dtype=acc, device="meta")
-            ops.launch_persistent_backward(x, torch.empty_like(x), y, plan, cfg, center, stats[1], params[0],
-                                           params[1].dtype, settings)
+            dgamma, dbeta = (torch.empty(shape[axis], dtype=p.dtype, device="meta") for p in params[:2])
+            ops.persistent_backward_launch(plan, cfg, settings)(x, torch.empty_like(x), y, center, stats[1],
+                                                               params[0], dgamma, dbeta)
     (launch,) = launches
     return launch
 

@@ -60,11 +60,12 @@ SM90_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_n
 # all (a layer replayed alone in a loop runs warm, at a fraction of that).
 LAYER_METHODS = {
     "validation": "knocked out: validate() answers with the Settings it returned",
-    "plan/config decisions": "knocked out: _plan_for, device_profile, *_config answer with their recorded results",
+    "plan/config decisions": "knocked out: the call-plan lookup (its key: layout_strides, _alignment, "
+                             "decision_context; ops._cached_plan) answers with its recorded results",
     "allocation": "knocked out: torch.empty/empty_strided/empty_like/zeros answer with the recorded tensors",
-    "launches": "knocked out: ops._launch a no-op (trace event and Triton run)",
-    "  of which Triton run": "knocked out: JITFunction.run a no-op (binder, specialisation, kernel cache, "
-                             "CompiledKernel.run, the launcher: a no-op in the CPU method)",
+    "launches": "knocked out: Launch.__call__ a no-op (trace event, tensor arguments, Triton's launcher)",
+    "  of which Triton run": "knocked out: the direct launchers (the compiled kernel's launcher: a no-op in the "
+                             "CPU method) and JITFunction.run no-ops",
     "autograd Function": "knocked out: BatchNormFunction.apply calls TritonBackend.forward directly",
     "forward call": "the training forward call, timed alone; forward + backward's other layers are those "
                     "of TritonBackend.backward replayed alone, knocked out there",
@@ -207,6 +208,7 @@ class LaunchCounter:
     calls: int = 0
     targets: set = field(default_factory=set)
     functions: list = field(default_factory=list)
+    arguments: list | None = None  # when a list: every launch's arguments are appended (tests)
 
 
 class _NoOpLauncher:
@@ -221,6 +223,8 @@ class _NoOpLauncher:
 
     def __call__(self, *args: Any) -> None:
         self.counter.calls += 1
+        if self.counter.arguments is not None:
+            self.counter.arguments.append(args)
 
 
 class _Sm90Utils:
@@ -304,11 +308,13 @@ def compiled_sm90_on_cpu() -> Iterator[LaunchCounter]:
 
     driver.set_active(_Sm90Driver(counter))
     ops.backend_for = library.backend_for = backend_for
+    ops.clear_call_plans()  # call plans hold direct launchers of the driver they were made under
     try:
         yield counter
     finally:
         driver.set_active(saved[0])
         ops.backend_for, library.backend_for = saved[1], saved[2]
+        ops.clear_call_plans()
         _drop_noop_caches({id(f): f for f in [*_kernel_functions(), *counter.functions]}.values())
 
 
@@ -410,8 +416,8 @@ def paired(samples: Samples, plus: Sequence[str], minus: Sequence[str]) -> float
 # ----------------------------------------------------------------------------- layers
 
 
-DECISIONS = ("_plan_for", "device_profile", "elementwise_config", "persistent_config", "reduce_config",
-             "finalize_config")
+# the call-plan lookup: its key (layout strides, pointer alignment, decision context) and the cache
+DECISIONS = ("layout_strides", "_alignment", "decision_context", "force_int64_enabled", "_cached_plan")
 ALLOCATIONS = ("empty", "empty_like", "empty_strided", "zeros", "zeros_like")
 
 
@@ -511,7 +517,34 @@ def memoised(records: Sequence[Recorded], layer: str) -> Patch:
 
 
 def _skip_launch(*args: Any, **kwargs: Any) -> None:
-    """``ops._launch`` doing nothing: no trace event, nothing reaches Triton."""
+    """``Launch.__call__`` doing nothing: no trace event, nothing reaches Triton."""
+
+
+class DirectLaunchersOff(Patch):
+    """Every cached call plan's direct launchers doing nothing (the compiled kernel's launcher
+    is what a direct launch calls), with ``JITFunction.run`` a no-op for launches that take
+    ``kernel[grid]``."""
+
+    def __init__(self) -> None:
+        from triton.runtime.jit import JITFunction
+
+        super().__init__([(JITFunction, "run", _skip_run)])
+        self.saved: list = []
+
+    def apply(self) -> None:
+        from .. import ops
+
+        super().apply()
+        slots = [launch._direct for plan in ops._call_plans.values() if plan is not None for launch in plan.launches]
+        self.saved = [(slot, slot[0]) for slot in slots]
+        for slot, direct in self.saved:
+            if direct is not None:
+                slot[0] = _skip_launch
+
+    def restore(self) -> None:
+        for slot, direct in self.saved:
+            slot[0] = direct
+        super().restore()
 
 
 def _skip_run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
@@ -528,13 +561,11 @@ class _DirectFunction:
 
 def knockouts(op: str, records: Sequence[Recorded]) -> dict[str, Patch]:
     """Per layer, the patch that removes its work from ``op``'s call (or from its backward)."""
-    from triton.runtime.jit import JITFunction
-
-    from .. import library, ops
+    from .. import launch, library, ops
 
     patches = {layer: memoised(records, layer) for layer in ("plan/config decisions", "allocation")}
-    patches["launches"] = Patch([(ops, "_launch", _skip_launch)])
-    patches["  of which Triton run"] = Patch([(JITFunction, "run", _skip_run)])
+    patches["launches"] = Patch([(launch.Launch, "__call__", _skip_launch)])
+    patches["  of which Triton run"] = DirectLaunchersOff()
     if op == "forward_backward":
         return patches
     patches["validation"] = memoised(records, "validation")

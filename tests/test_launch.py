@@ -1,0 +1,106 @@
+"""Direct launches (``tritonbn/launch.py``): after its first launch through ``kernel[grid]``, a
+call plan's ``Launch`` calls the compiled kernel's launcher itself.  That is right only if it
+hands the launcher what Triton's own path hands it.
+
+The check runs in a compiling subprocess (this process imported the kernels interpreted) under
+``tritonbn overhead``'s CPU method: kernels compiled for sm_90, a launcher that records its
+arguments instead of launching.  Every path of every family runs twice with the same signature:
+the first call goes through Triton's ``JITFunction.run``, the second must not, and the launcher
+must receive the same grid, stream, function, metadata and kernel arguments (tensors compared by
+dtype, shape and strides: outputs are new allocations) in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_COMPARE = """
+import json, sys
+import torch
+from triton.runtime.jit import JITFunction
+import tritonbn
+from tritonbn import trace
+from tritonbn.perf import overhead
+
+runs = [0]
+original_run = JITFunction.run
+def counted_run(self, *args, **kwargs):
+    runs[0] += 1
+    return original_run(self, *args, **kwargs)
+JITFunction.run = counted_run
+
+def describe(arg):
+    if isinstance(arg, torch.Tensor):
+        return ["tensor", str(arg.dtype), list(arg.shape), list(arg.stride())]
+    return repr(arg)
+
+def compare(counter, shape, layout, mode):
+    dims = [int(d) for d in shape.split("x")]
+    x = torch.randn(dims, dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    C = dims[1]
+    params = [torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C)]
+    calls = []
+    for attempt in range(2):
+        before_runs, before_args = runs[0], len(counter.arguments)
+        with trace.capture() as t:
+            if mode == "backward":
+                xg = x.clone().requires_grad_()
+                y = tritonbn.batch_norm(xg, *params, training=True, fix_gamma=False)
+                y.backward(torch.ones_like(y))
+            else:
+                tritonbn.batch_norm(x, *params, training=mode == "training")
+        launched = counter.arguments[before_args:]
+        calls.append({"kernels": t.kernels(), "jit_runs": runs[0] - before_runs,
+                      "launches": [[describe(a) for i, a in enumerate(args) if i not in (6, 7, 8)]
+                                   for args in launched],
+                      "hooks": [[a is None for a in args[6:9]] for args in launched]})
+    return calls
+
+with overhead.compiled_sm90_on_cpu() as counter:
+    counter.arguments = []
+    print(json.dumps({case: compare(counter, *case.split(",")) for case in sys.argv[1:]}))
+"""
+
+CASES = [  # (shape, layout, mode): every path of both families
+    ("4x4x128x128", "nchw", "training"),         # channel-major split: stats, finalize, elementwise
+    ("4x4x8x8", "nchw", "training"),             # channel-major persistent
+    ("4x4x8x8", "nchw", "inference"),
+    ("64x16x32x32", "channels_last", "training"),  # channel-minor split
+    ("4x16x8x8", "channels_last", "training"),     # channel-minor persistent
+    ("4x16x8x8", "channels_last", "inference"),
+    ("4x4x128x128", "nchw", "backward"),         # forward and backward split
+    ("4x16x8x8", "channels_last", "backward"),     # forward and backward persistent
+]
+
+
+@pytest.fixture(scope="module")
+def compared() -> dict[str, list[dict]]:
+    """Every case's two calls, from one compiling subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cases = [",".join(case) for case in CASES]
+    result = subprocess.run([sys.executable, "-c", _COMPARE, *cases], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("shape,layout,mode", CASES, ids=[f"{m}-{s}-{layout}" for s, layout, m in CASES])
+def test_direct_launch_hands_the_launcher_what_triton_does(compared, shape, layout, mode):
+    first, second = compared[f"{shape},{layout},{mode}"]
+    assert first["kernels"] == second["kernels"] and first["kernels"]
+    assert first["jit_runs"] == len(first["kernels"])  # the first call compiles through kernel[grid]
+    assert second["jit_runs"] == 0  # the second launches directly
+    assert len(second["launches"]) == len(first["launches"]) == len(first["kernels"])
+    assert second["launches"] == first["launches"]
+    assert all(all(none) for none in second["hooks"])  # no launch metadata or hooks built
