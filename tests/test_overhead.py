@@ -148,7 +148,7 @@ def test_paired_differences_cancel_a_drift_of_load():
 def test_layer_arithmetic(op):
     """Each knocked-out call costs its layer less than the call; "other" is what remains."""
     costs = {"validation": 2.0, "plan/config decisions": 3.0, "allocation": 1.0, "launches": 8.0,
-             "  of which Triton run": 6.0, "autograd Function": 4.0, "custom-op dispatch": 5.0}
+             "  of which Triton run": 6.0, "autograd Function": 4.0}
     whole = 40.0
     per_round = {"call": [whole] * 3, "forward": [10.0] * 3, "backward": [whole - 25.0] * 3, "op": [whole - 7.0] * 3}
     base = per_round["backward"][0] if op == "forward_backward" else whole
@@ -157,7 +157,7 @@ def test_layer_arithmetic(op):
     assert rows["launches"] == pytest.approx(8.0) and rows["  of which Triton run"] == pytest.approx(6.0)
     assert sum(v for name, v in rows.items() if not name.startswith(" ")) == pytest.approx(whole)
     expected = {"forward_backward": {"forward call": 10.0, "autograd backward": 15.0},
-                "nn_training_forward": {"module": 7.0, "custom-op dispatch": 5.0},
+                "nn_training_forward": {"module": 7.0, "autograd Function": 4.0},
                 "inference": {"autograd Function": 4.0}, "training_forward": {"validation": 2.0}}[op]
     assert {name: rows[name] for name in expected} == pytest.approx(expected)
 

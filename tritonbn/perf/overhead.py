@@ -43,6 +43,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .. import launch as _launch_module
+from .. import trace
+
 OPS = ("inference", "training_forward", "forward_backward", "nn_training_forward")
 # the issue's targets: tritonbn's host time per call at most this multiple of torch's
 TARGETS = {"inference": 2.5, "training_forward": 2.5, "forward_backward": 1.6, "nn_training_forward": 2.0}
@@ -64,8 +67,9 @@ LAYER_METHODS = {
                              "decision_context; ops._cached_plan) answers with its recorded results",
     "allocation": "knocked out: torch.empty/empty_strided/empty_like/zeros answer with the recorded tensors",
     "launches": "knocked out: Launch.__call__ a no-op (trace event, tensor arguments, Triton's launcher)",
-    "  of which Triton run": "knocked out: the direct launchers (the compiled kernel's launcher: a no-op in the "
-                             "CPU method) and JITFunction.run no-ops",
+    "  of which Triton run": "knocked out: Launch.__call__ stops before the compiled kernel's launcher (a no-op "
+                             "in the CPU method; on a GPU argument packing and cuLaunchKernelEx), JITFunction.run "
+                             "a no-op",
     "autograd Function": "knocked out: BatchNormFunction.apply calls TritonBackend.forward directly",
     "forward call": "the training forward call, timed alone; forward + backward's other layers are those "
                     "of TritonBackend.backward replayed alone, knocked out there",
@@ -73,10 +77,8 @@ LAYER_METHODS = {
                          "engine, BatchNormFunction.backward, AccumulateGrad",
     "module": "layer(x) minus library.batch_norm_op timed alone with the call's arguments (Module.__call__, "
               "input checks, num_batches_tracked += 1, torch_batch_norm)",
-    "custom-op dispatch": "knocked out: tritonbn::batch_norm_forward replaced by its Python body "
-                          "(dispatcher, autograd node)",
-    "other": "the call minus the layers above: Python glue of the op and the backend (nn: the moving-stat "
-             "clones and copy-back, layout and alias checks)",
+    "other": "the call minus the layers above: Python glue of the op and the backend (nn: the eager-path "
+             "checks of library.batch_norm_op)",
 }
 
 
@@ -520,35 +522,16 @@ def _skip_launch(*args: Any, **kwargs: Any) -> None:
     """``Launch.__call__`` doing nothing: no trace event, nothing reaches Triton."""
 
 
-class DirectLaunchersOff(Patch):
-    """Every cached call plan's direct launchers doing nothing (the compiled kernel's launcher
-    is what a direct launch calls), with ``JITFunction.run`` a no-op for launches that take
-    ``kernel[grid]``."""
-
-    def __init__(self) -> None:
-        from triton.runtime.jit import JITFunction
-
-        super().__init__([(JITFunction, "run", _skip_run)])
-        self.saved: list = []
-
-    def apply(self) -> None:
-        from .. import ops
-
-        super().apply()
-        slots = [launch._direct for plan in ops._call_plans.values() if plan is not None for launch in plan.launches]
-        self.saved = [(slot, slot[0]) for slot in slots]
-        for slot, direct in self.saved:
-            if direct is not None:
-                slot[0] = _skip_launch
-
-    def restore(self) -> None:
-        for slot, direct in self.saved:
-            slot[0] = direct
-        super().restore()
-
-
 def _skip_run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
     """``JITFunction.run`` doing nothing (Triton 3.6-3.9 share this signature)."""
+
+
+def _launch_without_triton(self: Any, *tensors: Any) -> None:
+    """``Launch.__call__`` up to Triton: the trace event and the checks it makes, then no launcher
+    call (with ``JITFunction.run`` a no-op too, a first launch reaches nothing either)."""
+    trace.record_launch(self.name, self.programs, self.config, **self.constexprs)
+    if _launch_module._dry_run.get() is None and self._direct[0] is not None:
+        _launch_module._launch_hook_installed()
 
 
 class _DirectFunction:
@@ -561,19 +544,18 @@ class _DirectFunction:
 
 def knockouts(op: str, records: Sequence[Recorded]) -> dict[str, Patch]:
     """Per layer, the patch that removes its work from ``op``'s call (or from its backward)."""
-    from .. import launch, library, ops
+    from triton.runtime.jit import JITFunction
+
+    from .. import launch, ops
 
     patches = {layer: memoised(records, layer) for layer in ("plan/config decisions", "allocation")}
     patches["launches"] = Patch([(launch.Launch, "__call__", _skip_launch)])
-    patches["  of which Triton run"] = DirectLaunchersOff()
+    patches["  of which Triton run"] = Patch([(launch.Launch, "__call__", _launch_without_triton),
+                                             (JITFunction, "run", _skip_run)])
     if op == "forward_backward":
         return patches
     patches["validation"] = memoised(records, "validation")
-    if op == "nn_training_forward":
-        body = getattr(library.batch_norm_forward, "_init_fn")
-        patches["custom-op dispatch"] = Patch([(library, "batch_norm_forward", body)])
-    else:
-        patches["autograd Function"] = Patch([(ops, "BatchNormFunction", _DirectFunction)])
+    patches["autograd Function"] = Patch([(ops, "BatchNormFunction", _DirectFunction)])
     return patches
 
 
@@ -619,7 +601,7 @@ def layers(op: str, samples: Samples) -> list[tuple[str, float]]:
         rows += [(layer, cost(layer)) for layer in work]
     elif op == "nn_training_forward":
         rows = [("module", paired(samples, ["call"], ["op"]))]
-        rows += [(layer, cost(layer)) for layer in ["validation", "custom-op dispatch", *work]]
+        rows += [(layer, cost(layer)) for layer in ["validation", *work, "autograd Function"]]
     else:
         rows = [(layer, cost(layer)) for layer in ["validation", *work, "autograd Function"]]
     listed = sum(value for name, value in rows if not name.startswith(" "))
