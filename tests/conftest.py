@@ -17,6 +17,7 @@ and this proves that subset still reaches every kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 if os.environ.get("TRITONBN_TEST_DEVICE", "cpu") != "cuda":
@@ -27,7 +28,7 @@ if os.environ.get("TRITONBN_TEST_DEVICE", "cpu") != "cuda":
 
 import pytest  # noqa: E402
 
-from helpers import CUDA_MODE, select_path  # noqa: E402
+from helpers import CUDA_MODE, select_path, split_path  # noqa: E402
 
 PATHS = ("triton", "reference", "cuda")
 
@@ -41,9 +42,14 @@ def _cuda_available() -> bool:
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch) -> str:
     """Run the test through the interpreted Triton kernels and through the reference (CPU mode),
-    or through the compiled kernels on CUDA tensors (CUDA mode)."""
+    or through the compiled kernels on CUDA tensors (CUDA mode).
+
+    Parametrized indirectly with any of ``helpers.KERNEL_PATHS`` (``helpers.on_every_path``,
+    ``helpers.on_both_triton_paths``), it also runs the Triton split path ("triton-split",
+    "cuda-split": persistent kernels off for the whole test); the value is the path's name."""
     select_path(request.param, monkeypatch)
-    return request.param
+    with split_path() if request.param.endswith("-split") else contextlib.nullcontext():
+        yield request.param
 
 
 def pytest_configure(config) -> None:

@@ -1,14 +1,14 @@
-"""The torch path on CPU (``tritonbn.cpu_backend.CpuBackend``) against float64 reference math.
+"""The torch path on CPU (``tritonbn.cpu_backend.CpuBackend``) tier by tier, against float64 math.
 
-Every case runs ``tritonbn.batch_norm`` forward (output_mean_var) and backward with
-TRITON_INTERPRET unset, and compares y, mean, invstd, the moving statistics, dx, dgamma and dbeta
-with ``tritonbn.reference`` evaluated in float64 (tolerances: ``helpers.TOLERANCES``).  The
-backend picks a tier per call (torch's batch-norm kernels, pseudo-channels, full-size ops with
-the output as scratch, blocks); the ``tier`` tables force each one in turn, so that every tier
-meets the same table and the same hard data: offset data, constant channels with eps = 0, one
+The backend picks a tier per call (torch's batch-norm kernels, pseudo-channels, full-size ops
+with the output as scratch, blocks); the ``tier`` tables force each one in turn, so that every
+tier meets the same table (through ``helpers.run_and_compare`` on the "reference" path: forward
+with output_mean_var and backward, every output against ``tritonbn.reference`` in float64 at
+``helpers.TOLERANCES``) and the same hard data: offset data, constant channels with eps = 0, one
 element per channel, NaN/Inf, 1e30 / 1e-30 / subnormal float32.  Also: no float64 temporary the
 size of float32 data, and float32-level statistics on a channels-last tensor large enough that
-torch's own kernel would lose digits.
+torch's own kernel would lose digits.  The torch path as dispatched, over every geometry, dtype
+and flag set, is the "reference" part of tests/test_batch_norm.py's table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from torch.utils._pytree import tree_flatten
 import tritonbn
 import tritonbn.kernels  # noqa: F401 - see below
 from tritonbn import cpu_backend, ops, reference
-from helpers import TOLERANCES, apply_layout, assert_close, make_inputs
+from tritonbn.plan import is_dense
+from helpers import (FLAGS, GEOMETRIES, TOLERANCES, Inputs, apply_layout, assert_close, expected, make_inputs,
+                     run_and_compare)
 
 # torch's batch-norm ops under a TorchDispatchMode (Float64Allocations below) import torch._dynamo
 # and with it Triton.  Triton's own @jit library is built interpreted or compiled as
@@ -32,34 +34,6 @@ from helpers import TOLERANCES, apply_layout, assert_close, make_inputs
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = {"f16": F16, "bf16": BF16, "f32": F32, "f64": F64}
-
-# (id, shape, axis, layout): ranks 1-5, positive and negative axes, every layout family
-GEOMETRIES = [
-    ("rank1", (7,), 0, "contiguous"),
-    ("2d-nc", (9, 4), 1, "contiguous"),
-    ("2d-axis0", (9, 4), 0, "contiguous"),
-    ("3d-axis-1", (3, 5, 4), -1, "contiguous"),
-    ("3d-middle", (3, 4, 5), 1, "contiguous"),
-    ("3d-permuted", (3, 5, 4), 2, "permuted"),
-    ("nchw", (2, 3, 4, 5), 1, "contiguous"),
-    ("nhwc", (2, 3, 4, 5), 1, "channels_last"),
-    ("nhwc-axis2", (2, 3, 4, 5), 2, "channels_last"),
-    ("4d-sliced", (2, 3, 4, 5), 1, "sliced"),
-    ("ncdhw", (2, 3, 2, 3, 4), 1, "contiguous"),
-    ("ndhwc", (2, 3, 2, 3, 4), 1, "channels_last_3d"),
-    ("5d-stepped", (2, 3, 2, 3, 4), 1, "stepped"),
-    ("5d-stepped-ndhwc", (2, 3, 2, 3, 4), 1, "stepped_channels_last_3d"),
-    ("5d-axis-2", (2, 3, 2, 3, 4), -2, "contiguous"),
-]
-GEOMETRY = {g[0]: g[1:] for g in GEOMETRIES}
-
-# (training, fix_gamma, use_global_stats)
-FLAGS = {
-    "train": (True, False, False),
-    "train-fix-gamma": (True, True, False),
-    "infer": (False, False, False),
-    "global-stats": (True, False, True),
-}
 
 
 def _always_none(*args, **kwargs):
@@ -91,58 +65,21 @@ def tier(request, monkeypatch) -> str:
     return request.param
 
 
-def _expected(x, dy, gamma, beta, mm, mv, axis, flags, eps=1e-3, momentum=0.9):
-    training, fix_gamma, use_global_stats = flags
-    batch_stats = training and not use_global_stats
-    mm, mv = mm.double().clone(), mv.double().clone()
-    y, mean, invstd = reference.forward(x.double(), gamma.double(), beta.double(), mm, mv, axis=axis, eps=eps,
-                                        momentum=momentum, fix_gamma=fix_gamma, batch_stats=batch_stats,
-                                        update_moving=batch_stats)
-    dx, dgamma, dbeta = reference.backward(dy.double(), x.double(), gamma.double(), mean, invstd, axis=axis,
-                                           fix_gamma=fix_gamma, batch_stats=batch_stats)
-    return dict(y=y, mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv, dx=dx, dgamma=dgamma, dbeta=dbeta)
-
-
-def _step(x, dy, gamma, beta, mm, mv, axis, flags, eps=1e-3, momentum=0.9):
-    """One forward (output_mean_var) and backward through tritonbn.batch_norm on the torch path."""
-    training, fix_gamma, use_global_stats = flags
-    xg, g, b = x.detach().requires_grad_(True), gamma.clone().requires_grad_(True), beta.clone().requires_grad_(True)
-    with tritonbn.trace.capture() as trace:
-        y, mean, invstd = tritonbn.batch_norm(xg, g, b, mm, mv, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
-                                              use_global_stats=use_global_stats, output_mean_var=True, axis=axis,
-                                              training=training)
-        dx, dgamma, dbeta = torch.autograd.grad(y, (xg, g, b), dy)
-    assert trace.paths == ["reference", "reference"]
-    return dict(y=y.detach(), mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv, dx=dx, dgamma=dgamma,
-                dbeta=dbeta)
-
-
 def _check_case(geometry: str, dtype: torch.dtype, flag_id: str, seed: int = 0) -> None:
-    shape, axis, layout = GEOMETRY[geometry]
+    """One step of a ``GEOMETRIES`` case on the torch path against float64 math: every output,
+    its dtype, and a dense input's strides on y and dx."""
+    shape, axis, layout = GEOMETRIES[geometry]
     inp = make_inputs(shape, axis, dtype, layout, seed=seed)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1), dtype=F64).to(dtype)
     dy = apply_layout(dy, layout, axis % len(shape))
-    flags = FLAGS[flag_id]
-    want = _expected(inp.x, dy, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, axis % len(shape), flags)
-    got = _step(inp.x, dy, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, axis, flags)
-    for name, expected in want.items():
-        # dgamma and dbeta sum m terms of order one (as tests/test_batch_norm.py scales them)
-        assert_close(got[name], expected, dtype, f"{name} ({geometry}, {flag_id})",
-                     scale=4.0 if name in ("dgamma", "dbeta") else 1.0)
+    got, _, _ = run_and_compare(inp, dy, path="reference", axis=axis, **FLAGS[flag_id])
     assert got["y"].dtype == dtype and got["dx"].dtype == dtype
     assert got["mean"].dtype == reference.stat_dtype(dtype) == got["invstd"].dtype
-    if inp.x.is_contiguous() or inp.x.is_contiguous(memory_format=torch.channels_last):
+    if is_dense(inp.x):
         assert got["y"].stride() == inp.x.stride() and got["dx"].stride() == inp.x.stride()
 
 
-# ----------------------------------------------------------------------------- the table
-
-
-@pytest.mark.parametrize("flag_id", list(FLAGS))
-@pytest.mark.parametrize("dtype_id", list(DTYPES))
-@pytest.mark.parametrize("geometry", list(GEOMETRY))
-def test_matches_float64_reference(geometry, dtype_id, flag_id):
-    _check_case(geometry, DTYPES[dtype_id], flag_id)
+# ----------------------------------------------------------------------------- every tier
 
 
 TIER_GEOMETRIES = ["2d-nc", "3d-axis-1", "nchw", "nhwc", "4d-sliced", "ndhwc", "5d-stepped"]
@@ -174,10 +111,11 @@ def _params(channels: int, dtype=F32, seed: int = 7):
 
 
 def _hard_step(x, dy, axis=1, eps=1e-3, flags=FLAGS["train"], momentum=0.9):
-    gamma, beta, mm, mv = _params(x.shape[axis], reference.stat_dtype(x.dtype))
-    want = _expected(x, dy, gamma, beta, mm, mv, axis % x.dim(), flags, eps=eps, momentum=momentum)
-    got = _step(x, dy, gamma, beta, mm, mv, axis, flags, eps=eps, momentum=momentum)
-    return got, want, beta
+    """One step of ``x`` (parameters from ``_params``) on the torch path: (got, want, beta)."""
+    inp = Inputs(x, *_params(x.shape[axis], reference.stat_dtype(x.dtype)))
+    got, want, _ = run_and_compare(inp, dy, path="reference", compare=(), axis=axis, eps=eps, momentum=momentum,
+                                   **flags)
+    return got, want, inp.beta
 
 
 def _rel_close(got, want, what, rtol, atol_scale=None):
@@ -224,11 +162,16 @@ def test_constant_channel_with_eps_zero(layout, dtype, tier):
 
 
 def test_float64_constant_channel_with_a_full_mantissa(tier):
-    """A constant whose float64 sum rounds: var must still be exactly 0 (SPEC's eps = 0 rule)."""
+    """A constant whose float64 sum rounds: var must still be exactly 0 (SPEC's eps = 0 rule), so
+    y = beta and dx = 0 exactly.  (tests/test_robustness.py runs the same data on the kernels.)"""
+    level = 31946.364823168726
     x = torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(23), dtype=F64)
-    x[:, 1] = 31946.364823168726
-    got, _, _ = _hard_step(x, torch.randn_like(x), eps=0.0, momentum=0.5)
-    assert got["mean"][1].item() == 31946.364823168726 and got["invstd"][1].item() == 0.0
+    x[:, 1] = level
+    dy = torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(24), dtype=F64)
+    got, _, beta = _hard_step(x, dy, eps=0.0, momentum=0.5)
+    assert got["mean"][1].item() == level and got["invstd"][1].item() == 0.0
+    assert torch.equal(got["y"][:, 1], beta[1].expand(3, 39)), "y must be beta"
+    assert not got["dx"][:, 1].any(), "dx must be 0"
     assert got["moving_var"][1].item() == 0.5
 
 
@@ -307,7 +250,7 @@ def test_subnormal_float32(layout, tier):
     x = apply_layout((1e-41 * (1 + torch.randn(3, 2, 4, 4, generator=gen, dtype=F64))).float(), layout, 1)
     dy = apply_layout(torch.randn(3, 2, 4, 4, generator=gen, dtype=F64).float(), layout, 1)
     gamma, beta, mm, mv = _params(2)
-    want = _expected(x, dy, gamma, beta, mm, mv, 1, FLAGS["train"], eps=0.0)
+    want = expected(Inputs(x, gamma, beta, mm, mv), dy, eps=0.0)
     y, mean, invstd = tritonbn.batch_norm(x, gamma, beta, mm, mv, eps=0.0, fix_gamma=False, training=True,
                                           output_mean_var=True)
     assert torch.equal(invstd, want["invstd"].float())
@@ -340,7 +283,7 @@ class Float64Allocations(TorchDispatchMode):
 def test_no_full_size_float64_temporary_for_float32_data(geometry, training, tier):
     """float32 data: no op of the forward or the backward creates a float64 tensor with as many
     elements as the data (per-channel float64 vectors only)."""
-    shape, axis, layout = GEOMETRY[geometry]
+    shape, axis, layout = GEOMETRIES[geometry]
     shape = tuple(4 * s for s in shape)
     inp = make_inputs(shape, axis, F32, layout)
     dy = apply_layout(torch.randn(shape, generator=torch.Generator().manual_seed(1)), layout, axis % len(shape))

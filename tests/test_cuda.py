@@ -10,16 +10,15 @@ the GPU-only behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
 import torch
 
 import tritonbn
-from tritonbn import reference
-from tritonbn.autotune import PERSISTENT_OFF, override_configs
 import helpers
-from helpers import assert_close, make_inputs
+from helpers import Inputs, assert_close, expected, make_inputs, split_path
 
 pytestmark = pytest.mark.gpu
 
@@ -59,8 +58,7 @@ def _inputs(shape, layout, dtype=F32, seed=0):
 def test_cuda_graph_replay_equals_eager(shape, layout, split):
     """A captured training step, replayed, gives eager's outputs, gradients and moving
     statistics bit for bit (fixed-order merges: the kernels are deterministic)."""
-    overrides = {"persistent": PERSISTENT_OFF} if split else {}
-    with override_configs(**overrides):
+    with split_path() if split else contextlib.nullcontext():
         inp, dy = _inputs(shape, layout)
         start = inp.clone_stats()
         side = torch.cuda.Stream()
@@ -94,10 +92,8 @@ def test_runs_on_the_current_stream():
         inp.x.copy_(new_x)
         y = tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, *inp.clone_stats(), fix_gamma=False, training=True)
     side.synchronize()
-    expected, _, _ = reference.forward(new_x.double(), inp.gamma.double(), inp.beta.double(),
-                                       inp.moving_mean.double().clone(), inp.moving_var.double().clone(), axis=1,
-                                       eps=1e-3, momentum=0.9, fix_gamma=False, batch_stats=True, update_moving=True)
-    assert_close(y, expected, F32, "y")
+    want = expected(Inputs(new_x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var), None)
+    assert_close(y, want["y"], F32, "y")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
@@ -112,10 +108,7 @@ def test_tensors_on_a_second_gpu_launch_there():
     y.sum().backward()
     torch.cuda.synchronize(1)
     assert torch.cuda.current_device() == 0 and y.device == x.grad.device == torch.device("cuda:1")
-    expected, _, _ = reference.forward(inp.x.double(), inp.gamma.double(), inp.beta.double(),
-                                       inp.moving_mean.double().clone(), inp.moving_var.double().clone(), axis=1,
-                                       eps=1e-3, momentum=0.9, fix_gamma=False, batch_stats=True, update_moving=True)
-    assert_close(y, expected, F32, "y")
+    assert_close(y, expected(inp, None)["y"], F32, "y")
 
 
 MODULES = [
@@ -188,8 +181,7 @@ def test_extreme_magnitudes_on_the_gpu(scale, split):
     base = torch.randn(8, 2, 32, 32, generator=gen, dtype=torch.float64) + 2
     x = (base * scale).float()
     x64 = x.double()
-    overrides = {"persistent": PERSISTENT_OFF} if split else {}
-    with override_configs(**overrides):
+    with split_path() if split else contextlib.nullcontext():
         _, mean, invstd = tritonbn.batch_norm(x.cuda(), torch.ones(2, device="cuda"), torch.zeros(2, device="cuda"),
                                               torch.zeros(2, device="cuda"), torch.ones(2, device="cuda"),
                                               eps=0.0, fix_gamma=False, training=True, output_mean_var=True)

@@ -17,9 +17,9 @@ import socket
 import pytest
 import torch
 
-from tritonbn.autotune import PERSISTENT_OFF, KernelConfig, override_configs
+from tritonbn.autotune import KernelConfig
 from tritonbn.distributed import chan_merge
-from helpers import assert_close
+from helpers import assert_close, split_path
 
 SIZES = (3, 5)
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -166,7 +166,7 @@ def _part_data(layout, data, seed=0):
     return PART_LAYOUTS[layout](x), torch.randn(x.shape, generator=gen).to(dtype)
 
 
-SPLIT = {"persistent": PERSISTENT_OFF, "reduce": KernelConfig(2, 4, split_rows=3)}
+SPLIT_REDUCE = KernelConfig(2, 4, split_rows=3)  # on the split path: three programs per channel
 
 
 @pytest.mark.parametrize("data", PART_DATA)
@@ -185,7 +185,7 @@ def test_backend_parts_match_the_reference_in_float64(layout, data, path):
     x64 = x.double()
     mean64, var64 = reference.batch_statistics(x64, 1)
     invstd64 = reference.inverse_std(var64, 1e-5)
-    with override_configs(**SPLIT), trace.capture() as t:
+    with split_path(reduce=SPLIT_REDUCE), trace.capture() as t:
         moments = backend.moments(x, 1)
         y, x_read, center, invstd = backend.normalize(x, moments[1], invstd64, gamma, beta, 1)
         sums = backend.gradient_sums(dy, x_read, center, 1)
@@ -208,4 +208,4 @@ def test_backend_parts_match_the_reference_in_float64(layout, data, path):
         family = ops.plan_view(x.shape, 1, [x.stride()]).family
         assert t.kernels() == [f"{family}_{kernel}" for kernel in
                                ("stats", "elementwise", "backward_reduce", "elementwise")]
-        assert t.launches[0].config == SPLIT["reduce"], "three splits per channel: partials merged on the host"
+        assert t.launches[0].config == SPLIT_REDUCE, "three splits per channel: partials merged on the host"

@@ -1,9 +1,10 @@
 """Every kernel path is reached, and the trace proves which one ran.
 
-Configs are forced with ``override_configs`` so that small CPU tensors reach the split
-reductions (several programs per channel, merged by the finalize), multi-tile elementwise
-launches, multi-program finalizes and 64-bit indexing; each result is checked against the
-float64 reference.
+Configs are forced on the split path (``helpers.split_path``) so that small CPU tensors reach
+the split reductions (several programs per channel, merged by the finalize), multi-tile
+elementwise launches, multi-program finalizes and 64-bit indexing; each training step is checked
+against the float64 reference (``helpers.run_and_compare``).  Then the launch decisions: the
+single-pass capacities, programs per launch, runs per channel.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn import reference
-from tritonbn.autotune import PERSISTENT_OFF, KernelConfig, override_configs
+from tritonbn.autotune import KernelConfig
 from tritonbn.autotune.config import DeviceProfile, reduce_config
 from tritonbn.plan import force_int64_indexing, plan_view
-from helpers import assert_close, make_inputs
+from helpers import assert_path, make_inputs, on_both_triton_paths, run_and_compare, split_path
 
 pytestmark = pytest.mark.usefixtures("interpreted")
 
@@ -26,28 +26,13 @@ def interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _train_step(shape, axis, layout="contiguous", dtype=torch.float32, **kwargs):
+def _train_step(shape, axis, layout="contiguous", dtype=torch.float32, path=None, split_configs=None):
+    """A training step of ``make_inputs`` data against the float64 reference (every output, at 4x
+    the dtype's tolerance); ``path`` and ``split_configs`` as ``run_and_compare`` takes them.
+    Returns the trace."""
     inp = make_inputs(shape, axis, dtype, layout)
-    mm, mv = inp.clone_stats()
-    x = inp.x.requires_grad_(True)
-    gamma = inp.gamma.clone().requires_grad_(True)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=dtype)
-    with tritonbn.trace.capture() as trace:
-        y, mean, invstd = tritonbn.batch_norm(x, gamma, inp.beta, mm, mv, fix_gamma=False, axis=axis,
-                                              training=True, output_mean_var=True, **kwargs)
-        y.backward(dy)
-    ax = axis % len(shape)
-    mm_ref, mv_ref = inp.moving_mean.double().clone(), inp.moving_var.double().clone()
-    y_ref, mean_ref, inv_ref = reference.forward(x.detach().double(), inp.gamma.double(), inp.beta.double(), mm_ref,
-                                                 mv_ref, axis=ax, eps=1e-3, momentum=0.9, fix_gamma=False,
-                                                 batch_stats=True, update_moving=True)
-    dx_ref, dg_ref, db_ref = reference.backward(dy.double(), x.detach().double(), inp.gamma.double(), mean_ref,
-                                                inv_ref, axis=ax, fix_gamma=False, batch_stats=True)
-    for name, got, want in [("y", y, y_ref), ("mean", mean, mean_ref), ("invstd", invstd, inv_ref),
-                            ("moving_mean", mm, mm_ref), ("moving_var", mv, mv_ref), ("dx", x.grad, dx_ref),
-                            ("dgamma", gamma.grad, dg_ref)]:
-        assert_close(got.detach(), want, dtype, name, scale=4.0)
-    return trace
+    return run_and_compare(inp, dy, path=path, split_configs=split_configs, scale=4.0, axis=axis).trace
 
 
 REDUCTION_KERNELS = {f"{family}_{phase}" for family in ("channel_major", "channel_minor")
@@ -65,8 +50,7 @@ SPLITS = [
 @pytest.mark.parametrize("shape, axis, config", SPLITS)
 def test_split_reductions_merge_exactly(shape, axis, config):
     layout = "channels_last" if len(shape) == 4 and axis == 1 and shape == (2, 5, 3, 4) else "contiguous"
-    with override_configs(reduce=config, persistent=PERSISTENT_OFF):
-        trace = _train_step(shape, axis, layout)
+    trace = _train_step(shape, axis, layout, path="triton-split", split_configs=dict(reduce=config))
     reductions = [launch for launch in trace.launches if launch.kernel in REDUCTION_KERNELS]
     assert len(reductions) == 2 and all(launch.config == config for launch in reductions)
     plan = plan_view(shape, axis % len(shape), [make_inputs(shape, axis, torch.float32, layout).x.stride()])
@@ -76,8 +60,8 @@ def test_split_reductions_merge_exactly(shape, axis, config):
 
 
 def test_multi_program_finalize_and_multi_tile_elementwise():
-    with override_configs(finalize=KernelConfig(1, 2), elementwise=KernelConfig(2, 4), persistent=PERSISTENT_OFF):
-        trace = _train_step((3, 7, 9), 1)
+    trace = _train_step((3, 7, 9), 1, path="triton-split",
+                        split_configs=dict(finalize=KernelConfig(1, 2), elementwise=KernelConfig(2, 4)))
     finalizes = [launch for launch in trace.launches if launch.kernel.startswith("finalize")]
     assert [launch.programs for launch in finalizes] == [4, 4]  # ceil(7 channels / 2)
     elementwise = [launch for launch in trace.launches if launch.kernel.endswith("elementwise")]
@@ -92,8 +76,7 @@ def test_multi_program_finalize_and_multi_tile_elementwise():
 def test_channel_minor_elementwise_runs_several_row_tiles(shape, axis, layout, config):
     """A channel-minor elementwise program may run several row tiles with its coefficients loaded
     once (apply, and dx with batch statistics); the tail run is masked."""
-    with override_configs(elementwise=config, persistent=PERSISTENT_OFF):
-        trace = _train_step(shape, axis, layout)
+    trace = _train_step(shape, axis, layout, path="triton-split", split_configs=dict(elementwise=config))
     elementwise = [launch for launch in trace.launches if launch.kernel == "channel_minor_elementwise"]
     rows = torch.Size(shape).numel() // shape[axis]
     assert len(elementwise) == 2
@@ -105,20 +88,18 @@ FOUR_GROUP_LAYOUTS = [pytest.param("stepped", "channel_major", id="channel-major
                       pytest.param("stepped_channels_last_3d", "channel_minor", id="channel-minor")]
 
 
-@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "split"])
+@on_both_triton_paths
 @pytest.mark.parametrize("layout, family", FOUR_GROUP_LAYOUTS)
-def test_four_group_views_run_in_place(layout, family, single_pass):
+def test_four_group_views_run_in_place(layout, family, path):
     """Steps in two dimensions of a rank-5 view: the kernels address the middle outer group
     (plan.outer_mid > 1) in every phase, with no copy; results match the reference."""
     shape = (3, 4, 3, 2, 3)
     x = make_inputs(shape, 1, torch.float32, layout).x
     plan = plan_view(shape, 1, [x.stride()])
     assert plan.outer_mid > 1 and plan.family == family
-    with override_configs(**({} if single_pass else {"persistent": PERSISTENT_OFF,
-                                                     "reduce": KernelConfig(2, 4, split_rows=2)})):
-        trace = _train_step(shape, 1, layout)
+    trace = _train_step(shape, 1, layout, path=path, split_configs=dict(reduce=KernelConfig(2, 4, split_rows=2)))
     assert trace.copies == []
-    phases = ["persistent_forward", "persistent_backward"] if single_pass else [
+    phases = ["persistent_forward", "persistent_backward"] if path == "triton" else [
         "stats", "elementwise", "backward_reduce", "elementwise"]
     assert [k for k in trace.kernels() if not k.startswith("finalize")] == [f"{family}_{p}" for p in phases]
 
@@ -139,20 +120,20 @@ def test_int64_indexing_path(shape, axis, layout):
 
 SPLIT_BACKWARD = ["channel_major_backward_reduce", "finalize_backward", "channel_major_elementwise"]
 
-# (training, use_global_stats, persistent on, forward kernels, backward kernels,
+# (training, use_global_stats, path, forward kernels, backward kernels,
 #  flags of the last forward launch, flags of the last backward launch)
 LAUNCHES = [
-    pytest.param(True, False, True, ["channel_major_persistent_forward"], ["channel_major_persistent_backward"],
+    pytest.param(True, False, "triton", ["channel_major_persistent_forward"], ["channel_major_persistent_backward"],
                  dict(UPDATE_MOVING=True), dict(BATCH_STATS=True), id="training-single-pass"),
-    pytest.param(True, False, False, ["channel_major_stats", "finalize_stats", "channel_major_elementwise"],
+    pytest.param(True, False, "triton-split", ["channel_major_stats", "finalize_stats", "channel_major_elementwise"],
                  SPLIT_BACKWARD, dict(HAS_X=True, HAS_DY=False, FROM_MOVING=False), dict(HAS_X=True, HAS_DY=True),
                  id="training-split"),
-    pytest.param(False, False, True, ["channel_major_elementwise"], ["channel_major_persistent_backward"],
+    pytest.param(False, False, "triton", ["channel_major_elementwise"], ["channel_major_persistent_backward"],
                  dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(BATCH_STATS=False), id="inference"),
-    pytest.param(False, False, False, ["channel_major_elementwise"], SPLIT_BACKWARD,
+    pytest.param(False, False, "triton-split", ["channel_major_elementwise"], SPLIT_BACKWARD,
                  dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(HAS_X=False, HAS_DY=True),
                  id="inference-split-backward"),
-    pytest.param(True, True, True, ["channel_major_elementwise"], ["channel_major_persistent_backward"],
+    pytest.param(True, True, "triton", ["channel_major_elementwise"], ["channel_major_persistent_backward"],
                  dict(HAS_X=True, HAS_DY=False, FROM_MOVING=True), dict(BATCH_STATS=False), id="global-stats"),
 ]
 
@@ -160,19 +141,21 @@ LAUNCHES = [
 @pytest.mark.parametrize("axis, family", [(1, "channel_major"), (-1, "channel_minor")],
                          ids=["channel-major", "channel-minor"])
 @pytest.mark.parametrize(
-    "training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags", LAUNCHES)
-def test_launches_per_op(training, use_global_stats, single_pass, forward, backward, forward_flags, backward_flags,
+    "training, use_global_stats, path, forward, backward, forward_flags, backward_flags", LAUNCHES,
+    indirect=["path"])
+def test_launches_per_op(training, use_global_stats, path, forward, backward, forward_flags, backward_flags,
                          axis, family):
     """LAUNCHES names the channel-major kernels; the channel-minor family launches its twins."""
     forward, backward = ([k.replace("channel_major", family) for k in ks] for ks in (forward, backward))
     inp = make_inputs((2, 3, 4), axis, torch.float32)
     x = inp.x.requires_grad_(True)
-    with override_configs(**({} if single_pass else {"persistent": PERSISTENT_OFF})):
-        with tritonbn.trace.capture() as fwd:
-            y = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, axis=axis,
-                                    training=training, use_global_stats=use_global_stats)
-        with tritonbn.trace.capture() as bwd:
-            y.sum().backward()
+    with tritonbn.trace.capture() as fwd:
+        y = tritonbn.batch_norm(x, inp.gamma, inp.beta, inp.moving_mean, inp.moving_var, axis=axis,
+                                training=training, use_global_stats=use_global_stats)
+    with tritonbn.trace.capture() as bwd:
+        y.sum().backward()
+    assert_path(fwd, path, ops=1, family=family)
+    assert_path(bwd, path, ops=1, family=family)
     assert fwd.kernels() == forward and bwd.kernels() == backward
     assert forward_flags.items() <= fwd.launches[-1].flags.items()
     assert backward_flags.items() <= bwd.launches[-1].flags.items()
@@ -310,7 +293,7 @@ def test_short_elementwise_runs_are_not_valid_stored_configs():
 def test_forced_column_splits_on_channel_minor_are_rejected_before_anything_runs():
     inp = make_inputs((6, 5, 3, 4), 1, torch.float32, "channels_last")
     mm, mv = inp.clone_stats()
-    with override_configs(persistent=PERSISTENT_OFF, reduce=KernelConfig(8, 8, split_rows=2, split_cols=2)):
+    with split_path(reduce=KernelConfig(8, 8, split_rows=2, split_cols=2)):
         with pytest.raises(ValueError, match="split_cols"):
             tritonbn.batch_norm(inp.x, inp.gamma, inp.beta, mm, mv, training=True)
     assert torch.equal(mm, inp.moving_mean) and torch.equal(mv, inp.moving_var)

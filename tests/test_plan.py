@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,8 +15,10 @@ from tritonbn.plan import (
     empty_like_layout,
     force_int64_indexing,
     is_dense,
+    _plan_cached,
     plan_view,
 )
+from helpers import apply_layout
 
 
 def _x(shape, layout="contiguous"):
@@ -130,23 +133,38 @@ def test_empty_like_layout(x, dense):
         assert y.stride() == x.stride()
 
 
-def test_plan_cache_is_thread_safe():
-    shapes = [(2, c, 3 + c) for c in range(1, 17)] + [(c, 3, 2) for c in range(1, 17)]
-
-    def plan(shape):
+def _cache_keys():
+    """(shape, axis, strides of data and grad) keys: ranks 1-5, every axis, four layouts (200 of
+    them, repeated), and 32 channel-major shapes."""
+    keys = []
+    for shape in [(2, 3, 4, 5), (3, 1, 7), (5, 6), (2, 2, 2, 2, 2), (8,)]:
+        for axis in range(len(shape)):
+            for layout in ("contiguous", "permuted", "sliced", "channels_last"):
+                if layout == "channels_last" and len(shape) != 4:
+                    continue
+                x = apply_layout(torch.zeros(shape), layout, axis)
+                keys.append((shape, axis, (x.stride(), x.stride())))
+    keys = (keys * 4)[:200]
+    for shape in [(2, c, 3 + c) for c in range(1, 17)] + [(c, 3, 2) for c in range(1, 17)]:
         x = torch.empty(shape)
-        return shape, plan_view(x.shape, 1, [x.stride()])
+        keys.append((shape, 1, (x.stride(),)))
+    return keys
 
-    serial = dict(plan(s) for s in shapes)
 
-    barrier = threading.Barrier(4)
+def test_plan_cache_is_thread_safe():
+    """plan_view from 8 threads started together, the lru_cache filled concurrently from empty:
+    every thread gets, for every key, the plan computed without the cache."""
+    keys = _cache_keys()
+    _plan_cached.cache_clear()
+    expected = [_plan_cached.__wrapped__(s, a, st, False) for s, a, st in keys]
+    assert all(p.m * p.channels == math.prod(s) for p, (s, _, _) in zip(expected, keys))
+    _plan_cached.cache_clear()
+    barrier = threading.Barrier(8)
 
     def worker(_):
-        barrier.wait()
-        return [plan(s) for s in shapes]
+        barrier.wait(timeout=30)
+        return [plan_view(*key) for key in keys]
 
-    with ThreadPoolExecutor(4) as pool:
-        for results in pool.map(worker, range(4)):
-            for shape, p in results:
-                assert p == serial[shape]
-                assert p.m * p.channels == shape[0] * shape[1] * shape[2]
+    with ThreadPoolExecutor(8) as pool:
+        for got in pool.map(worker, range(8)):
+            assert got == expected

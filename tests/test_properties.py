@@ -8,13 +8,15 @@ parameter values, eps and momentum -- and runs forward (``output_mean_var``) and
 three paths:
 
 * ``triton``: the interpreted Triton kernels as dispatched (single-pass at these sizes);
-* ``triton-split``: the split path (``persistent=PERSISTENT_OFF``), half the time with drawn
+* ``triton-split``: the split path (``helpers.split_path``), half the time with drawn
   reduce/elementwise/finalize configs (several splits per channel, empty splits, multi-tile
   and multi-program launches);
 * ``reference``: the plain-torch CPU path.
 
-Every output (y, mean, invstd, moving_mean, moving_var, dx, dgamma, dbeta) is compared with
-``tritonbn.reference`` evaluated in float64 on the same (already rounded) inputs, with the
+Each example is one step of ``helpers.run_step`` on ``helpers.on_path`` (the trace must show the
+path, ``helpers.assert_path``), and every output (y, mean, invstd, moving_mean, moving_var, dx,
+dgamma, dbeta) is compared with ``helpers.expected`` -- ``tritonbn.reference`` evaluated in
+float64 on the same (already rounded) inputs -- with the
 per-dtype tolerances of ``helpers.TOLERANCES`` scaled as ``_bound`` explains.  Also checked:
 dtypes, shapes, the output keeps a dense input's strides, inputs (and the gaps of sliced
 views) are never written, inference leaves the moving statistics bitwise unchanged,
@@ -31,9 +33,7 @@ Profiles (tests/conftest.py): ``ci`` (default, bounded, derandomized) and ``long
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -43,11 +43,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import tritonbn  # noqa: E402
 from tritonbn import reference  # noqa: E402
-from tritonbn.autotune import PERSISTENT_OFF, KernelConfig, override_configs  # noqa: E402
+from tritonbn.autotune import KernelConfig  # noqa: E402
 from tritonbn.plan import is_dense, plan_view  # noqa: E402
-from helpers import TOLERANCES  # noqa: E402
+from helpers import TOLERANCES, Inputs, assert_path, expected, on_path, run_step  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 MAX_NUMEL = 2000
@@ -192,6 +191,13 @@ class Call:
     def batch_stats(self) -> bool:
         return self.training and not self.use_global_stats
 
+    @property
+    def op_kwargs(self) -> dict:
+        """batch_norm's keyword arguments for this call."""
+        return dict(eps=self.eps, momentum=self.momentum, fix_gamma=self.fix_gamma,
+                    use_global_stats=self.use_global_stats, axis=self.axis, training=self.training,
+                    unbiased_update=self.unbiased_update)
+
 
 @st.composite
 def calls(draw) -> Call:
@@ -265,22 +271,6 @@ def make_tensors(call: Call) -> Tensors:
 # ----------------------------------------------------------------------------- running
 
 
-@contextlib.contextmanager
-def on_path(path: str, configs: dict[str, KernelConfig]):
-    """Dispatch to ``path`` (sets TRITON_INTERPRET, which ``backend_for`` reads per call)."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0" if path == "reference" else "1"
-    overrides = {"persistent": PERSISTENT_OFF, **configs} if path == "triton-split" else {}
-    try:
-        with override_configs(**overrides):
-            yield
-    finally:
-        if before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Raw bytes of every element of ``t`` and of its storage (NaN-safe bitwise snapshot)."""
     base = t if t._base is None else t._base
@@ -289,43 +279,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(call: Call, tensors: Tensors, path: str) -> dict[str, torch.Tensor]:
-    x = tensors.x.detach().requires_grad_(True)
-    gamma = tensors.gamma.clone().requires_grad_(True)
-    beta = tensors.beta.clone().requires_grad_(True)
-    mm, mv = tensors.moving_mean.clone(), tensors.moving_var.clone()
+    """One step of ``call`` on ``path`` (moving statistics on copies); checks the path from the
+    trace, that no copy was made and that no input (or the buffer it views) was written."""
+    inp = Inputs(tensors.x, tensors.gamma, tensors.beta, tensors.moving_mean.clone(), tensors.moving_var.clone())
     snapshots = {name: (t, _bits(t)) for name, t in
-                 (("data", tensors.x), ("dy", tensors.dy), ("gamma", gamma), ("beta", beta))}
-    moving_before = (mm.clone(), mv.clone())
-    with on_path(path, call.split_configs), tritonbn.trace.capture() as trace:
-        y, mean, invstd = tritonbn.batch_norm(
-            x, gamma, beta, mm, mv, eps=call.eps, momentum=call.momentum, fix_gamma=call.fix_gamma,
-            use_global_stats=call.use_global_stats, output_mean_var=True, axis=call.axis,
-            training=call.training, unbiased_update=call.unbiased_update)
-        dx, dgamma, dbeta = torch.autograd.grad(y, (x, gamma, beta), tensors.dy)
+                 (("data", tensors.x), ("dy", tensors.dy), ("gamma", tensors.gamma), ("beta", tensors.beta))}
+    moving_before = (inp.moving_mean.clone(), inp.moving_var.clone())
+    with on_path(path, **call.split_configs):
+        got, trace = run_step(inp, tensors.dy, **call.op_kwargs)
     note(f"{path}: kernels {trace.kernels()} copies {trace.copies}")
-    assert trace.paths == [path.split("-")[0]] * 2, trace.paths
+    assert_path(trace, path, split_configs=call.split_configs, batch_stats=call.batch_stats)
     # rank <= 5: at most four non-channel dimensions, so every tensor pair plans as one view
     assert trace.copies == [], f"{path}: copied {trace.copies}"
     for name, (t, bits) in snapshots.items():
         assert torch.equal(_bits(t), bits), f"{path}: {name} (or the buffer it views) was written"
     if not call.batch_stats:
-        assert torch.equal(mm, moving_before[0]) and torch.equal(mv, moving_before[1]), \
+        assert torch.equal(inp.moving_mean, moving_before[0]) and torch.equal(inp.moving_var, moving_before[1]), \
             f"{path}: inference changed the moving statistics"
-    return dict(y=y.detach(), mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv,
-                dx=dx, dgamma=dgamma, dbeta=dbeta)
-
-
-def expected(call: Call, tensors: Tensors) -> dict[str, torch.Tensor]:
-    ax = call.axis % len(call.shape)
-    mm, mv = tensors.moving_mean.double().clone(), tensors.moving_var.double().clone()
-    x = tensors.x.double()
-    y, mean, invstd = reference.forward(
-        x, tensors.gamma.double(), tensors.beta.double(), mm, mv, axis=ax, eps=call.eps, momentum=call.momentum,
-        fix_gamma=call.fix_gamma, batch_stats=call.batch_stats, update_moving=call.batch_stats,
-        unbiased_update=call.unbiased_update)
-    dx, dgamma, dbeta = reference.backward(tensors.dy.double(), x, tensors.gamma.double(), mean, invstd, axis=ax,
-                                           fix_gamma=call.fix_gamma, batch_stats=call.batch_stats)
-    return dict(y=y, mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv, dx=dx, dgamma=dgamma, dbeta=dbeta)
+    return got
 
 
 # ----------------------------------------------------------------------------- tolerances
@@ -410,7 +381,8 @@ def _check_on(path: str, call: Call) -> None:
     hypothesis.event(f"layout {call.layout.name.split('+')[-1] if '+' in call.layout.name else 'dense'}")
     hypothesis.event(f"{call.dtype}, {'training' if call.batch_stats else 'inference'}")
     tensors = make_tensors(call)
-    want = expected(call, tensors)
+    want = expected(Inputs(tensors.x, tensors.gamma, tensors.beta, tensors.moving_mean, tensors.moving_var),
+                    tensors.dy, **call.op_kwargs)
     got = run(call, tensors, path)
     check(call, tensors, path, got, want)
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tritonbn
 from tritonbn import reference
-from helpers import apply_layout
+from helpers import Inputs, apply_layout, on_path, run_and_compare
 
 F32, F64 = torch.float32, torch.float64
 
@@ -44,7 +43,8 @@ def _tensors(shape, axis, layout, dtype, seed=0):
     return x, dy, gamma, beta
 
 
-def _run(x, dy, gamma, beta, axis, batch_stats, out=None):
+def _reference_step(x, dy, gamma, beta, axis, batch_stats, out=None):
+    """``tritonbn.reference`` itself (not the op) forward and backward, in the inputs' dtype."""
     mm, mv = torch.zeros_like(gamma), torch.ones_like(gamma)
     y, mean, invstd = reference.forward(x, gamma, beta, mm, mv, axis=axis, eps=1e-3, momentum=0.9, fix_gamma=False,
                                         batch_stats=batch_stats, update_moving=batch_stats, out=out)
@@ -58,9 +58,9 @@ def _run(x, dy, gamma, beta, axis, batch_stats, out=None):
 @pytest.mark.parametrize("shape, axis, layout", CASES)
 def test_chunked_evaluation_matches_one_chunk(shape, axis, layout, batch_stats, chunk, monkeypatch):
     x, dy, gamma, beta = _tensors(shape, axis, layout, F64)
-    whole = _run(x, dy, gamma, beta, axis, batch_stats)
+    whole = _reference_step(x, dy, gamma, beta, axis, batch_stats)
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
-    chunked = _run(x, dy, gamma, beta, axis, batch_stats)
+    chunked = _reference_step(x, dy, gamma, beta, axis, batch_stats)
     for name, want in whole.items():
         torch.testing.assert_close(chunked[name], want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
     assert chunked["y"].stride() == whole["y"].stride() and chunked["dx"].stride() == whole["dx"].stride()
@@ -73,8 +73,8 @@ def test_chunked_out_and_grad_layouts(shape, axis, layout, monkeypatch):
     x, dy, gamma, beta = _tensors(shape, axis, layout, F32)
     out = torch.empty(shape, dtype=F32).permute(*reversed(range(len(shape)))).contiguous()
     out = out.permute(*reversed(range(len(shape))))  # reversed storage order, same logical shape
-    want = _run(x.double(), dy.double(), gamma.double(), beta.double(), axis, True)
-    got = _run(x, dy.contiguous(), gamma, beta, axis, True, out=out)
+    want = _reference_step(x.double(), dy.double(), gamma.double(), beta.double(), axis, True)
+    got = _reference_step(x, dy.contiguous(), gamma, beta, axis, True, out=out)
     assert got["y"] is out
     assert got["dx"].stride() == dy.contiguous().stride()
     for name in ("y", "dx"):
@@ -97,21 +97,14 @@ def test_constant_channel_mean_is_exact_across_chunks(dtype, monkeypatch):
     assert invstd[1].item() == 0.0 and bool((y[:, 1] == 0.25).all())
 
 
-def test_reference_path_backward_uses_the_float64_mean(monkeypatch):
+def test_reference_path_backward_uses_the_float64_mean():
     """CPU path: the forward saves the mean as (rounded, remainder), so the backward's x - mean is
     that of the float64 mean (float32 data at 1e4, std 1e-2: a float32 mean is 5% of the std off)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     gen = torch.Generator().manual_seed(3)
     x = (1e4 + 1e-2 * torch.randn(6, 3, 50, generator=gen, dtype=F64)).float()
     dy = torch.randn(6, 3, 50, generator=gen, dtype=F64).float()
-    gamma, beta = torch.ones(3), torch.zeros(3)
-    xg = x.clone().requires_grad_(True)
-    y = tritonbn.batch_norm(xg, gamma, beta, torch.zeros(3), torch.ones(3), eps=0.0, fix_gamma=False, training=True)
-    dx, = torch.autograd.grad(y, xg, dy)
-    mm, mv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
-    _, mean, invstd = reference.forward(x.double(), gamma.double(), beta.double(), mm, mv, axis=1, eps=0.0,
-                                        momentum=0.9, fix_gamma=False, batch_stats=True, update_moving=False)
-    want, _, _ = reference.backward(dy.double(), x.double(), gamma.double(), mean, invstd, axis=1, fix_gamma=False,
-                                    batch_stats=True)
-    scale = want.abs().max().item()
-    torch.testing.assert_close(dx.double(), want, rtol=0, atol=1e-6 * scale)
+    inp = Inputs(x, torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3))
+    with on_path("reference"):
+        got, want, _ = run_and_compare(inp, dy, path="reference", compare=(), eps=0.0)
+    scale = want["dx"].abs().max().item()
+    torch.testing.assert_close(got["dx"].double(), want["dx"], rtol=0, atol=1e-6 * scale)
