@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from . import reference
-from .plan import empty_like_layout, is_dense
+from .plan import empty_like_layout, is_dense, layout_strides
 from .validation import Settings
 
 __all__ = ["CpuBackend", "CHUNK_BYTES", "Geometry", "geometry", "batch_statistics"]
@@ -898,6 +898,11 @@ class CpuBackend:
         if x.numel() == 0:
             zeros = torch.zeros(channels, dtype=torch.float64)
             return empty_like_layout(x), zeros.to(gamma.dtype), zeros.to(beta_dtype)
+        if dy.stride() != x.stride() and dy.stride() != layout_strides(tuple(x.shape), x.stride()):
+            # dy read in x's layout, as the kernels read it (ops._backward_layout): the sums then
+            # run in one order whatever layout autograd hands dy in (torch 2.11's AOTAutograd
+            # makes a compiled backward's dy contiguous, eager keeps y's layout)
+            dy = empty_like_layout(x).copy_(dy)
         inv = _vec(invstd)
         g = np.ones(channels) if settings.fix_gamma else _vec(gamma)
         native = _native_backward(dy, x, settings.axis, center, inv, g, settings)
