@@ -249,14 +249,14 @@ def reductions(trace: tritonbn.trace.Trace) -> list:
 def assert_path(trace: tritonbn.trace.Trace, path: str, *, ops: int = 2, family: str | None = None,
                 split_configs: dict | None = None, batch_stats: bool = True) -> None:
     """``trace`` holds ``ops`` ops that all ran on ``path``; on the Triton paths every kernel is of
-    ``family`` (or a finalize) when given, the split path launched no single-pass kernel, and a
+    ``family`` when given, the split path launched no single-pass kernel, and a
     forced ``reduce`` config ran every reduction of a call with batch statistics."""
     assert trace.paths == [backend_name(path)] * ops, f"requested {path}, ran {trace.paths}"
     if path == "reference":
         assert trace.launches == [], trace.kernels()
         return
     if family is not None:
-        assert trace.kernels() and all(k.startswith((family, "finalize")) for k in trace.kernels()), trace.kernels()
+        assert trace.kernels() and all(k.startswith(family) for k in trace.kernels()), trace.kernels()
     if path.endswith("-split"):
         assert not any("persistent" in k for k in trace.kernels()), f"the split path ran {trace.kernels()}"
         forced = (split_configs or {}).get("reduce")

@@ -25,7 +25,7 @@ KERNEL_NAMES = {
     f"{family}_{kind}"
     for family in ("channel_major", "channel_minor")
     for kind in ("stats", "elementwise", "backward_reduce", "persistent_forward", "persistent_backward")
-} | {"finalize_stats", "finalize_backward"}
+}
 
 
 def _inspect(arguments: list[str]) -> list[dict]:
@@ -76,7 +76,7 @@ def test_streaming_kernels_use_128_bit_accesses_on_aligned_shapes(sm90_fp16_repo
     """Every kernel that streams the data of a vector-aligned call reads 128 bits at a time, and
     the ones that write y or dx store 128 bits at a time; scalar-load layouts (7x7 images, C = 6
     channels_last) are compiled too and marked."""
-    streaming = [row for row in sm90_fp16_report if row["layout"] == layout and row["role"] != "finalize"]
+    streaming = [row for row in sm90_fp16_report if row["layout"] == layout]
     aligned = [row for row in streaming if row["vector_aligned"]]
     assert aligned and {row["role"] for row in aligned} >= {"stats", "apply", "backward", "persistent"}
     assert [(row["kernel"], row["shape"]) for row in aligned if row["max_load_bits"] != 128] == []
@@ -87,7 +87,7 @@ def test_streaming_kernels_use_128_bit_accesses_on_aligned_shapes(sm90_fp16_repo
 def test_float64_kernels_compile_without_spills(sm90_fp64_report):
     """float64 data (float64 accumulation, half the single-pass capacity) is real GPU code too."""
     assert {row["kernel"] for row in sm90_fp64_report} >= {"channel_major_persistent_forward", "channel_minor_stats",
-                                                          "channel_minor_persistent_backward", "finalize_stats"}
+                                                          "channel_minor_persistent_backward", "channel_major_stats"}
     assert [row for row in sm90_fp64_report if row["spills"]] == []
 
 
@@ -108,7 +108,7 @@ def test_the_welford_update_is_the_one_approximate_division(request, dtype, appr
     """The allowlist is not stale: the statistics kernels' per-element Welford division is the
     inline div.full.f32 of ``common.count_divide`` (float64: div.rn.f64)."""
     report = request.getfixturevalue(f"sm90_{dtype}_report")
-    stats = [row for row in report if row["kernel"].endswith("_stats") and row["kernel"] != "finalize_stats"]
+    stats = [row for row in report if row["kernel"].endswith("_stats")]
     assert stats and all(set(row["approximate"]) == approximate for row in stats)
 
 

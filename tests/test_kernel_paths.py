@@ -1,8 +1,8 @@
 """Every kernel path is reached, and the trace proves which one ran.
 
 Configs are forced on the split path (``helpers.split_path``) so that small CPU tensors reach
-the split reductions (several programs per channel, merged by the finalize), multi-tile
-elementwise launches, multi-program finalizes and 64-bit indexing; each training step is checked
+the split reductions (several programs per channel, merged by the last of them), multi-tile
+elementwise launches, finalize tails over several channel chunks and 64-bit indexing; each training step is checked
 against the float64 reference (``helpers.run_and_compare``).  Then the launch decisions: the
 single-pass capacities, programs per launch, runs per channel.
 """
@@ -16,6 +16,7 @@ import tritonbn
 from tritonbn.autotune import KernelConfig
 from tritonbn.autotune.config import DeviceProfile, reduce_config
 from tritonbn.plan import force_int64_indexing, plan_view
+import helpers
 from helpers import assert_path, make_inputs, on_both_triton_paths, run_and_compare, split_path
 
 pytestmark = pytest.mark.usefixtures("interpreted")
@@ -59,13 +60,45 @@ def test_split_reductions_merge_exactly(shape, axis, config):
     assert reductions[0].programs == channel_programs * config.splits > channel_programs
 
 
-def test_multi_program_finalize_and_multi_tile_elementwise():
-    trace = _train_step((3, 7, 9), 1, path="triton-split",
-                        split_configs=dict(finalize=KernelConfig(1, 2), elementwise=KernelConfig(2, 4)))
-    finalizes = [launch for launch in trace.launches if launch.kernel.startswith("finalize")]
-    assert [launch.programs for launch in finalizes] == [4, 4]  # ceil(7 channels / 2)
+def test_multi_tile_elementwise():
+    trace = _train_step((3, 7, 9), 1, path="triton-split", split_configs=dict(elementwise=KernelConfig(2, 4)))
     elementwise = [launch for launch in trace.launches if launch.kernel.endswith("elementwise")]
     assert all(launch.programs == 7 * 2 * 3 for launch in elementwise)  # C x ceil(3/2) x ceil(9/4)
+
+
+# (shape, axis, layout, reduce config, finalize config): the last program of each channel (block)
+# merges the partials; channel-minor it walks its block TAIL_C channels at a time
+FINALIZE_TAILS = [
+    pytest.param((4, 3, 6, 6), 1, "contiguous", KernelConfig(2, 8, split_rows=2, split_cols=2), None,
+                 dict(BLOCK_P=4), id="channel-major-4-splits"),
+    pytest.param((6, 7, 4, 4), 1, "channels_last", KernelConfig(8, 8, split_rows=3), KernelConfig(1, 2),
+                 dict(BLOCK_P=4, TAIL_C=2), id="channel-minor-tail-chunks"),
+    pytest.param((40, 5), 1, "contiguous", KernelConfig(4, 4, split_rows=5), None,
+                 dict(BLOCK_P=8, TAIL_C=4), id="channel-minor-two-blocks"),
+]
+
+
+@pytest.mark.parametrize("shape, axis, layout, reduce, finalize, tail", FINALIZE_TAILS)
+def test_split_reductions_finalize_in_their_own_launch(shape, axis, layout, reduce, finalize, tail):
+    """The split path is two launches forward and two backward: each reduction's last program
+    per channel (block) merges the partials, and leaves its tickets at zero (no memset, safe
+    under CUDA-graph replay); a second step gives bitwise the same results."""
+    from tritonbn.ops import tickets
+
+    configs = dict(reduce=reduce) if finalize is None else dict(reduce=reduce, finalize=finalize)
+    inp = make_inputs(shape, axis, torch.float32, layout)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    first = run_and_compare(inp, dy, path="triton-split", split_configs=configs, scale=4.0, axis=axis)
+    family = plan_view(shape, axis, [inp.x.stride()]).family
+    assert first.trace.kernels() == [f"{family}_stats", f"{family}_elementwise",
+                                     f"{family}_backward_reduce", f"{family}_elementwise"]
+    for launch in helpers.reductions(first.trace):
+        assert launch.config == reduce and launch.flags["FINALIZE"]
+        assert {name: launch.flags[name] for name in tail} == tail
+    assert torch.count_nonzero(tickets(inp.x.device, shape[axis])) == 0
+    second = run_and_compare(inp, dy, path="triton-split", split_configs=configs, scale=4.0, axis=axis)
+    for name in ("y", "mean", "invstd", "dx", "dgamma", "dbeta"):
+        assert torch.equal(first.got[name], second.got[name]), name
 
 
 @pytest.mark.parametrize(
@@ -101,7 +134,7 @@ def test_four_group_views_run_in_place(layout, family, path):
     assert trace.copies == []
     phases = ["persistent_forward", "persistent_backward"] if path == "triton" else [
         "stats", "elementwise", "backward_reduce", "elementwise"]
-    assert [k for k in trace.kernels() if not k.startswith("finalize")] == [f"{family}_{p}" for p in phases]
+    assert trace.kernels() == [f"{family}_{p}" for p in phases]
 
 
 @pytest.mark.parametrize(
@@ -114,18 +147,17 @@ def test_four_group_views_run_in_place(layout, family, path):
 def test_int64_indexing_path(shape, axis, layout):
     with force_int64_indexing():
         trace = _train_step(shape, axis, layout)
-    streaming = [launch for launch in trace.launches if not launch.kernel.startswith("finalize")]
-    assert streaming and all(launch.flags["INT64"] for launch in streaming)
+    assert trace.launches and all(launch.flags["INT64"] for launch in trace.launches)
 
 
-SPLIT_BACKWARD = ["channel_major_backward_reduce", "finalize_backward", "channel_major_elementwise"]
+SPLIT_BACKWARD = ["channel_major_backward_reduce", "channel_major_elementwise"]
 
 # (training, use_global_stats, path, forward kernels, backward kernels,
 #  flags of the last forward launch, flags of the last backward launch)
 LAUNCHES = [
     pytest.param(True, False, "triton", ["channel_major_persistent_forward"], ["channel_major_persistent_backward"],
                  dict(UPDATE_MOVING=True), dict(BATCH_STATS=True), id="training-single-pass"),
-    pytest.param(True, False, "triton-split", ["channel_major_stats", "finalize_stats", "channel_major_elementwise"],
+    pytest.param(True, False, "triton-split", ["channel_major_stats", "channel_major_elementwise"],
                  SPLIT_BACKWARD, dict(HAS_X=True, HAS_DY=False, FROM_MOVING=False), dict(HAS_X=True, HAS_DY=True),
                  id="training-split"),
     pytest.param(False, False, "triton", ["channel_major_elementwise"], ["channel_major_persistent_backward"],

@@ -104,3 +104,25 @@ def test_direct_launch_hands_the_launcher_what_triton_does(compared, shape, layo
     assert len(second["launches"]) == len(first["launches"]) == len(first["kernels"])
     assert second["launches"] == first["launches"]
     assert all(all(none) for none in second["hooks"])  # no launch metadata or hooks built
+
+
+# (numerator, denominator): quotients the finalize tails take from the host instead of dividing
+RATIOS = [(1, 3), (1, 7), (1, 3136), (1, 100352), (12544, 12543), (1, 2**24 + 2), (3, 2**26), (2**25 + 1, 2**25), (2**24 + 1, 2**24)]
+
+
+@pytest.mark.parametrize("numerator, denominator", RATIOS, ids=[f"{n}/{d}" for n, d in RATIOS])
+def test_f32_ratio_is_the_correctly_rounded_float32_quotient(numerator, denominator):
+    """``launch.f32_ratio`` rounds the exact quotient to the nearest float32 (ties to even), as a
+    kernel's correctly rounded float32 division would: no neighbour is nearer."""
+    import fractions
+
+    import numpy as np
+
+    from tritonbn.launch import f32_ratio
+
+    value = np.float32(f32_ratio(numerator, denominator))
+    exact = fractions.Fraction(numerator, denominator)
+    error = abs(fractions.Fraction(float(value)) - exact)
+    for neighbour in (np.nextafter(value, np.float32(-np.inf)), np.nextafter(value, np.float32(np.inf))):
+        other = abs(fractions.Fraction(float(neighbour)) - exact)
+        assert error < other or (error == other and int(value.view(np.uint32)) % 2 == 0)

@@ -24,7 +24,7 @@ import pytest
 from tritonbn.perf import overhead
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = "4x4x128x128"  # a channel's slice (65536) beyond one program: the split path, 3 + 3 launches
+SHAPE = "4x4x128x128"  # a channel's slice (65536) beyond one program: the split path, 2 + 2 launches
 
 # Runs the command, then reports what the no-op launcher left behind (it must leave nothing).
 _RUN_AND_CHECK = """

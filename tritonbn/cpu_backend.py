@@ -843,8 +843,9 @@ class CpuBackend:
     name: str = "reference"
 
     @_ieee
-    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
-        """(y, mean, invstd, center [2, C], x); updates the moving statistics in training."""
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True):
+        """(y, mean, invstd, center [2, C], x); updates the moving statistics in training
+        (``keep_stats`` is the Triton backend's allocation saving: the statistics come anyway)."""
         acc = reference.stat_dtype(x.dtype)
         if x.numel() == 0:
             return self._empty_forward(x, gamma, beta, moving_mean, moving_var, settings, out, acc)

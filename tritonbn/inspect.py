@@ -32,7 +32,8 @@ from typing import Any, Iterable
 import torch
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int32: "i32"}  # int32: the split path's tickets
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on request: --dtype fp64
 
@@ -106,8 +107,6 @@ class CompiledKernel:
 def _role(kernel: str, op: str) -> str:
     if "persistent" in kernel:
         return "persistent"
-    if kernel.startswith("finalize"):
-        return "finalize"
     if kernel.endswith("_stats"):
         return "stats"
     if kernel.endswith("_elementwise") and op != "backward":

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fractions
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -33,7 +34,7 @@ import numpy as np
 from . import trace
 from .autotune.config import KernelConfig
 
-__all__ = ["Launch", "CapturedLaunch", "dry_run", "f64_halves", "cdiv"]
+__all__ = ["Launch", "CapturedLaunch", "dry_run", "f64_halves", "f32_ratio", "cdiv"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -53,6 +54,18 @@ def f64_halves(value: float) -> tuple[float, float]:
     if math.isinf(hi):
         return hi, 0.0
     return hi, float(np.float32(value - hi))
+
+
+def f32_ratio(numerator: int, denominator: int) -> float:
+    """numerator / denominator rounded to the nearest float32 (ties to even), exactly: a kernel's
+    correctly rounded constant (1/m, m/(m-1)) computed once per plan instead of by a division
+    instruction.  (Rounding the float64 quotient again could round twice.)"""
+    exact = fractions.Fraction(numerator, denominator)
+    guess = np.float32(numerator / denominator)
+    candidates = [guess, np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))]
+    def key(value: np.float32) -> tuple:
+        return abs(fractions.Fraction(float(value)) - exact), int(value.view(np.uint32)) & 1
+    return float(min(candidates, key=key))
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,7 @@ class Launch:
 
     def __call__(self, *tensors: Any) -> None:
         """Launch on ``tensors`` (the kernel's tensor arguments, in order)."""
-        trace.record_launch(self.name, self.programs, self.config, **self.constexprs)
+        trace.record_launch(self.name, self.programs, self.config, self.constexprs)
         captured = _dry_run.get()
         if captured is not None:
             captured.append(CapturedLaunch(self.kernel, self.name, self.programs, self.config,

@@ -43,7 +43,7 @@ cannot read in place (it is copied anyway).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -137,7 +137,7 @@ def _forward_averaging(backend, x: Tensor, gamma: Tensor, beta: Tensor, moving_m
     outside [0, 1]; the average itself is two [C] device ops.
     """
     batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-    result = backend.forward(x, gamma, beta, batch[0], batch[1], replace(settings, momentum=0.0), None)
+    result = backend.forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), None)
     new_mean, new_var = (cumulative_average(moving, value, average_count)
                          for moving, value in zip((moving_mean, moving_var), batch))
     return result, new_mean, new_var
@@ -185,7 +185,7 @@ def batch_norm_forward(
                 _plannable(x, axis), gamma, beta, new_mean, new_var, settings, None)
     y = _in_layout(y, x)
     inputs = (x, gamma, beta, moving_mean, moving_var, new_mean, new_var)
-    center = _own(center, *inputs)
+    center = _own(center[:2], *inputs)  # the split path's center is its coefficient rows [6, C]
     mean = _own(mean, *inputs, center)
     invstd = _own(invstd, *inputs, center, mean)
     return y, mean, invstd, center, new_mean, new_var
@@ -323,7 +323,7 @@ def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional
         return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend)
     # Cumulative average: the kernels leave the batch statistics in the scratch (momentum 0).
     batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-    y, mean, invstd = apply_forward(x, gamma, beta, batch[0], batch[1], replace(settings, momentum=0.0), backend)
+    y, mean, invstd = apply_forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), backend)
     with torch.no_grad():
         weights = _average_weights(average_count)
         _average_in_place(moving_mean, batch[0], weights)

@@ -7,25 +7,26 @@ autograd Function that serves both, and the public ``batch_norm``.
 Launch counts per op (channel-major or channel-minor alike):
   inference forward: 1 (elementwise, coefficients from the moving statistics)
   training forward:  1 (persistent, when a channel's slice fits a program)
-                     or 3 (statistics partials, finalize, elementwise)
-  backward:          1 (persistent) or 3 (S/D partials, finalize, elementwise dx)
+                     or 2 (statistics partials finalized by each channel's last program, elementwise)
+  backward:          1 (persistent) or 2 (S/D partials and their finalize, elementwise dx)
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
-from dataclasses import dataclass, replace
+import struct
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 
 from . import reference, trace
 from .autotune.config import (
     BACKWARD,
     ELEMENTWISE,
-    FINALIZE,
     FORWARD,
     INFERENCE,
     PERSISTENT,
@@ -34,6 +35,7 @@ from .autotune.config import (
     decision_context,
     device_profile,
     elementwise_config,
+    environment,
     finalize_config,
     interpreting,
     launch_programs,
@@ -41,7 +43,7 @@ from .autotune.config import (
     reduce_config,
 )
 from .cpu_backend import CpuBackend
-from .launch import CapturedLaunch, Launch, cdiv, dry_run, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
+from .launch import CapturedLaunch, Launch, cdiv, dry_run, f32_ratio, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
 from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled,
                    layout_strides, plan_view)
 from .validation import Settings, validate
@@ -73,32 +75,56 @@ def _split_extents(plan: ViewPlan, cfg: KernelConfig) -> tuple[int, int]:
     return rows_per_split, cols_per_split
 
 
-def statistics_launch(plan: ViewPlan, cfg: KernelConfig) -> Launch:
-    """Shifted, scaled Welford partials of every (channel, split).  Tensors: (x, partial [5, C, P])."""
+def _finalize_tail(plan: ViewPlan, cfg: KernelConfig) -> dict[str, int]:
+    """The constexprs of a reduction's finalize tail (its channel's, or channel block's, last
+    program merges the partials): BLOCK_P >= the partials per channel and, channel-minor, TAIL_C
+    channels merged at a time, from ``finalize_config`` (a [BLOCK_P, TAIL_C] tile)."""
+    tail = finalize_config(cfg.splits, cfg.num_warps)
+    if plan.family == CHANNEL_MAJOR:
+        return dict(BLOCK_P=tail.block_rows)
+    return dict(BLOCK_P=tail.block_rows, TAIL_C=max(1, min(tail.block_cols, cfg.block_cols)))
+
+
+def _count_ratios(m: int) -> tuple[float, float]:
+    """(1 / m, m / (m - 1)) as the kernels' float32 divisions of the float32 counts would round
+    them (correctly), computed on the host: a finalize tail has no division instruction left."""
+    count, previous = int(np.float32(m)), int(np.float32(max(m - 1, 1)))
+    return f32_ratio(1, count), f32_ratio(count, previous)
+
+
+def _float64_bits(value: float) -> int:
+    """A float64's bits as an int64 kernel argument (Triton passes float scalars as float32)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def statistics_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings | None = None) -> Launch:
+    """Shifted, scaled Welford partials of every (channel, split), finalized in the same launch
+    when ``settings`` are given (the split path), partials only without (SyncBatchNorm merges
+    them across ranks first).
+
+    Tensors: (x, partial [5, C, P], tickets (int32 zeros, ``tickets``), gamma, beta, moving_mean,
+    moving_var, mean [C] out, invstd [C] out, coef [6, C] out); coef[:2] is the mean as (pilot,
+    shifted mean), which the backward reuses.  The moving statistics are updated in place.
+    Without ``settings`` pass ``partial`` for the tensors after it (unused).
+    """
     k = _kernels().stats
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
     programs = launch_programs(REDUCE, plan, cfg)
+    finalize = settings is not None
+    tail = _finalize_tail(plan, cfg) if finalize else dict(BLOCK_P=1, TAIL_C=1)
+    numbers = ((*f64_halves(settings.eps), *f64_halves(settings.momentum), *_count_ratios(plan.m))
+               if finalize else (0.0,) * 4 + (1.0, 1.0))
+    flags = dict(INT64=plan.int64, FINALIZE=finalize, FIX_GAMMA=finalize and settings.fix_gamma,
+                 UNBIASED=finalize and settings.unbiased_update)
     if plan.family == CHANNEL_MAJOR:
-        scalars = (plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo, *plan.strides[0],
-                   rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
+        scalars = (plan.channels, plan.outer, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
+                   rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols, *numbers)
         return Launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, scalars,
-                      dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64))
+                      dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags, BLOCK_P=tail["BLOCK_P"]))
     scalars = (plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
-               rows_per_split, cfg.split_rows)
+               rows_per_split, cfg.split_rows, *numbers)
     return Launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, scalars,
-                  dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64))
-
-
-def finalize_statistics_launch(plan: ViewPlan, partials: int, settings: Settings, update_moving: bool) -> Launch:
-    """Merge the partials into mean, invstd and the apply coefficients; update the moving
-    statistics in place.  Tensors: (partial [5, C, P], gamma, beta, moving_mean, moving_var,
-    mean [C] out, invstd [C] out, coef [6, C] out); coef[:2] is the mean as (pilot, shifted
-    mean), which the backward reuses."""
-    cfg = finalize_config(plan.channels, partials)
-    scalars = (plan.channels, partials, plan.m, *f64_halves(settings.eps), *f64_halves(settings.momentum))
-    return Launch(_kernels().stats.finalize_stats_kernel, "finalize_stats", launch_programs(FINALIZE, plan, cfg), cfg,
-                  scalars, dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=update_moving,
-                                UNBIASED=settings.unbiased_update, BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows))
+                  dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags, **tail))
 
 
 def elementwise_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings, *, has_x: bool, has_dy: bool,
@@ -133,30 +159,33 @@ def elementwise_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings, *,
                   dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags))
 
 
-def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig) -> Launch:
-    """Partial S = sum(dy) and D = sum((x - mean) * dy).  Tensors: (x, dy, center [2, C] (the
-    forward's mean as (pilot, shifted mean)), partial [2, C, P] out)."""
+def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings | None = None) -> Launch:
+    """Partial S = sum(dy) and D = sum((x - mean) * dy), finalized in the same launch into dgamma,
+    dbeta and the dx coefficients when ``settings`` are given (partials only without:
+    SyncBatchNorm sums them across ranks first).
+
+    Tensors: (x, dy, center [2, C] (the forward's mean as (pilot, shifted mean)), partial
+    [2, C, P] out, tickets (int32 zeros, ``tickets``), invstd [C], gamma, dgamma [C] out, dbeta
+    [C] out, coef [6, C] out).  Without ``settings`` pass ``partial`` for the tensors after it.
+    """
     k = _kernels().backward
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
     programs = launch_programs(REDUCE, plan, cfg)
+    finalize = settings is not None
+    tail = _finalize_tail(plan, cfg) if finalize else dict(BLOCK_P=1, TAIL_C=1)
+    flags = dict(INT64=plan.int64, FINALIZE=finalize, FIX_GAMMA=finalize and settings.fix_gamma,
+                 BATCH_STATS=finalize and settings.batch_stats)
+    inverse = (_count_ratios(plan.m)[0], _float64_bits(1.0 / plan.m))
     if plan.family == CHANNEL_MAJOR:
-        scalars = (plan.channels, plan.outer, plan.inner, plan.outer_mid, plan.outer_lo,
-                   *plan.strides[0], *plan.strides[1], rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols)
+        scalars = (plan.channels, plan.outer, plan.inner, plan.m, plan.outer_mid, plan.outer_lo,
+                   *plan.strides[0], *plan.strides[1], rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols,
+                   *inverse)
         return Launch(k.channel_major_backward_reduce_kernel, "channel_major_backward_reduce", programs, cfg,
-                      scalars, dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, INT64=plan.int64))
+                      scalars, dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags, BLOCK_P=tail["BLOCK_P"]))
     scalars = (plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo,
-               *plan.strides[0], *plan.strides[1], rows_per_split, cfg.split_rows)
+               *plan.strides[0], *plan.strides[1], rows_per_split, cfg.split_rows, *inverse)
     return Launch(k.channel_minor_backward_reduce_kernel, "channel_minor_backward_reduce", programs, cfg,
-                  scalars, dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, INT64=plan.int64))
-
-
-def finalize_backward_launch(plan: ViewPlan, partials: int, settings: Settings) -> Launch:
-    """Sum the S/D partials into dgamma, dbeta and the dx coefficients.  Tensors: (partial
-    [2, C, P], center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out, coef [6, C] out)."""
-    cfg = finalize_config(plan.channels, partials)
-    return Launch(_kernels().backward.finalize_backward_kernel, "finalize_backward",
-                  launch_programs(FINALIZE, plan, cfg), cfg, (plan.channels, partials, plan.m), dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats,
-                                                     BLOCK_C=cfg.block_cols, BLOCK_P=cfg.block_rows))
+                  scalars, dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags, **tail))
 
 
 def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
@@ -195,9 +224,9 @@ def persistent_backward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Sett
 
 
 def launch_statistics(x: torch.Tensor, plan: ViewPlan, cfg: KernelConfig, acc: torch.dtype) -> torch.Tensor:
-    """Run ``statistics_launch``: returns partial [5, C, P] in ``acc``."""
+    """Run ``statistics_launch`` without its finalize: returns partial [5, C, P] in ``acc``."""
     partial = torch.empty((5, plan.channels, cfg.splits), dtype=acc, device=x.device)
-    statistics_launch(plan, cfg)(x, partial)
+    statistics_launch(plan, cfg)(x, partial, *(partial,) * 8)
     return partial
 
 
@@ -209,6 +238,70 @@ def launch_persistent_forward(x: torch.Tensor, y: torch.Tensor, plan: ViewPlan, 
     mean, invstd, center = _stat_outputs(plan.channels, acc, x.device)
     persistent_forward_launch(plan, cfg, settings)(x, y, *params, mean, invstd, center)
     return mean, invstd, center
+
+
+# Per-device buffers the kernels use across calls, never freed.  While a CUDA graph is being
+# captured every call gets fresh ones (kept alive for the graph's replays, never reused), so a
+# graph shares no buffer with eager calls or with other graphs.
+_buffers: dict[tuple, torch.Tensor] = {}
+_graph_buffers: list[torch.Tensor] = []
+MIN_BUFFER_ELEMENTS = 4096
+
+
+_cuda_devices: dict[torch.device, bool] = {}
+
+
+def _is_cuda(device: torch.device) -> bool:
+    """``device.type == "cuda"``, looked up: ``device.type`` builds a new string each time (about 1 µs)."""
+    cuda = _cuda_devices.get(device)
+    if cuda is None:
+        cuda = _cuda_devices[device] = device.type == "cuda"
+    return cuda
+
+
+def _cached_buffer(key: tuple, count: int, dtype: torch.dtype, device: torch.device, zeroed: bool) -> torch.Tensor:
+    capturing = _is_cuda(device) and torch.cuda.is_current_stream_capturing()
+    buffer = None if capturing else _buffers.get(key)
+    if buffer is not None and buffer.numel() >= count:
+        return buffer
+    buffer = (torch.zeros if zeroed else torch.empty)(max(count, MIN_BUFFER_ELEMENTS), dtype=dtype, device=device)
+    if capturing:
+        _graph_buffers.append(buffer)
+    else:
+        if key in _buffers:  # a graph captured before may still replay on the old one
+            _graph_buffers.append(_buffers[key])
+        _buffers[key] = buffer
+    return buffer
+
+
+def _stream_key(device: torch.device) -> int:
+    """What orders a call's kernels after the previous call's: the current CUDA stream; off CUDA
+    (the interpreter runs kernels on the calling thread) the thread."""
+    return torch._C._cuda_getCurrentRawStream(device.index) if _is_cuda(device) else threading.get_ident()
+
+
+def tickets(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` int32 tickets, zero, for a split-path reduction on ``device``'s current
+    stream (``kernels.common.last_to_arrive``).  Every launch leaves them zero; launches on one
+    stream run in order and share them, other streams get their own."""
+    return _cached_buffer(("tickets", device, _stream_key(device)), count, torch.int32, device, zeroed=True)
+
+
+PARTIALS, COEFFICIENTS = "partials", "coefficients"  # the workspaces of a call
+
+
+def workspace(device: torch.device, dtype: torch.dtype, count: int, part: str = PARTIALS) -> torch.Tensor:
+    """At least ``count`` elements for what one call's kernels pass each other and the caller never
+    sees (``part``: the split path's partials, the backward's dx coefficients), per stream: the
+    next call on the stream runs after this one's kernels (cuDNN's workspace, likewise)."""
+    return _cached_buffer((part, device, _stream_key(device), dtype), count, dtype, device, zeroed=False)
+
+
+def scratch(device: torch.device, dtype: torch.dtype, count: int) -> torch.Tensor:
+    """At least ``count`` elements where kernels write per-channel outputs no caller asked for
+    (mean, invstd without ``output_mean_var`` or autograd): shared by every call and stream, since
+    nothing ever reads it."""
+    return _cached_buffer(("scratch", device, dtype), count, dtype, device, zeroed=False)
 
 
 def _stat_outputs(channels: int, acc: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -225,7 +318,7 @@ def _stat_outputs(channels: int, acc: torch.dtype, device: torch.device) -> tupl
 # looks its plan up, allocates its outputs and launches.
 
 PERSISTENT_PATH = "persistent"  # one single-pass launch
-SPLIT_PATH = "split"  # partials, finalize, elementwise
+SPLIT_PATH = "split"  # partials finalized by each channel's last program, then elementwise
 INFERENCE_PATH = "inference"  # one elementwise launch from the moving statistics
 
 
@@ -242,6 +335,9 @@ class CallPlan:
         dense_x: x needs more than four reduced groups: the kernels read a dense copy.
         temp_output: the output shares no view plan with x: the kernels write a dense temporary.
         dense_dy: (backward) dy shares no view plan with x: the kernels read a dense copy.
+        y_strides: (forward) the strides of y: out's, or x's layout made dense.
+        y_like_x: (forward, no out) y has x's strides: ``torch.empty_like(x)`` allocates it
+            (cheaper than ``empty_strided``).
     """
 
     path: str
@@ -252,6 +348,8 @@ class CallPlan:
     dense_x: bool = False
     temp_output: bool = False
     dense_dy: bool = False
+    y_strides: tuple[int, ...] = ()
+    y_like_x: bool = False
 
 
 MAX_CALL_PLANS = 4096  # distinct signatures kept; the cache is emptied past that
@@ -315,14 +413,18 @@ def _backward_layout(shape: tuple[int, ...], axis: int, x_strides: tuple[int, ..
     return plan_view(shape, axis, [x_strides, dense, dense]), dense_x, True
 
 
-def _forward_plan(x: torch.Tensor, y_strides: tuple[int, ...], settings: Settings) -> CallPlan | None:
-    """The call plan of a forward (None: no elements, handled apart)."""
-    view, dense_x, temp_output = _forward_layout(tuple(x.shape), settings.axis, x.stride(), y_strides)
+def _forward_plan(x: torch.Tensor, out_strides: tuple[int, ...] | None, settings: Settings) -> CallPlan | None:
+    """The call plan of a forward writing into out of ``out_strides`` (None: y is allocated);
+    None where there are no elements (handled apart)."""
+    shape = tuple(x.shape)
+    y_strides = layout_strides(shape, x.stride()) if out_strides is None else out_strides
+    view, dense_x, temp_output = _forward_layout(shape, settings.axis, x.stride(), y_strides)
     if view.m == 0 or view.channels == 0:
         return None
     acc = reference.stat_dtype(x.dtype)
     profile, dtype = device_profile(x.device), x.dtype
-    layout = dict(dense_x=dense_x, temp_output=temp_output)
+    layout = dict(dense_x=dense_x, temp_output=temp_output, y_strides=y_strides,
+                  y_like_x=y_strides == tuple(x.stride()))
     if not settings.batch_stats:
         apply = elementwise_config(view, profile, op=INFERENCE, dtype=dtype)
         launch = elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=True)
@@ -333,8 +435,7 @@ def _forward_plan(x: torch.Tensor, y_strides: tuple[int, ...], settings: Setting
                         **layout)
     reduce = reduce_config(view, profile, op=FORWARD, dtype=dtype)
     apply = elementwise_config(view, profile, op=FORWARD, dtype=dtype)
-    launches = (statistics_launch(view, reduce),
-                finalize_statistics_launch(view, reduce.splits, settings, update_moving=True),
+    launches = (statistics_launch(view, reduce, settings),
                 elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=False))
     return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
 
@@ -353,8 +454,7 @@ def _backward_plan(x: torch.Tensor, dy: torch.Tensor, settings: Settings) -> Cal
                         **layout)
     reduce = reduce_config(view, profile, op=BACKWARD, dtype=dtype)
     apply = elementwise_config(view, profile, op=BACKWARD, dtype=dtype)
-    launches = (backward_reduce_launch(view, reduce),
-                finalize_backward_launch(view, reduce.splits, settings),
+    launches = (backward_reduce_launch(view, reduce, settings),
                 elementwise_launch(view, apply, settings, has_x=settings.batch_stats, has_dy=True, from_moving=False))
     return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
 
@@ -390,28 +490,39 @@ def _backward_copies(x: torch.Tensor, dy: torch.Tensor, dense_x: bool, dense_dy:
 
 
 def _run_forward(call: CallPlan, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 moving_mean: torch.Tensor, moving_var: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Run a forward call plan: returns (mean, invstd, center [2, C]) and writes y."""
+                 moving_mean: torch.Tensor, moving_var: torch.Tensor, keep_stats: bool) -> tuple[Any, Any, Any]:
+    """Run a forward call plan: returns (mean, invstd, center [2, C]) and writes y; with
+    ``keep_stats`` False the kernels write the statistics into ``scratch`` and this returns Nones
+    (the allocations cost more host time than the launch)."""
     channels, acc, device = call.view.channels, call.acc, x.device
     if call.path == SPLIT_PATH:
-        statistics, finalize, apply = call.launches
-        partial = torch.empty((5, channels, call.partials), dtype=acc, device=device)
-        mean = torch.empty(channels, dtype=acc, device=device)
-        invstd = torch.empty(channels, dtype=acc, device=device)
+        statistics, apply = call.launches
+        partial = workspace(device, acc, 5 * channels * call.partials)
         coef = torch.empty((6, channels), dtype=acc, device=device)
-        statistics(x, partial)
-        finalize(partial, gamma, beta, moving_mean, moving_var, mean, invstd, coef)
-        # coef's first two rows are the center: coef stands in for the unused [C] tensors
+        if keep_stats:
+            mean, invstd = torch.empty(channels, dtype=acc, device=device), torch.empty(channels, dtype=acc, device=device)
+        else:
+            mean = invstd = scratch(device, acc, channels)
+        statistics(x, partial, tickets(device, channels), gamma, beta, moving_mean, moving_var, mean, invstd, coef)
+        # coef's first two rows are the center: coef stands in for the unused [C] tensors, and is
+        # the center the backward reads (its rows 0-1; a view [:2] would cost as much as the launch)
         apply(x, x, y, coef, coef, coef, coef, coef, coef, invstd)
-        return mean, invstd, coef[:2]
+        return (mean, invstd, coef) if keep_stats else (None, None, None)
     if call.path == PERSISTENT_PATH:
-        mean, invstd, center = _stat_outputs(channels, acc, device)
+        if keep_stats:
+            mean, invstd, center = _stat_outputs(channels, acc, device)
+        else:
+            mean = invstd = center = scratch(device, acc, 2 * channels)
         call.launches[0](x, y, gamma, beta, moving_mean, moving_var, mean, invstd, center)
-        return mean, invstd, center
-    center = torch.empty((2, channels), dtype=acc, device=device)
-    invstd = torch.empty(channels, dtype=acc, device=device)
+        return (mean, invstd, center) if keep_stats else (None, None, None)
+    if keep_stats:
+        center, invstd = torch.empty((2, channels), dtype=acc, device=device), torch.empty(channels, dtype=acc,
+                                                                                             device=device)
+    else:
+        center = invstd = scratch(device, acc, 2 * channels)
     call.launches[0](x, x, y, center, moving_mean, moving_var, gamma, beta, center, invstd)
-    return center[0], invstd, center  # inference: the mean is the moving mean (shifted part 0)
+    # inference: the mean is the moving mean (shifted part 0)
+    return (center[0], invstd, center) if keep_stats else (None, None, None)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -459,8 +570,8 @@ def on_data_device(method: _Method) -> _Method:
 
 class ForwardResult(NamedTuple):
     """A backend's forward: y, the statistics it normalised with (mean, invstd [C] in the
-    accumulation dtype), center [2, C] (the mean as (pilot, shifted mean), for the backward) and
-    x as the kernels read it (a dense copy for layouts beyond four groups)."""
+    accumulation dtype), center [>= 2, C] (rows 0-1: the mean as (pilot, shifted mean), for the
+    backward) and x as the kernels read it (a dense copy for layouts beyond four groups)."""
 
     y: torch.Tensor
     mean: torch.Tensor
@@ -488,7 +599,10 @@ class TritonBackend:
     name: str = TRITON
 
     @on_data_device
-    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out) -> ForwardResult:
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
+                keep_stats: bool = True) -> ForwardResult:
+        """``keep_stats`` False: the caller reads only y (and the moving statistics); the result's
+        mean, invstd and center are None."""
         # The kernels index parameters as ptr + c: strided views go through contiguous copies,
         # and the moving statistics are copied back after the update.
         gamma, beta = gamma.contiguous(), beta.contiguous()
@@ -496,7 +610,7 @@ class TritonBackend:
         if settings.batch_stats and not kernel_momentum(settings.momentum):
             result = self._forward_updating_on_host(x, gamma, beta, mean_arg, var_arg, settings, out)
         else:
-            result = self._forward(x, gamma, beta, mean_arg, var_arg, settings, out)
+            result = self._forward(x, gamma, beta, mean_arg, var_arg, settings, out, keep_stats)
         if mean_arg is not moving_mean:
             moving_mean.copy_(mean_arg)
         if var_arg is not moving_var:
@@ -509,23 +623,30 @@ class TritonBackend:
         applies the momentum in float64, as the SPEC formula is evaluated (O(C) work)."""
         trace.record_note(HOST_MOVING_UPDATE)
         batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-        result = self._forward(x, gamma, beta, batch[0], batch[1], replace(settings, momentum=0.0), out)
+        result = self._forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), out)
         for moving, batch_value in zip((moving_mean, moving_var), batch):
             reference.moving_update(moving, batch_value, settings.momentum)
         return result
 
-    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out) -> ForwardResult:
-        y_strides = layout_strides(tuple(x.shape), x.stride()) if out is None else out.stride()
+    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
+                 keep_stats: bool = True) -> ForwardResult:
+        out_strides = None if out is None else out.stride()
         y_ptr = x if out is None else out  # y is allocated aligned; out's pointer is the caller's
-        key = (x.shape, x.stride(), x.dtype, x.device, y_strides, gamma.dtype, beta.dtype, moving_mean.dtype,
+        key = (x.shape, x.stride(), x.dtype, x.device, out_strides, gamma.dtype, beta.dtype, moving_mean.dtype,
                moving_var.dtype, settings, _alignment(x, y_ptr, gamma, beta, moving_mean, moving_var),
                decision_context(), force_int64_enabled())
-        call = _cached_plan(key, lambda: _forward_plan(x, y_strides, settings))
-        y = out if out is not None else torch.empty_strided(x.shape, y_strides, dtype=x.dtype, device=x.device)
+        call = _cached_plan(key, lambda: _forward_plan(x, out_strides, settings))
         if call is None:
+            y = out if out is not None else empty_like_layout(x)
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
+        if out is not None:
+            y = out
+        elif call.y_like_x:
+            y = torch.empty_like(x)
+        else:
+            y = torch.empty_strided(x.shape, call.y_strides, dtype=x.dtype, device=x.device)
         x, y_kernel = _forward_copies(x, y, call.dense_x, call.temp_output)
-        mean, invstd, center = _run_forward(call, x, y_kernel, gamma, beta, moving_mean, moving_var)
+        mean, invstd, center = _run_forward(call, x, y_kernel, gamma, beta, moving_mean, moving_var, keep_stats)
         if y_kernel is not y:
             y.copy_(y_kernel)
         return ForwardResult(y, mean, invstd, center, x)
@@ -557,11 +678,11 @@ class TritonBackend:
         if call.path == PERSISTENT_PATH:
             call.launches[0](x, dy, dx, center, invstd, gamma, dgamma, dbeta)
             return BackwardResult(dx, dgamma, dbeta)
-        reduce, finalize, apply = call.launches
-        partial = torch.empty((2, call.view.channels, call.partials), dtype=center.dtype, device=x.device)
-        coef = torch.empty((6, call.view.channels), dtype=center.dtype, device=x.device)
-        reduce(x, dy, center, partial)
-        finalize(partial, center, invstd, gamma, dgamma, dbeta, coef)
+        reduce, apply = call.launches
+        channels = call.view.channels
+        partial = workspace(x.device, center.dtype, 2 * channels * call.partials)
+        coef = workspace(x.device, center.dtype, 6 * channels, COEFFICIENTS)
+        reduce(x, dy, center, partial, tickets(x.device, channels), invstd, gamma, dgamma, dbeta, coef)
         # without batch statistics dx does not read x: dx stands in for it
         apply(x if settings.batch_stats else dx, dy, dx, coef, center, center, center, center, center, invstd)
         return BackwardResult(dx, dgamma, dbeta)
@@ -618,7 +739,7 @@ class TritonBackend:
             return torch.zeros((2, x.shape[axis]), dtype=torch.float64, device=x.device)
         cfg = reduce_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
         partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
-        backward_reduce_launch(plan, cfg)(x, dy, center, partial)
+        backward_reduce_launch(plan, cfg)(x, dy, center, partial, *(partial,) * 6)
         return partial.double().sum(-1)
 
     @on_data_device
@@ -670,7 +791,8 @@ class ReferenceBackend:
 
     name: str = REFERENCE
 
-    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True):
+        del keep_stats  # the statistics cost no allocation worth saving here
         y, mean64, invstd64 = reference.forward(
             x, gamma, beta, moving_mean, moving_var, axis=settings.axis, eps=settings.eps,
             momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
@@ -725,12 +847,24 @@ def backend_for(device: torch.device) -> TritonBackend | CpuBackend | ReferenceB
     ``triton``: the Triton kernels on every device (a CPU needs TRITON_INTERPRET=1).
     ``reference``: the torch path (CpuBackend on CPU, the float64 reference elsewhere).
     """
-    forced = os.environ.get(BACKEND_ENV)
+    key = (device, environment(BACKEND_ENV), interpreting())
+    backend = _backends.get(key)
+    if backend is None:
+        backend = _choose_backend(*key)
+        if len(_backends) < MAX_CALL_PLANS:
+            _backends[key] = backend
+    return backend
+
+
+_backends: dict[tuple, Any] = {}
+
+
+def _choose_backend(device: torch.device, forced: str | None, interpreted: bool) -> Any:
     if forced is None or forced == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        if device.type == "cuda" or (device.type == "cpu" and interpreted):
             return _TRITON
     elif forced == "triton":
-        if device.type == "cpu" and not interpreting():
+        if device.type == "cpu" and not interpreted:
             raise ValueError(f"{BACKEND_ENV}=triton on a CPU tensor needs TRITON_INTERPRET=1 (Triton compiles "
                              "for GPUs only)")
         return _TRITON
@@ -743,39 +877,57 @@ def backend_for(device: torch.device) -> TritonBackend | CpuBackend | ReferenceB
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Autograd binding shared by the backends; gradient flows to data, gamma and beta only."""
+    """Autograd binding shared by the backends; gradient flows to data, gamma and beta only.
+
+    ``apply(x, gamma, beta, rest)``, ``rest`` = (moving_mean, moving_var, settings, backend): the
+    arguments autograd never differentiates travel as one, since each argument of ``apply``
+    costs host time (autograd inspects every one).
+    """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, moving_mean, moving_var, settings, backend, out):
-        y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, out)
+    def forward(ctx, x, gamma, beta, rest):
+        moving_mean, moving_var, settings, backend = rest
+        y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None)
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # mean and invstd get no gradient: no zero-filled [C] tensors
         ctx.save_for_backward(x_read, gamma, center, invstd)
-        ctx.settings = settings
-        ctx.backend = backend
-        ctx.beta_dtype = beta.dtype
+        ctx.call = (settings, backend, beta.dtype)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         needs = ctx.needs_input_grad
         if grad_y is None:  # y took no part in the loss
-            return (None,) * 8
+            return None, None, None, None
         x, gamma, center, invstd = ctx.saved_tensors
-        trace.record_path(ctx.backend.name)
-        dx, dgamma, dbeta = ctx.backend.backward(grad_y, x, gamma, center, invstd, ctx.settings, ctx.beta_dtype)
-        return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
-                None, None, None, None, None)
+        settings, backend, beta_dtype = ctx.call
+        trace.record_path(backend.name)
+        dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype)
+        return dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None, None
+
+
+# torch.autograd.Function.apply in Python binds default arguments, checks for functorch
+# transforms and unwraps dead functorch wrappers, then calls this C++ apply; eager calls outside
+# any transform (and outside Dynamo, which traces Function.apply itself) call it directly.
+_function_apply = super(torch.autograd.Function, BatchNormFunction).apply
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_functorch_active = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_dynamo_compiling  # (is_compiling also asks TorchScript: a µs more)
 
 
 def apply_forward(data: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, moving_mean: torch.Tensor,
-                  moving_var: torch.Tensor, settings: Settings, backend: Any
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  moving_var: torch.Tensor, settings: Settings, backend: Any, keep_stats: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd) of ``backend``'s forward on validated arguments, through the autograd
-    Function only when a gradient is wanted (an autograd node costs several µs a call)."""
+    Function only when a gradient is wanted (an autograd node costs several µs a call).  Without
+    a gradient and with ``keep_stats`` False, mean and invstd are None (not allocated)."""
     if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
-        return BatchNormFunction.apply(data, gamma, beta, moving_mean, moving_var, settings, backend, None)
-    y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, None)
+        rest = (moving_mean, moving_var, settings, backend)
+        if _compiling() or _functorch_active():
+            return BatchNormFunction.apply(data, gamma, beta, rest)
+        return _function_apply(_unwrap_if_dead(data), _unwrap_if_dead(gamma), _unwrap_if_dead(beta), rest)
+    y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, None,
+                                            keep_stats=keep_stats)
     return y, mean, invstd
 
 
@@ -832,10 +984,12 @@ def batch_norm(
     backend = backend_for(data.device)
     if out is None:
         trace.record_path(backend.name)
-        y, mean, invstd = apply_forward(data, gamma, beta, moving_mean, moving_var, settings, backend)
+        y, mean, invstd = apply_forward(data, gamma, beta, moving_mean, moving_var, settings, backend,
+                                        keep_stats=output_mean_var)
     else:
         if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
             raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
         trace.record_path(backend.name)
-        y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, out)
+        y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, out,
+                                                keep_stats=output_mean_var)
     return (y, mean, invstd) if output_mean_var else y

@@ -68,11 +68,11 @@ def record_path(path: str) -> None:
         trace.paths.append(path)
 
 
-def record_launch(kernel: str, programs: int, config: Any, **flags: Any) -> None:
-    """Note a kernel launch."""
+def record_launch(kernel: str, programs: int, config: Any, flags: dict[str, Any]) -> None:
+    """Note a kernel launch with its constexpr ``flags`` (copied: the caller may keep its dict)."""
     trace = _active.get()
     if trace is not None:
-        trace.launches.append(Launch(kernel, programs, config, flags))
+        trace.launches.append(Launch(kernel, programs, config, dict(flags)))
 
 
 def record_copy(reason: str) -> None:

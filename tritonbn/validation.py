@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,9 +27,9 @@ DATA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_var")
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The scalar part of one call, after validation (axis is non-negative)."""
+class Settings(NamedTuple):
+    """The scalar part of one call, after validation (axis is non-negative).  A named tuple: call
+    plans are keyed by it, and a tuple hashes in C (a frozen dataclass's hash is Python code)."""
 
     axis: int
     eps: float

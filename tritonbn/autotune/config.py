@@ -14,8 +14,8 @@ elementwise, persistent) a config is chosen in this order:
 4. the heuristic below.
 
 Steps 2-4 are cached per call signature (plan, profile, op, dtype and the store settings), so a
-decision costs one dict lookup after the first call.  The finalize keeps its heuristic: it is
-one tiny launch whose time is its launch latency.
+decision costs one dict lookup after the first call.  The finalize tail of a reduction (its
+channel's last program merging a few KB of partials) keeps its heuristic tile.
 
 This module is on the op's import path (``ops.py`` imports it), so it imports none of the tools
 (tuner, tune, online, model, report): the on-line tuner hooks in from outside, and the import
@@ -217,7 +217,7 @@ def _warps(tile_elements: int, per_thread: int = 16) -> int:
 
 
 # Elements of one channel a split must cover: each (channel, split) writes five float32 partials
-# that the finalize reads back (40 bytes), at most 2% of what the split reads (1024 x 2 bytes).
+# that the finalize tail reads back (40 bytes), at most 2% of what the split reads (1024 x 2 bytes).
 MIN_SPLIT_ELEMENTS = 1024
 MIN_TILE_ELEMENTS = 256
 # Reduction tiles (three Welford accumulators an element): at most 2048 elements, 16 a thread, so
@@ -227,7 +227,16 @@ MIN_TILE_ELEMENTS = 256
 # 2048 x 4 warps compiles spill-free on 3.6, 3.8 and 3.9 for both archs (`tritonbn inspect`).
 MAX_REDUCE_TILE_ELEMENTS = 2048
 REDUCE_PER_THREAD = 16
-MAX_SPLITS = 1024  # the finalize merges up to this many partials per channel in one tile
+# Four-group views (steps in two dimensions) index rows with two more divisions: 8 elements a
+# thread there.  At 16, ptxas capped the channel-major statistics kernel with its finalize tail
+# at 168 registers and spilled 120 bytes ([32, 32] tile, 2 warps, Triton 3.6, sm_90); with 4
+# warps it takes 92 and spills nothing.
+FOUR_GROUP_REDUCE_PER_THREAD = 8
+# The channel-minor backward reduction with its finalize tail sat at ptxas's 72-register target
+# with 4 warps, spilling 4 bytes or not by the tail's shape and the Triton version (3.6 and 3.9,
+# sm_80); at 8 elements a thread (8 warps for 2048) it takes 64 and spills nothing on either.
+CHANNEL_MINOR_BACKWARD_REDUCE_PER_THREAD = 8
+MAX_SPLITS = 1024  # the finalize tail merges up to this many partials per channel in one tile
 # Bounds a stored knob must respect (anything outside is an invalid entry: heuristic instead).
 MAX_TILE_ELEMENTS = 65536
 MAX_WARPS = 32
@@ -261,7 +270,7 @@ def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C
                    num_warps: int | None = None) -> KernelConfig:
     """The reduction config of ``plan`` for a tile of ``tile`` elements split ``split`` ways
     (rows first, then columns, whole tiles per split); warps default to REDUCE_PER_THREAD
-    elements per thread."""
+    elements per thread (FOUR_GROUP_REDUCE_PER_THREAD for four-group views)."""
     block_rows, block_cols = _tile(plan, tile, block_c)
     if plan.family == CHANNEL_MAJOR:
         tiles_rows, tiles_cols = -(-plan.outer // block_rows), -(-plan.inner // block_cols)
@@ -269,7 +278,8 @@ def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C
         tiles_rows, tiles_cols = -(-plan.m // block_rows), 1
     split_rows = min(split, tiles_rows)
     split_cols = min(-(-split // split_rows), tiles_cols)
-    warps = num_warps if num_warps is not None else _warps(block_rows * block_cols, per_thread=REDUCE_PER_THREAD)
+    per_thread = REDUCE_PER_THREAD if plan.outer_mid == 1 else FOUR_GROUP_REDUCE_PER_THREAD
+    warps = num_warps if num_warps is not None else _warps(block_rows * block_cols, per_thread=per_thread)
     return KernelConfig(block_rows, block_cols, split_rows, split_cols, num_warps=warps)
 
 
@@ -415,7 +425,7 @@ def heuristic_elementwise_knobs(plan: ViewPlan, profile: DeviceProfile, op: str 
 
 
 def launch_programs(role: str, plan: ViewPlan, config: KernelConfig) -> int:
-    """The 1-D grid of a launch of ``role`` (REDUCE, ELEMENTWISE, FINALIZE, PERSISTENT) with
+    """The 1-D grid of a launch of ``role`` (REDUCE, ELEMENTWISE, PERSISTENT) with
     ``config`` on ``plan``: the one place for every kernel's grid formula (launchers, rules and
     tests call it).
 
@@ -423,12 +433,9 @@ def launch_programs(role: str, plan: ViewPlan, config: KernelConfig) -> int:
       channel-minor.
     - ELEMENTWISE: one per (channel, outer tile, inner tile) channel-major, per (row tiles of
       ``row_tiles`` tiles, channel block) channel-minor.
-    - FINALIZE: one per block of ``block_cols`` channels.
     - PERSISTENT: one per channel channel-major, per channel block channel-minor.
     """
     channel_blocks = -(-plan.channels // config.block_cols)
-    if role == FINALIZE:
-        return channel_blocks
     major = plan.family == CHANNEL_MAJOR
     if role == REDUCE:
         return plan.channels * config.splits if major else channel_blocks * config.split_rows
@@ -486,14 +493,24 @@ def elementwise_config(plan: ViewPlan, profile: DeviceProfile, *, op: str | None
 # ----------------------------------------------------------------------------- finalize
 
 
-def finalize_config(channels: int, partials: int) -> KernelConfig:
-    """Config of a finalize launch: a [partials, BLOCK_C] tile of channels per program."""
+# Elements a thread holds of a finalize tail's partials tile: the tail runs in the reduction's
+# program, after its loop, so its tile must not raise the kernel's registers (ptxas allocates
+# the peak).  At 16 a thread ([128 partials, 16 channels], 4 warps) channel_minor_stats took 198
+# registers on sm_90 against 127 without a tail; at 4 a thread it is 128 (Triton 3.8, fp16).
+TAIL_PER_THREAD = 1
+
+
+def finalize_config(partials: int, num_warps: int) -> KernelConfig:
+    """Config of a reduction's finalize tail (the last program of a channel, or channel block,
+    merges its partials), for a reduction of ``num_warps`` warps: [block_rows >= partials,
+    block_cols channels] tiles of about TAIL_PER_THREAD elements a thread (a channel-major tail
+    takes one channel; a channel-minor one walks its block block_cols channels at a time)."""
+    block_rows = _pow2_cover(partials, 1 << 20)
     forced = _overrides.get().get(FINALIZE)
     if forced is not None:
-        return replace(forced, block_rows=max(forced.block_rows, _pow2_cover(partials, 1 << 20)))
-    block_rows = _pow2_cover(partials, 1 << 20)
-    block_cols = _pow2_cover(channels, max(1, 2048 // block_rows))
-    return KernelConfig(block_rows, block_cols, num_warps=4)
+        return replace(forced, block_rows=max(forced.block_rows, block_rows))
+    block_cols = max(1, TAIL_PER_THREAD * 32 * num_warps // block_rows)
+    return KernelConfig(block_rows, block_cols, num_warps=num_warps)
 
 
 # ----------------------------------------------------------------------------- persistent
@@ -690,7 +707,7 @@ def _dtype_candidates(dtype: str | None, element_size: int | None) -> tuple[str,
 
 def online_enabled() -> bool:
     """TRITONBN_AUTOTUNE=1: read the on-line tuner's cache and tune unseen keys (off by default)."""
-    return os.environ.get(_store.AUTOTUNE_ENV, "0") == "1"
+    return environment(_store.AUTOTUNE_ENV) == "1"
 
 
 # The on-line tuner, if a tool installed one: (role, plan, profile, op, dtype, element_size) ->
@@ -711,7 +728,7 @@ def set_online_tuner(tuner: OnlineTuner | None) -> None:
 
 def _decide(role: str, plan: ViewPlan, profile: DeviceProfile, op: str | None, dtype: str | None,
             element_size: int | None) -> Decision:
-    state = (os.environ.get(_store.CONFIG_DIR_ENV) or None, online_enabled(), _generation, _store_disabled.get())
+    state = (environment(_store.CONFIG_DIR_ENV) or None, online_enabled(), _generation, _store_disabled.get())
     return _decide_cached(role, plan, profile, op, dtype, element_size, state)
 
 
@@ -780,8 +797,15 @@ def _heuristic(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, eleme
         knobs = heuristic_reduce_knobs(plan, profile)
         if dtype == "float64" or element_size == 8:
             config = realize_reduce(plan, min(knobs.tile, FLOAT64_REDUCE_TILE), knobs.split, knobs.block_c or BLOCK_C)
-            return replace(config, num_warps=_warps(config.block_rows * config.block_cols, per_thread=4))
-        return realize_reduce(plan, knobs.tile, knobs.split, knobs.block_c or BLOCK_C)
+            # four-group views at 8 a thread: at 4 (8 warps) ptxas held the channel-major backward
+            # reduction with its tail to 64 registers and spilled 12 bytes (Triton 3.6, sm_90)
+            per_thread = 4 if plan.outer_mid == 1 else FOUR_GROUP_REDUCE_PER_THREAD
+            return replace(config, num_warps=_warps(config.block_rows * config.block_cols, per_thread=per_thread))
+        config = realize_reduce(plan, knobs.tile, knobs.split, knobs.block_c or BLOCK_C)
+        if plan.family != CHANNEL_MAJOR and op == BACKWARD:
+            per_thread = CHANNEL_MINOR_BACKWARD_REDUCE_PER_THREAD
+            config = replace(config, num_warps=_warps(config.block_rows * config.block_cols, per_thread=per_thread))
+        return config
     if role == ELEMENTWISE:
         if plan.family != CHANNEL_MAJOR:
             return heuristic_channel_minor_elementwise(plan, op)
@@ -818,9 +842,35 @@ def explain(role: str, plan: ViewPlan, profile: DeviceProfile, *, op: str | None
     return _decide(role, plan, profile, op, _dtype_name(dtype), element_size)
 
 
+def _environment_reader() -> Callable[[str], str | None]:
+    """``os.environ.get`` for the reads every call makes, at the cost of a dict lookup.
+
+    ``os.environ.get`` encodes the name and decodes the value (about 1 µs, three reads a call);
+    on POSIX ``os.environ`` keeps the bytes in ``os.environ._data``, which ``os.environ[...] =``,
+    ``del`` and ``putenv`` through ``os.environ`` (monkeypatch included) update, so reading it
+    sees what ``os.environ.get`` would.  Elsewhere (Windows keys are upper-cased str) the plain get.
+    """
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return os.environ.get
+    encoded: dict[str, bytes] = {}
+
+    def read(name: str) -> str | None:
+        key = encoded.get(name)
+        if key is None:
+            key = encoded[name] = os.fsencode(name)
+        value = data.get(key)
+        return None if value is None else os.fsdecode(value)
+
+    return read
+
+
+environment = _environment_reader()
+
+
 def interpreting() -> bool:
     """True when TRITON_INTERPRET=1 (CPU tensors then run the Triton kernels)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return environment("TRITON_INTERPRET") == "1"
 
 
 def decision_context() -> tuple:
@@ -829,4 +879,4 @@ def decision_context() -> tuple:
     cached per signature are keyed by it too, so an override or a new store is never missed."""
     overrides = _overrides.get()
     return (tuple(overrides.items()) if overrides else (), _profile_override.get(), _store_disabled.get(),
-            _generation, os.environ.get(_store.CONFIG_DIR_ENV), os.environ.get(_store.AUTOTUNE_ENV))
+            _generation, environment(_store.CONFIG_DIR_ENV), environment(_store.AUTOTUNE_ENV))

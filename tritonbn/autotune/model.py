@@ -99,8 +99,8 @@ def launch_cost(launch: Any, data_shape: Sequence[int], spec: GpuSpec) -> Launch
     element_size = 4
     shape = tuple(data_shape)
     for arg in launch.args:
-        if not isinstance(arg, torch.Tensor) or id(arg) in seen:
-            continue
+        if not isinstance(arg, torch.Tensor) or id(arg) in seen or not arg.is_floating_point():
+            continue  # (int32 tickets: one atomic per program, not a stream)
         seen.add(id(arg))
         nbytes = arg.numel() * arg.element_size()
         total += nbytes
@@ -113,7 +113,7 @@ def launch_cost(launch: Any, data_shape: Sequence[int], spec: GpuSpec) -> Launch
     programs = max(1, launch.programs)
     if reads:  # streaming kernels: one tile of each data tensor read is in flight per program
         tile_bytes = cfg.block_rows * cfg.block_cols * element_size * reads
-    else:  # a finalize program requests its whole [fields, partials, channels] block at once
+    else:  # no data tensor: a program requests its whole share of per-channel tensors at once
         tile_bytes = total / programs
     sms = spec.sm_count
     resident = max(1, min(spec.max_programs_per_sm, spec.max_warps_per_sm // max(1, cfg.num_warps)))

@@ -10,7 +10,7 @@ built from small helpers, so a space is easy to read and to change:
 | elementwise | tile x warps (4-64 elements/thread)                     | block_c            |
 | persistent  | off, or warps (at most 32 elements/thread)              |                    |
 
-The finalize is not tuned (one launch of a few KB: its time is the launch latency), and no
+The finalize tail of a reduction is not tuned (its channel's last program reads a few KB), and no
 space varies Triton's stages (the kernels stream; launches keep ``KernelConfig``'s default).
 
 Candidates are pruned by what compiles without spills for the target GPU (``spill_free``:

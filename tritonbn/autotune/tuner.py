@@ -274,8 +274,6 @@ class MeasuredTimer:
 def _role_of(kernel: str) -> str:
     if "_persistent_" in kernel:
         return C.PERSISTENT
-    if kernel.startswith("finalize"):
-        return C.FINALIZE
     if kernel.endswith("_elementwise"):
         return C.ELEMENTWISE
     return C.REDUCE

@@ -85,21 +85,40 @@ def count_divide(delta, count):
 
 
 @triton.jit
-def chan_merge_rows(mean, m2, count, shared_count=None):
+def chan_merge_rows(mean, m2, count, shared_count=None, shared_inverse=None):
     """Merge per-row Welford states of [R, K] tiles along axis 0 into [K] (mean, M2, count).
 
     The merged mean's division by the count is correctly rounded: one ``exact_div`` per column,
     or, given ``shared_count`` (the scalar count of every column that is stored: a statistics
-    kernel's channels all hold the rows of its split), ``divide_by_count``.
+    kernel's channels all hold the rows of its split), ``divide_by_count`` (with
+    ``shared_inverse``, its correctly rounded inverse, when the host computed it).
     """
     total = tl.sum(count, 0)
     if shared_count is None:
         merged_mean = exact_div(tl.sum(count * mean, 0), tl.maximum(total, 1.0))
     else:
-        merged_mean = divide_by_count(tl.sum(count * mean, 0), tl.maximum(shared_count, 1.0))
+        merged_mean = divide_by_count(tl.sum(count * mean, 0), tl.maximum(shared_count, 1.0), shared_inverse)
     delta = mean - merged_mean[None, :]
     merged_m2 = tl.sum(m2 + count * delta * delta, 0)
     return merged_mean, merged_m2, total
+
+
+@triton.jit
+def last_to_arrive(tickets_ptr, group, programs):
+    """Whether this program is the last of the ``programs`` programs of ``group`` to get here.
+
+    Each takes a ticket (an atomic increment of ``tickets_ptr[group]``, acquire-release at GPU
+    scope); the one that draws ``programs - 1`` is last, every other program's stores are then
+    visible to it, and it puts the counter back to 0, so the next launch (or a CUDA graph's next
+    replay) finds the zeros it needs without a memset.  The barrier first makes every thread's
+    stores of this program happen before the release (the atomic is one thread's).  Readers of
+    other programs' stores load with ``cache_modifier=".cg"``: L1 is not coherent across SMs.
+    """
+    tl.debug_barrier()
+    ticket = tl.atomic_add(tickets_ptr + group, 1, sem="acq_rel", scope="gpu")
+    is_last = ticket == programs - 1
+    tl.atomic_xchg(tickets_ptr + group, 0, mask=is_last, sem="relaxed", scope="gpu")
+    return is_last
 
 
 @triton.jit
@@ -136,8 +155,10 @@ def exact_inverse(count):
 
 
 @triton.jit
-def divide_by_count(value, count):
-    """value / count rounded to nearest (IEEE) for a scalar ``count`` that all of ``value`` shares.
+def divide_by_count(value, count, inverse=None):
+    """value / count rounded to nearest (IEEE) for a scalar ``count`` that all of ``value`` shares;
+    ``inverse``: 1 / count correctly rounded to float32, when the host computed it (no division
+    instruction then: its slow-path call makes ptxas spill in kernels with a loop before it).
 
     One correctly rounded inverse y = 1/count per program, then per value q = value * y and the
     remainder's correction q + (value - q * count) * y, two explicit FMAs: with y correctly
@@ -153,7 +174,8 @@ def divide_by_count(value, count):
     elif value.dtype == tl.float64:
         quotient = value / count
     else:
-        inverse = exact_inverse(count)
+        if inverse is None:
+            inverse = exact_inverse(count)
         estimate = value * inverse
         quotient = tl.fma(tl.fma(-estimate, count, value), inverse, estimate)
     return quotient
@@ -232,16 +254,17 @@ def scaled_invstd(var_z, scale, eps):
     where invstd itself overflows (float32 data of ~1e-41: std ~1e-41, invstd ~1e41 > 3.4e38).
     """
     var = unscale(unscale(var_z, scale), scale)
-    use_scaled = ((tl.zeros_like(var) + eps) == 0) | (var == float("inf"))
+    eps_tile = tl.zeros_like(var) + eps
+    use_scaled = (eps_tile == 0) | (var == float("inf"))
+    # one 1/sqrt per channel, of whichever variance is used (a sqrt.rn and a div.rn each, with
+    # slow-path calls: computing both and selecting doubled them)
+    root = safe_invstd(tl.where(use_scaled, var_z, var), tl.where(use_scaled, 0.0, eps_tile))
     if scale.dtype == tl.float64:  # scale is 1
-        from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0) * scale)
-        invstd = tl.where(use_scaled, from_scaled, safe_invstd(var, eps))
-        invstd_z = invstd
+        invstd = root
+        invstd_z = root
     else:
-        from_scaled = tl.where(var_z == 0, 0.0, safe_invstd(var_z, 0.0))
-        invstd_var = safe_invstd(var, eps)
-        invstd = tl.where(use_scaled, from_scaled * scale, invstd_var)
-        invstd_z = tl.where(use_scaled, from_scaled, invstd_var * inverse_scale(scale))
+        invstd = tl.where(use_scaled, root * scale, root)
+        invstd_z = tl.where(use_scaled, root, root * inverse_scale(scale))
     return var, invstd, invstd_z
 
 
@@ -350,6 +373,7 @@ def finish_statistics(
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, center_ptr,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
+    unbias=None,
 ):
     """Epilogue of the training statistics of channels ``c`` ([K] vectors in, [K] vectors out).
 
@@ -358,11 +382,18 @@ def finish_statistics(
     and ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if
     UNBIASED).  Returns (invstd, invstd_z, g, beta): y = ((x - pilot) - shifted_mean) * invstd *
     g + beta = ((z - mean_z) * invstd_z) * g + beta, the second form also where invstd overflows.
+    ``unbias``: m / (m - 1) correctly rounded to float32, computed by the host for a caller that
+    wants no avoidable division instruction (each has a slow-path call, which makes ptxas spill in
+    kernels with a loop before it): the shifted mean is then the product with the scale's exact
+    inverse, which is the same value.
     """
     ACC: tl.constexpr = var_z.dtype
-    # the value of unscale(mean_z, scale) (a power of two divides exactly), as a division: with
-    # the product, the channel-minor single-pass forward at its capacity spilled 8 bytes (ptxas, sm_90)
-    shifted_mean = exact_div(mean_z, scale)
+    if unbias is None:
+        # the value of unscale(mean_z, scale) (a power of two divides exactly), as a division: with
+        # the product, the channel-minor single-pass forward at its capacity spilled 8 bytes (ptxas, sm_90)
+        shifted_mean = exact_div(mean_z, scale)
+    else:
+        shifted_mean = unscale(mean_z, scale)
     var, invstd, invstd_z = scaled_invstd(var_z, scale, split_f64(eps_hi, eps_lo, ACC))
     mean = pilot + shifted_mean
     if FIX_GAMMA:
@@ -377,7 +408,10 @@ def finish_statistics(
     if UPDATE_MOVING:
         momentum = split_f64(momentum_hi, momentum_lo, ACC)
         if UNBIASED:
-            var = var * exact_div(tl.cast(m, ACC), tl.cast(m - 1, ACC))
+            if unbias is None or ACC == tl.float64:
+                var = var * exact_div(tl.cast(m, ACC), tl.cast(m - 1, ACC))
+            else:
+                var = var * unbias
         old_mean = tl.load(moving_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
         old_var = tl.load(moving_var_ptr + c, mask=c_mask, other=0.0).to(ACC)
         new_mean = old_mean * momentum + mean * (1.0 - momentum)
@@ -390,7 +424,7 @@ def finish_statistics(
 @triton.jit
 def finish_backward(
     c, c_mask, sum_dy, sum_dy_xmu, invstd, m, gamma_ptr, dgamma_ptr, dbeta_ptr,
-    FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
+    FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, inverse_m=None,
 ):
     """Epilogue of the backward reductions of channels ``c`` ([K] vectors).
 
@@ -399,7 +433,8 @@ def finish_backward(
         batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * invstd * (invstd * D) / m)
         moving statistics: dx = g*invstd * dy
     (invstd multiplies (x - mean) first and D next: invstd^2 alone underflows float32 for data
-    of 1e30.)
+    of 1e30.)  ``inverse_m``: 1 / m correctly rounded in the accumulation dtype, when the host
+    computed it.
     """
     ACC: tl.constexpr = invstd.dtype
     if FIX_GAMMA:
@@ -411,7 +446,10 @@ def finish_backward(
     tl.store(dgamma_ptr + c, dgamma.to(dgamma_ptr.dtype.element_ty), mask=c_mask)
     tl.store(dbeta_ptr + c, sum_dy.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
     if BATCH_STATS:
-        inv_m = exact_inverse(tl.cast(m, ACC))
+        if inverse_m is None:
+            inv_m = exact_inverse(tl.cast(m, ACC))
+        else:
+            inv_m = inverse_m
         x_coef = -dy_coef * (invstd * sum_dy_xmu) * inv_m
         const = -dy_coef * sum_dy * inv_m
     else:

@@ -15,9 +15,9 @@ any magnitude, where invstd^2 or invstd^3 alone would underflow float32.)
 
 Where invstd itself overflows (forward, float32 data of ~1e-41), the training finalize puts the
 channel's power-of-two scale in the invstd slot and invstd_z * g in x_coef (see
-``stats.finalize_stats_kernel``): the formula is the same.
+``stats._finalize_channels``): the formula is the same.
 
-The per-channel coefficients come from a finalize kernel in ``coef[6, C]`` = (pilot,
+The per-channel coefficients come from a reduction's finalize tail in ``coef[6, C]`` = (pilot,
 shifted_mean, invstd, x_coef, dy_coef, const).  Inference has no finalize: with FROM_MOVING the kernel
 derives them from the moving statistics itself and the programs of the first tile of each
 channel also write ``center[2, C]`` = (mean, 0) and ``invstd``, so inference is one launch.

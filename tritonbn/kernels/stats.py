@@ -1,11 +1,13 @@
-"""Training-forward statistics: per-channel (mean, M2, count) partials, then a finalize.
+"""Training-forward statistics: per-channel (mean, M2, count) partials and their finalize, in one launch.
 
-Phase 1 (``*_stats_kernel``): each program reduces one channel (channel-major) or a block of
-channels (channel-minor) over one split of the reduced range, and writes a Welford partial.
-Splitting lets C * splits programs fill the GPU when C alone cannot.
-Phase 2 (``finalize_stats_kernel``): merges the partials of each channel in a fixed order
-(deterministic), writes mean/invstd, the coefficients of the apply kernel and the moving-stat
-update.
+Each program of ``*_stats_kernel`` reduces one channel (channel-major) or a block of channels
+(channel-minor) over one split of the reduced range, and writes a Welford partial.  Splitting
+lets C * splits programs fill the GPU when C alone cannot.  With FINALIZE, the last program of a
+channel (block) to store its partial (``common.last_to_arrive``: an atomic ticket per channel
+(block), reset by that program) merges the channel's partials in a fixed order (deterministic:
+split 0 to P-1, whichever program came last), writes mean/invstd, the coefficients of the apply
+kernel and the moving-stat update.  Without FINALIZE (SyncBatchNorm: the partials of every rank
+are merged first) the kernel writes the partials only.
 
 Partials live in one buffer ``partial[5, C, P]``: planes 0-4 hold mean and M2 of z, the count,
 the pilot and the scale of split p of channel c at ``k * C * P + c * P + p``; P = splits.
@@ -36,6 +38,7 @@ from .common import (
     exact_div,
     finish_statistics,
     finite_pilot,
+    last_to_arrive,
     range_bound,
     row_offsets,
     scalar_offset,
@@ -68,18 +71,25 @@ def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_mid, outer_lo, str
 def channel_major_stats_kernel(
     x_ptr,  # data, (outer, C, inner) view: outer row o in three strided groups (common.outer_offset)
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT_O * SPLIT_I
-    C, outer, inner,
+    tickets_ptr,  # [>= C] int32 zeros (FINALIZE): programs of each channel done so far; left zero
+    gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C] (FINALIZE), as finish_statistics
+    mean_ptr, invstd_ptr, coef_ptr,  # [C], [C], [6, C] out (FINALIZE), as _finalize_channels
+    C, outer, inner, m,
     outer_mid, outer_lo,
     stride_oh, stride_om, stride_o, stride_c, stride_i,
     rows_per_split, cols_per_split,  # split extents (multiples of BLOCK_O / BLOCK_I)
     SPLIT_O, SPLIT_I,
+    eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias,  # (FINALIZE) 1/m, m/(m-1): float32 (host)
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+    FINALIZE: tl.constexpr, FIX_GAMMA: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Welford partial of one (channel, split): grid = (C * SPLIT_O * SPLIT_I,).
+    """Welford partial of one (channel, split), and with FINALIZE the channel's statistics:
+    grid = (C * SPLIT_O * SPLIT_I,).
 
     Program ``pid`` takes channel ``pid // P`` and split ``pid % P``; a split is a rectangle of
     ``rows_per_split`` outer rows by ``cols_per_split`` inner columns, walked in
-    [BLOCK_O, BLOCK_I] tiles.
+    [BLOCK_O, BLOCK_I] tiles.  With FINALIZE the channel's last program merges its P <= BLOCK_P
+    partials (``_finalize_channels``).  Without it the pointers after ``partial_ptr`` are unused.
     """
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
     num_splits = SPLIT_O * SPLIT_I
@@ -125,23 +135,38 @@ def channel_major_stats_kernel(
     tl.store(partial_ptr + 2 * plane + slot, count)
     tl.store(partial_ptr + 3 * plane + slot, pilot + tl.zeros([1], ACC))
     tl.store(partial_ptr + 4 * plane + slot, scale + tl.zeros([1], ACC))
+    if FINALIZE:
+        if last_to_arrive(tickets_ptr, c, num_splits):
+            channel = c + tl.arange(0, 1)
+            _finalize_channels(partial_ptr, channel, channel < C, C, num_splits, m, inverse_m, unbias, gamma_ptr,
+                               beta_ptr,
+                               moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, coef_ptr,
+                               eps_hi, eps_lo, momentum_hi, momentum_lo, FIX_GAMMA, UNBIASED, BLOCK_P)
 
 
 @triton.jit
 def channel_minor_stats_kernel(
     x_ptr,  # data, rows x C matrix: row r = o * inner + i at outer_offset(o) + i * stride_i
     partial_ptr,  # [5, C, P] accumulation dtype; P = SPLIT
+    tickets_ptr,  # [>= cdiv(C, BLOCK_C)] int32 zeros (FINALIZE): one per channel block; left zero
+    gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C] (FINALIZE), as finish_statistics
+    mean_ptr, invstd_ptr, coef_ptr,  # [C], [C], [6, C] out (FINALIZE), as _finalize_channels
     C, inner, rows,
     outer_mid, outer_lo,
     stride_oh, stride_om, stride_o, stride_c, stride_i,
     rows_per_split, SPLIT,
+    eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias,  # (FINALIZE) 1/m, m/(m-1): float32 (host)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    FINALIZE: tl.constexpr, FIX_GAMMA: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr,
+    TAIL_C: tl.constexpr,
 ):
-    """Welford partials of a block of BLOCK_C channels over one split of the rows.
+    """Welford partials of a block of BLOCK_C channels over one split of the rows, and with
+    FINALIZE the block's statistics.
 
     grid = (cdiv(C, BLOCK_C) * SPLIT,); program ``pid`` takes channel block ``pid // SPLIT``
     and rows [split * rows_per_split, (split + 1) * rows_per_split), in [BLOCK_R, BLOCK_C]
-    tiles whose loads are contiguous along C.
+    tiles whose loads are contiguous along C.  With FINALIZE the block's last program merges
+    its partials TAIL_C channels at a time ([BLOCK_P, TAIL_C] tiles, BLOCK_P >= SPLIT; m = rows).
     """
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -184,51 +209,62 @@ def channel_minor_stats_kernel(
     tl.store(partial_ptr + 2 * plane + slot, count, mask=c_mask)
     tl.store(partial_ptr + 3 * plane + slot, pilot, mask=c_mask)
     tl.store(partial_ptr + 4 * plane + slot, scale, mask=c_mask)
+    if FINALIZE:
+        block = pid // SPLIT
+        if last_to_arrive(tickets_ptr, block, SPLIT):
+            for c0 in range(0, BLOCK_C, TAIL_C):
+                channels = block * BLOCK_C + c0 + tl.arange(0, TAIL_C)
+                _finalize_channels(partial_ptr, channels, channels < C, C, SPLIT, rows, inverse_m, unbias, gamma_ptr,
+                                   beta_ptr,
+                                   moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, coef_ptr,
+                                   eps_hi, eps_lo, momentum_hi, momentum_lo, FIX_GAMMA, UNBIASED, BLOCK_P)
 
 
 @triton.jit
-def _merged_partials(partial_ptr, c, c_mask, C, P, BLOCK_P: tl.constexpr):
-    """(pilot, mean_z, var_z, scale) of channels ``c`` ([BLOCK_C]) from their P partials."""
+def _merged_partials(partial_ptr, c, c_mask, C, P, m, inverse_m, BLOCK_P: tl.constexpr):
+    """(pilot, mean_z, var_z, scale) of channels ``c`` ([K]) from their P partials, merged in split
+    order; each channel holds m elements (``inverse_m``: 1 / m correctly rounded to float32).
+    Loads bypass L1 (``.cg``): other programs wrote the partials during this launch, and L1 is not
+    coherent across SMs."""
     p = tl.arange(0, BLOCK_P)
     mask = (p < P)[:, None] & c_mask[None, :]
-    slots = c[None, :] * P + p[:, None]  # [BLOCK_P, BLOCK_C]: partials of a channel down a column
+    slots = c[None, :] * P + p[:, None]  # [BLOCK_P, K]: partials of a channel down a column
     plane = C * P
-    part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0)
-    part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0)
-    part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0)
-    mean_z, m2, count = chan_merge_rows(part_mean, part_m2, part_count)
-    pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0)
-    scale = tl.load(partial_ptr + 4 * plane + c * P, mask=c_mask, other=1.0)
-    return pilot, mean_z, exact_div(m2, tl.maximum(count, 1.0)), scale
+    part_mean = tl.load(partial_ptr + slots, mask=mask, other=0.0, cache_modifier=".cg")
+    part_m2 = tl.load(partial_ptr + plane + slots, mask=mask, other=0.0, cache_modifier=".cg")
+    part_count = tl.load(partial_ptr + 2 * plane + slots, mask=mask, other=0.0, cache_modifier=".cg")
+    count = tl.cast(m, part_mean.dtype)
+    mean_z, m2, _ = chan_merge_rows(part_mean, part_m2, part_count, count, inverse_m)
+    pilot = tl.load(partial_ptr + 3 * plane + c * P, mask=c_mask, other=0.0, cache_modifier=".cg")
+    scale = tl.load(partial_ptr + 4 * plane + c * P, mask=c_mask, other=1.0, cache_modifier=".cg")
+    return pilot, mean_z, divide_by_count(m2, count, inverse_m), scale
 
 
 @triton.jit
-def finalize_stats_kernel(
-    partial_ptr,  # [5, C, P] Welford partials of z, pilots and scales (accumulation dtype)
+def _finalize_channels(
+    partial_ptr, c, c_mask, C, P, m,
+    inverse_m, unbias,  # 1 / m and m / (m - 1), correctly rounded to float32 (host)
     gamma_ptr, beta_ptr,  # [C] parameters (float32 or the data dtype; float64 for float64)
-    moving_mean_ptr, moving_var_ptr,  # [C] updated in place when UPDATE_MOVING
+    moving_mean_ptr, moving_var_ptr,  # [C] updated in place
     mean_ptr, invstd_ptr,  # [C] outputs, accumulation dtype
     coef_ptr,  # [6, C] out: (pilot, shifted mean, x scale, x coef, dy coef, const); rows 0-1: center
-    C, P, m,
     eps_hi, eps_lo, momentum_hi, momentum_lo,
-    FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    FIX_GAMMA: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Merge each channel's P partials and finish the forward statistics.
+    """Merge the P <= BLOCK_P partials of channels ``c`` ([K]) and finish their statistics.
 
-    grid = (cdiv(C, BLOCK_C),), BLOCK_P >= P.  Writes mean, invstd = 1/sqrt(var + eps), the
-    apply coefficients of ``y = (x - mean) * invstd * g + beta``, and
-    ``moving = moving * momentum + batch * (1 - momentum)`` (var biased, or * m/(m-1) if UNBIASED).
-    Where invstd overflowed (float32 data of ~1e-41), the apply coefficients are the z-unit ones
-    of ``common.apply_coefficients``.
+    Writes mean, invstd = 1/sqrt(var + eps), the apply coefficients of
+    ``y = (x - mean) * invstd * g + beta``, and ``moving = moving * momentum + batch * (1 -
+    momentum)`` (var biased, or * m/(m-1) if UNBIASED).  Where invstd overflowed (float32 data of
+    ~1e-41), the apply coefficients are the z-unit ones of ``common.apply_coefficients``.  The
+    divisions by m are products with the host's inverse (``common.divide_by_count``): the tail
+    runs after the reduction's loop, where a division's slow-path call made ptxas spill.
     """
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    pilot, mean_z, var_z, scale = _merged_partials(partial_ptr, c, c_mask, C, P, BLOCK_P)
+    pilot, mean_z, var_z, scale = _merged_partials(partial_ptr, c, c_mask, C, P, m, inverse_m, BLOCK_P)
     invstd, invstd_z, g, beta = finish_statistics(
         c, c_mask, C, pilot, mean_z, var_z, scale, m, gamma_ptr, beta_ptr,
         moving_mean_ptr, moving_var_ptr, mean_ptr, invstd_ptr, coef_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
-        FIX_GAMMA, UPDATE_MOVING, UNBIASED,
+        FIX_GAMMA, True, UNBIASED, unbias,
     )
     x_scale, x_coef, const = apply_coefficients(invstd, invstd_z, g, beta, mean_z, scale)
     tl.store(coef_ptr + 2 * C + c, x_scale, mask=c_mask)

@@ -305,8 +305,10 @@ def compiled_sm90_on_cpu() -> Iterator[LaunchCounter]:
     counter = LaunchCounter()
     saved = (driver._active, ops.backend_for, library.backend_for)
 
+    real_backend_for, cuda = ops.backend_for, torch.device("cuda", 0)
+
     def backend_for(device: torch.device) -> Any:
-        return ops.TritonBackend()  # what ops.backend_for gives a CUDA tensor, at the same cost
+        return real_backend_for(cuda)  # what ops.backend_for gives a CUDA tensor, at the same cost
 
     driver.set_active(_Sm90Driver(counter))
     ops.backend_for = library.backend_for = backend_for
@@ -529,7 +531,7 @@ def _skip_run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> 
 def _launch_without_triton(self: Any, *tensors: Any) -> None:
     """``Launch.__call__`` up to Triton: the trace event and the checks it makes, then no launcher
     call (with ``JITFunction.run`` a no-op too, a first launch reaches nothing either)."""
-    trace.record_launch(self.name, self.programs, self.config, **self.constexprs)
+    trace.record_launch(self.name, self.programs, self.config, self.constexprs)
     if _launch_module._dry_run.get() is None and self._direct[0] is not None:
         _launch_module._launch_hook_installed()
 
@@ -538,8 +540,9 @@ class _DirectFunction:
     """``ops.BatchNormFunction`` without autograd: ``apply`` calls the backend's forward."""
 
     @staticmethod
-    def apply(x, gamma, beta, moving_mean, moving_var, settings, backend, out):
-        return backend.forward(x, gamma, beta, moving_mean, moving_var, settings, out)[:3]
+    def apply(x, gamma, beta, rest):
+        moving_mean, moving_var, settings, backend = rest
+        return backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None)[:3]
 
 
 def knockouts(op: str, records: Sequence[Recorded]) -> dict[str, Patch]:
@@ -555,7 +558,8 @@ def knockouts(op: str, records: Sequence[Recorded]) -> dict[str, Patch]:
     if op == "forward_backward":
         return patches
     patches["validation"] = memoised(records, "validation")
-    patches["autograd Function"] = Patch([(ops, "BatchNormFunction", _DirectFunction)])
+    patches["autograd Function"] = Patch([(ops, "BatchNormFunction", _DirectFunction),
+                                          (ops, "_function_apply", _DirectFunction.apply)])
     return patches
 
 
