@@ -230,7 +230,8 @@ REDUCE_PER_THREAD = 16
 # Four-group views (steps in two dimensions) index rows with two more divisions: 8 elements a
 # thread there.  At 16, ptxas capped the channel-major statistics kernel with its finalize tail
 # at 168 registers and spilled 120 bytes ([32, 32] tile, 2 warps, Triton 3.6, sm_90); with 4
-# warps it takes 92 and spills nothing.
+# warps it takes 92 and spills nothing (float64 too: at 4 a thread, 8 warps, ptxas held the
+# channel-major backward reduction to 64 registers and spilled 12 bytes).
 FOUR_GROUP_REDUCE_PER_THREAD = 8
 # The channel-minor backward reduction with its finalize tail sat at ptxas's 72-register target
 # with 4 warps, spilling 4 bytes or not by the tail's shape and the Triton version (3.6 and 3.9,
@@ -266,11 +267,23 @@ def max_useful_split(plan: ViewPlan, tile: int, block_c: int = BLOCK_C) -> int:
     return max(1, min(plan.m // MIN_SPLIT_ELEMENTS, tiles, MAX_SPLITS))
 
 
+def reduce_per_thread(plan: ViewPlan, op: str | None = None, float64: bool = False) -> int:
+    """Elements a thread holds of a reduction tile by default (the warps follow): fewer in
+    four-group views, float64 and channel-minor backward reductions (constants above)."""
+    if plan.outer_mid > 1:
+        return FOUR_GROUP_REDUCE_PER_THREAD
+    if float64:
+        return FLOAT64_REDUCE_PER_THREAD
+    if plan.family != CHANNEL_MAJOR and op == BACKWARD:
+        return CHANNEL_MINOR_BACKWARD_REDUCE_PER_THREAD
+    return REDUCE_PER_THREAD
+
+
 def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C,
-                   num_warps: int | None = None) -> KernelConfig:
+                   num_warps: int | None = None, per_thread: int | None = None) -> KernelConfig:
     """The reduction config of ``plan`` for a tile of ``tile`` elements split ``split`` ways
-    (rows first, then columns, whole tiles per split); warps default to REDUCE_PER_THREAD
-    elements per thread (FOUR_GROUP_REDUCE_PER_THREAD for four-group views)."""
+    (rows first, then columns, whole tiles per split); warps default to ``per_thread`` elements
+    per thread (default ``reduce_per_thread(plan)``)."""
     block_rows, block_cols = _tile(plan, tile, block_c)
     if plan.family == CHANNEL_MAJOR:
         tiles_rows, tiles_cols = -(-plan.outer // block_rows), -(-plan.inner // block_cols)
@@ -278,9 +291,9 @@ def realize_reduce(plan: ViewPlan, tile: int, split: int, block_c: int = BLOCK_C
         tiles_rows, tiles_cols = -(-plan.m // block_rows), 1
     split_rows = min(split, tiles_rows)
     split_cols = min(-(-split // split_rows), tiles_cols)
-    per_thread = REDUCE_PER_THREAD if plan.outer_mid == 1 else FOUR_GROUP_REDUCE_PER_THREAD
-    warps = num_warps if num_warps is not None else _warps(block_rows * block_cols, per_thread=per_thread)
-    return KernelConfig(block_rows, block_cols, split_rows, split_cols, num_warps=warps)
+    if num_warps is None:
+        num_warps = _warps(block_rows * block_cols, per_thread=per_thread or reduce_per_thread(plan))
+    return KernelConfig(block_rows, block_cols, split_rows, split_cols, num_warps=num_warps)
 
 
 def heuristic_reduce_knobs(plan: ViewPlan, profile: DeviceProfile) -> Knobs:
@@ -789,23 +802,17 @@ def _from_knobs(role: str, plan: ViewPlan, op: str, element_size: int | None, kn
 # float64 Welford lanes take two registers per accumulator: reduction tiles of 2048 elements at
 # 4 per thread (4096 at 8 spilled 24-120 bytes on sm_90).
 FLOAT64_REDUCE_TILE = 2048
+FLOAT64_REDUCE_PER_THREAD = 4
 
 
 def _heuristic(role: str, plan: ViewPlan, profile: DeviceProfile, op: str, element_size: int | None,
                dtype: str | None = None) -> Any:
     if role == REDUCE:
         knobs = heuristic_reduce_knobs(plan, profile)
-        if dtype == "float64" or element_size == 8:
-            config = realize_reduce(plan, min(knobs.tile, FLOAT64_REDUCE_TILE), knobs.split, knobs.block_c or BLOCK_C)
-            # four-group views at 8 a thread: at 4 (8 warps) ptxas held the channel-major backward
-            # reduction with its tail to 64 registers and spilled 12 bytes (Triton 3.6, sm_90)
-            per_thread = 4 if plan.outer_mid == 1 else FOUR_GROUP_REDUCE_PER_THREAD
-            return replace(config, num_warps=_warps(config.block_rows * config.block_cols, per_thread=per_thread))
-        config = realize_reduce(plan, knobs.tile, knobs.split, knobs.block_c or BLOCK_C)
-        if plan.family != CHANNEL_MAJOR and op == BACKWARD:
-            per_thread = CHANNEL_MINOR_BACKWARD_REDUCE_PER_THREAD
-            config = replace(config, num_warps=_warps(config.block_rows * config.block_cols, per_thread=per_thread))
-        return config
+        float64 = dtype == "float64" or element_size == 8
+        tile = min(knobs.tile, FLOAT64_REDUCE_TILE) if float64 else knobs.tile
+        return realize_reduce(plan, tile, knobs.split, knobs.block_c or BLOCK_C,
+                              per_thread=reduce_per_thread(plan, op, float64))
     if role == ELEMENTWISE:
         if plan.family != CHANNEL_MAJOR:
             return heuristic_channel_minor_elementwise(plan, op)
