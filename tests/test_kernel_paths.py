@@ -251,9 +251,12 @@ def _plan_of(shape, axis=1, memory_format=None):
         pytest.param((32, 64, 32, 32), None, "backward", 2, None, id="nchw-backward-beyond-capacity"),
         pytest.param((16, 64, 32, 32), None, "forward", 8, (16, 1024), id="nchw-float64-at-half-capacity"),
         pytest.param((32, 64, 32, 32), None, "forward", 8, None, id="nchw-float64-beyond-half"),
-        pytest.param((64, 4, 7, 7), None, "forward", 2, (64, 64), id="7x7-scalar-loads-half-at-4096"),
-        pytest.param((128, 4, 7, 7), None, "forward", 2, None, id="7x7-scalar-loads-half-beyond-4096"),
-        pytest.param((128, 4, 7, 7), None, "forward", 4, (128, 64), id="7x7-scalar-loads-float32-at-8192"),
+        pytest.param((64, 4, 7, 7), None, "forward", 2, (64, 64), id="7x7-scalar-loads-half-within"),
+        pytest.param((256, 4, 7, 7), None, "forward", 2, (256, 64), id="7x7-scalar-loads-half-at-16384"),
+        pytest.param((512, 4, 7, 7), None, "forward", 2, None, id="7x7-scalar-loads-half-beyond-16384"),
+        pytest.param((256, 4, 7, 7), None, "forward", 4, (256, 64), id="7x7-scalar-loads-float32-at-16384"),
+        pytest.param((128, 4, 7, 7), None, "forward", 8, (128, 64), id="7x7-scalar-loads-float64-at-8192"),
+        pytest.param((256, 4, 7, 7), None, "forward", 8, None, id="7x7-scalar-loads-float64-beyond-8192"),
         pytest.param((1, 64, 16, 16), torch.channels_last, "backward", 2, (256, 64), id="nhwc-at-capacity"),
         pytest.param((4, 64, 16, 16), torch.channels_last, "forward", 2, (1024, 16), id="nhwc-one-sector-wide"),
         pytest.param((8, 6, 32, 32), torch.channels_last, "forward", 2, (8192, 1), id="nhwc-small-C-co-resident"),
@@ -272,20 +275,22 @@ def test_single_pass_tile_follows_the_capacities(shape, memory_format, op, eleme
     [
         pytest.param((16, 64, 4, 16, 16), "stepped", (1024, 16), id="channel-major-at-16384"),
         pytest.param((32, 64, 4, 16, 16), "stepped", None, id="channel-major-beyond-16384"),
-        pytest.param((2, 64, 4, 8, 16), "stepped_channels_last_3d", (1024, 1), id="channel-minor-at-1024"),
+        pytest.param((2, 64, 4, 8, 16), "stepped_channels_last_3d", (1024, 8), id="channel-minor-1024-rows"),
+        pytest.param((16, 64, 4, 8, 16), "stepped_channels_last_3d", (8192, 1), id="channel-minor-at-8192"),
+        pytest.param((32, 64, 4, 8, 16), "stepped_channels_last_3d", None, id="channel-minor-beyond-8192"),
     ],
 )
 def test_four_group_views_hold_the_four_group_capacity(shape, stepped, tile):
     """Single-pass tiles of views needing four reduced groups hold the half-precision forward's
-    four_group capacity (16384 channel-major; 1024 channel-minor: [1024, 2] spills on Triton 3.6);
-    channel-minor tiles narrow their channels to fit, the programs staying co-resident."""
+    four_group capacity (16384 channel-major; 8192 channel-minor: 16384 spills on Triton 3.6 and
+    3.8); channel-minor tiles narrow their channels to fit, the programs staying co-resident."""
     from tritonbn.autotune.config import SINGLE_PASS_CAPACITY, persistent_tile
     from tritonbn.inspect import _meta_data
     x = _meta_data(shape, stepped)
     plan = plan_view(shape, 1, [x.stride(), x.stride()])
     capacity = SINGLE_PASS_CAPACITY["forward"][plan.family]["four_group"]
     assert plan.outer_mid > 1 and min(capacity["fp16"], capacity["bf16"]) == {"channel_major": 16384,
-                                                                              "channel_minor": 1024}[plan.family]
+                                                                              "channel_minor": 8192}[plan.family]
     assert persistent_tile(plan, "forward", 2) == tile
 
 

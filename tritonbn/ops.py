@@ -193,7 +193,8 @@ def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Setti
     and center, updates the moving statistics in place.  Tensors: (x, y, gamma, beta,
     moving_mean, moving_var, mean [C] out, invstd [C] out, center [2, C] out)."""
     k = _kernels().persistent
-    scalars = (*f64_halves(settings.eps), *f64_halves(settings.momentum), plan.outer_mid, plan.outer_lo)
+    scalars = (*f64_halves(settings.eps), *f64_halves(settings.momentum), *_count_ratios(plan.m),
+               plan.outer_mid, plan.outer_lo)
     flags = dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=True, UNBIASED=settings.unbiased_update,
                  INT64=plan.int64)
     strides = (*plan.strides[0], *plan.strides[1])

@@ -541,10 +541,10 @@ def finalize_config(partials: int, num_warps: int) -> KernelConfig:
 # divisions.  float64 takes two registers an element.
 _CAPACITY_TABLE = {  # (fp16, bf16, fp32, fp64)
     FORWARD: {
-        CHANNEL_MAJOR: {"vector": (32768, 32768, 32768, 16384), "scalar": (8192, 4096, 8192, 8192),
-                        "four_group": (16384, 16384, 16384, 8192)},
-        CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),
-                        "four_group": (1024, 1024, 8192, 4096)},
+        CHANNEL_MAJOR: {"vector": (32768, 32768, 32768, 16384), "scalar": (16384, 16384, 16384, 8192),
+                        "four_group": (16384, 32768, 16384, 8192)},
+        CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 16384, 8192, 8192),
+                        "four_group": (8192, 8192, 16384, 8192)},
     },
     BACKWARD: {
         CHANNEL_MAJOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 8192, 8192, 8192),

@@ -37,17 +37,17 @@ from .common import (
 
 
 @triton.jit
-def _two_pass_rows(x, mask, pilot, scale, m):
+def _two_pass_rows(x, mask, pilot, scale, m, inverse_m):
     """Mean and biased variance of z = (x - pilot) * scale down each column of a [R, K] tile.
 
-    pilot, scale: [1, K]; returns (mean_z [K], var_z [K], z [R, K], z - mean_z [R, K]), z and
-    z - mean_z 0 where masked.
+    pilot, scale: [1, K]; ``inverse_m``: 1 / m correctly rounded to float32 (host); returns
+    (mean_z [K], var_z [K], z [R, K], z - mean_z [R, K]), z and z - mean_z 0 where masked.
     """
     z = tl.where(mask, (x - pilot) * scale, 0.0)
     count = tl.cast(m, z.dtype)
-    mean_z = divide_by_count(tl.sum(z, 0), count)
+    mean_z = divide_by_count(tl.sum(z, 0), count, inverse_m)
     centred_z = tl.where(mask, z - mean_z[None, :], 0.0)
-    return mean_z, divide_by_count(tl.sum(centred_z * centred_z, 0), count), z, centred_z
+    return mean_z, divide_by_count(tl.sum(centred_z * centred_z, 0), count, inverse_m), z, centred_z
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def channel_major_persistent_forward_kernel(
     x_ptr, y_ptr,  # (outer, C, inner) views
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
     mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
-    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_mid, outer_lo,
+    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias, outer_mid, outer_lo,  # inverse_m, unbias: 1/m, m/(m-1) in float32 (host)
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -78,11 +78,11 @@ def channel_major_persistent_forward_kernel(
     pilot = finite_pilot(tl.load(x_base + first).to(ACC), last)
     scale = spread_scale(pilot, last)
     mean_z, var_z, z, _ = _two_pass_rows(
-        tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], scale[None, :], m)
+        tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], scale[None, :], m, inverse_m)
     _, invstd_z, g, beta = finish_statistics(
         c, c < C, C, pilot, mean_z, var_z, scale, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
-        FIX_GAMMA, UPDATE_MOVING, UNBIASED,
+        FIX_GAMMA, UPDATE_MOVING, UNBIASED, unbias,
     )
     # z - mean_z again rather than the variance pass's copy: fewer registers here (ptxas)
     centred_z = tl.reshape(z, [BLOCK_O, BLOCK_I]) - tl.sum(mean_z, 0)
@@ -97,7 +97,7 @@ def channel_minor_persistent_forward_kernel(
     x_ptr, y_ptr,  # rows x C matrices: row r = o * inner + i
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
     mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
-    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo, outer_mid, outer_lo,
+    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias, outer_mid, outer_lo,  # inverse_m, unbias: 1/m, m/(m-1) in float32 (host)
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -118,7 +118,7 @@ def channel_minor_persistent_forward_kernel(
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
-    mean_z, var_z, _, centred_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows)
+    mean_z, var_z, _, centred_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows, inverse_m)
     _, invstd_z, g, beta = finish_statistics(
         c, c_mask, C, pilot, mean_z, var_z, scale, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
