@@ -10,7 +10,12 @@ call (ints equal to 1 become constants; pointers and ints divisible by 16 carry
 
 Per compiled kernel: kernel, role, dtype, layout, op, config, arch, registers, spills (bytes of
 local memory spilled), shared (bytes), max_load_bits, max_store_bits (widest global access),
-approximate (PTX instructions that are not correctly rounded, by opcode: ``approximate_ops``).
+approximate (PTX instructions that are not correctly rounded, by opcode: ``approximate_ops``),
+programs, and ``sass``: the facts of its SASS for instruction issue (``perf/sass.py``: hot-loop
+instructions, barriers and MUFU per element, widest SASS accesses, CTAs per SM, waves, active
+lanes, the modelled issue-rate ceiling).  ``--calls streaming`` reports them per launch of the
+streaming calls of issue 14 (``STREAMING_CALLS``); ``--cubin-dir DIR`` writes every cubin and an
+``index.json`` with a row per launch.
 
 ptxas is the one Triton itself runs for the arch (``_ptxas``): Triton 3.9 emits PTX for sm_90 at
 a ``.version`` only its ``ptxas-blackwell`` reads.
@@ -61,6 +66,17 @@ LAYOUTS = {
                    ((2, 64, 4, 8, 16), 1, "stepped_channels_last_3d")],
 }
 OPS = ("inference", "training_forward", "backward")
+# The streaming calls whose compiled code issue 14 budgets: ResNet-50 at N = 32 (64@56, 256@28,
+# 2048@7) NCHW and channels_last, a small-C long-row call and a transformer-style axis=-1 call.
+STREAMING_CALLS = {
+    "nchw": [((32, 64, 56, 56), 1, None), ((32, 256, 28, 28), 1, None), ((32, 2048, 7, 7), 1, None),
+             ((20, 6, 65536), 1, None)],
+    "channels_last": [((32, 64, 56, 56), 1, torch.channels_last), ((32, 256, 28, 28), 1, torch.channels_last),
+                      ((32, 2048, 7, 7), 1, torch.channels_last)],
+    "axis-1": [((8, 2048, 1024), -1, None)],
+}
+STREAMING_DTYPES = ["bf16", "fp32"]
+CALL_SETS = {"representative": LAYOUTS, "streaming": STREAMING_CALLS}
 
 # PTX instructions whose result is not the correctly rounded one (PTX ISA): div.full.f32 (what a
 # plain float32 `/` compiles to) and div.approx.f32 are within 2 ulp; rcp, rsqrt, sqrt, ex2, lg2,
@@ -97,6 +113,8 @@ class CompiledKernel:
     shape: tuple = ()  # the representative call's data shape
     vector_aligned: bool = True  # its rows provably 16-element aligned (128-bit accesses possible)
     approximate: dict = field(default_factory=dict)  # approximate PTX instructions: {opcode: count}
+    programs: int = 0  # the launch's grid
+    sass: dict = field(default_factory=dict)  # perf.sass.IssueFacts of the launch
 
     def unexpected_approximations(self) -> dict:
         """The approximate instructions of this kernel that ``ALLOWED_APPROXIMATE`` does not allow."""
@@ -250,10 +268,10 @@ def compile_kernel(launch, arch: str):
                           options={"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages})
 
 
-def compile_launch(launch, arch: str) -> dict:
-    """Compile one captured launch for ``arch``: registers, spills, shared, widest accesses,
-    approximate instructions."""
-    compiled = compile_kernel(launch, arch)
+def compile_launch(launch, arch: str, compiled=None) -> dict:
+    """Compile one captured launch for ``arch`` (or read ``compiled``, its compiled kernel):
+    registers, spills, shared, widest accesses, approximate instructions."""
+    compiled = compiled or compile_kernel(launch, arch)
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_report(ptx, arch, fmad=getattr(compiled.metadata, "enable_fp_fusion", True))
     return dict(registers=registers, spills=spills, shared=int(compiled.metadata.shared),
@@ -261,23 +279,82 @@ def compile_launch(launch, arch: str) -> dict:
                 approximate=approximate_ops(ptx))
 
 
+def _covered(extent: int, per_split: int, block: int) -> int:
+    """Lanes that tiles of ``block`` span over ``extent`` walked in splits of ``per_split``."""
+    full, rest = divmod(extent, per_split)
+    return full * -(-per_split // block) * block + (-(-rest // block) * block if rest else 0)
+
+
+def launch_geometry(launch, plan) -> tuple[int, float, int, int]:
+    """(elements of a program's tile, active-lane fraction of the launch's tiles over the view's
+    extents, full-size tensors it reads, full-size tensors it writes) of a captured launch on
+    ``plan``, from the kernel's tiling (``config.launch_programs``' roles)."""
+    from .ops import _split_extents
+    from .plan import CHANNEL_MAJOR
+
+    cfg, flags, kind = launch.config, launch.constexprs, launch.name.split("_", 2)[2]
+    tile = cfg.block_rows * cfg.block_cols
+    major = plan.family == CHANNEL_MAJOR
+    rows, cols = (plan.outer, plan.inner) if major else (plan.m, plan.channels)
+    reads_x = flags.get("BATCH_STATS", True) or not flags.get("FIX_GAMMA", False)
+    if kind in ("stats", "backward_reduce"):
+        rows_per_split, cols_per_split = _split_extents(plan, cfg)
+        lanes = _covered(rows, rows_per_split, cfg.block_rows) * (
+            _covered(cols, cols_per_split, cfg.block_cols) if major else _covered(cols, cols, cfg.block_cols))
+        reads, writes = (1 if kind == "stats" else 1 + reads_x), 0
+    elif kind == "elementwise":
+        row_block = cfg.block_rows * (1 if major else cfg.row_tiles)
+        lanes = _covered(rows, rows, row_block) * _covered(cols, cols, cfg.block_cols)
+        reads, writes = flags["HAS_X"] + flags["HAS_DY"], 1
+    else:  # persistent: one tile covers a channel's (channel-major) or a channel block's rows
+        lanes = cfg.block_rows * (cfg.block_cols if major else _covered(cols, cols, cfg.block_cols))
+        reads, writes = (1 if kind == "persistent_forward" else 1 + reads_x), 1
+    return tile, rows * cols / lanes, reads, writes
+
+
+def inspect_launch(launch, arch: str, plan, element_size: int) -> tuple[dict, bytes]:
+    """(``compile_launch``'s report plus ``programs`` and ``sass``, the cubin) of one captured launch."""
+    from .perf import sass
+
+    compiled = compile_kernel(launch, arch)
+    stats = compile_launch(launch, arch, compiled)
+    tile, lanes, reads, writes = launch_geometry(launch, plan)
+    cubin = compiled.asm["cubin"]
+    # a loop-free program handles one tile (the channel-minor elementwise loop over row_tiles
+    # tiles is gone only where row_tiles is 1, a compile-time constant then)
+    facts = sass.issue_facts(sass.parse(sass.disassemble(cubin)), arch, num_warps=launch.config.num_warps,
+                             registers=stats["registers"], shared=stats["shared"], programs=launch.programs,
+                             tile_elements=tile, element_size=element_size, reads=reads, writes=writes,
+                             active_lanes=lanes)
+    return dict(stats, programs=launch.programs, sass=asdict(facts)), cubin
+
+
 def inspect_kernels(archs: Iterable[str], dtypes: Iterable[str], layouts: Iterable[str],
-                    progress=None) -> list[CompiledKernel]:
-    """Compile every distinct launch of the representative calls for each arch."""
+                    progress=None, calls: dict | None = None, per_call: bool = False,
+                    cubins: dict | None = None) -> list[CompiledKernel]:
+    """Compile every distinct launch of the representative calls (``calls``: a table like
+    ``LAYOUTS``) for each arch; ``per_call``: a row for every launch of every call, not only
+    the first of each distinct kernel; ``cubins``: filled with row index -> cubin bytes."""
+    from .plan import plan_view
+
     rows, seen = [], set()
     for dtype_name in dtypes:
         for layout in layouts:
-            for shape, axis, memory_format in LAYOUTS[layout]:
+            for shape, axis, memory_format in (calls or LAYOUTS).get(layout, []):
+                x = _meta_data(shape, memory_format)
+                plan = plan_view(shape, axis, [x.stride(), x.stride()])
                 for op in OPS:
                     for launch in captured_launches(shape, axis, memory_format, DTYPES[dtype_name], op):
                         key = (launch.name, dtype_name, layout, launch.config, tuple(sorted(launch.constexprs.items())))
-                        if key in seen:
+                        if key in seen and not per_call:
                             continue
                         seen.add(key)
                         for arch in archs:
                             if progress:
                                 progress(f"{arch} {dtype_name} {layout} {op} {launch.name}")
-                            stats = compile_launch(launch, arch)
+                            stats, cubin = inspect_launch(launch, arch, plan, DTYPES[dtype_name].itemsize)
+                            if cubins is not None:
+                                cubins[len(rows)] = cubin
                             rows.append(CompiledKernel(launch.name, _role(launch.name, op), dtype_name, layout, op,
                                                        asdict(launch.config), arch, **stats, shape=tuple(shape),
                                                        vector_aligned=_aligned(shape, axis, memory_format)))
@@ -306,25 +383,77 @@ def format_table(rows: list[CompiledKernel]) -> str:
     return "\n".join(lines)
 
 
+def format_sass_table(rows: list[CompiledKernel]) -> str:
+    """The SASS facts of each row (``perf/sass.py``): per element of the hot loop (``loop``) or
+    of a loop-free program's tile, and the launch's residency."""
+    header = (f"{'arch':6s} {'dtype':5s} {'op':16s} {'layout':13s} {'shape':14s} {'kernel':34s} {'loop':>4s} "
+              f"{'inst/el':>7s} {'bar':>3s} {'mufu/el':>7s} {'ld':>3s} {'st':>3s} {'cta/sm':>6s} {'waves':>5s} "
+              f"{'last':>4s} {'lanes':>5s} {'ceiling TB/s':>12s}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        f = r.sass
+        lines.append(f"{r.arch:6s} {r.dtype:5s} {r.op:16s} {r.layout:13s} {'x'.join(map(str, r.shape)):14s} "
+                     f"{r.kernel:34s} {'yes' if f['in_loop'] else 'no':>4s} {f['instructions_per_element']:7.2f} "
+                     f"{f['barriers']:3g} {f['mufu_per_element']:7.2f} {f['widest_load_bits']:3d} "
+                     f"{f['widest_store_bits']:3d} {f['ctas_per_sm']:6d} {f['waves']:5.2f} {f['last_wave_fill']:4.0%} "
+                     f"{f['active_lanes']:5.0%} {f['issue_ceiling_tbs']:12.2f}")
+    lines.append("inst/el, mufu/el: SASS instructions a thread issues x threads / elements, per hot-loop iteration "
+                 "(loop: yes) or loop-free program; bar: barriers per tile of the hot loop (per program); last: fill of the "
+                 "last wave; lanes: active-lane fraction of the tiles; ceiling: the bandwidth instruction issue "
+                 "alone allows (modelled: perf/sass.py GPUS, no stalls)")
+    return "\n".join(lines)
+
+
+def write_cubins(directory: str, rows: list[CompiledKernel], cubins: dict) -> str:
+    """Write each distinct cubin once (named by kernel, arch and content hash) and ``index.json``
+    with a row per launch: kernel, arch, dtype, layout, shape, op, config, programs, cubin."""
+    import hashlib
+
+    os.makedirs(directory, exist_ok=True)
+    index = []
+    for number, row in enumerate(rows):
+        cubin = cubins[number]
+        name = f"{row.kernel}-{row.arch}-{hashlib.sha256(cubin).hexdigest()[:12]}.cubin"
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            with open(path, "wb") as handle:
+                handle.write(cubin)
+        index.append(dict(kernel=row.kernel, arch=row.arch, dtype=row.dtype, layout=row.layout, shape=list(row.shape),
+                          op=row.op, config=row.config, programs=row.programs, cubin=name))
+    index_path = os.path.join(directory, "index.json")
+    with open(index_path, "w") as handle:
+        json.dump(index, handle, indent=1)
+    return index_path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="target (repeatable; default both)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
-                        help="data dtype (repeatable; default fp16, bf16, fp32)")
+                        help="data dtype (repeatable; default fp16, bf16, fp32; bf16, fp32 with --calls streaming)")
     parser.add_argument("--layout", action="append", choices=sorted(LAYOUTS), help="layout (default all)")
+    parser.add_argument("--calls", choices=sorted(CALL_SETS), default="representative",
+                        help="representative: every distinct kernel of the representative calls (default); "
+                             "streaming: every launch of issue 14's streaming calls, with the SASS facts table")
     parser.add_argument("--json", metavar="FILE", help="write the report as a JSON list")
+    parser.add_argument("--cubin-dir", metavar="DIR", help="write every cubin and index.json (a row per launch)")
 
 
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("tritonbn inspect compiles kernels: unset TRITON_INTERPRET")
-    rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or DEFAULT_DTYPES,
-                           args.layout or list(LAYOUTS),
+    streaming = args.calls == "streaming"
+    calls = CALL_SETS[args.calls]
+    cubins: dict | None = {} if args.cubin_dir else None
+    rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or (STREAMING_DTYPES if streaming else DEFAULT_DTYPES),
+                           args.layout or list(calls), calls=calls, per_call=streaming, cubins=cubins,
                            progress=lambda text: print(f"compiling {text}", file=sys.stderr, flush=True))
-    print(format_table(rows))
+    print(format_sass_table(rows) if streaming else format_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([asdict(r) for r in rows], handle, indent=1)
         print(f"wrote {len(rows)} kernels to {args.json}")
+    if args.cubin_dir:
+        print(f"wrote {len(rows)} launches to {write_cubins(args.cubin_dir, rows, cubins)}")
     spilling = [r for r in rows if r.spills]
     approximating = [r for r in rows if r.unexpected_approximations()]
     for r in approximating:
