@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import pytest
@@ -368,3 +369,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         msg=lambda m: f"{what}: {m}",
     )
 
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compiling_env() -> dict[str, str]:
+    """The environment of a subprocess that compiles kernels (this process imported Triton
+    interpreted, and Triton decides that at import): TRITON_INTERPRET unset, the repository first
+    on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

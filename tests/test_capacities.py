@@ -10,7 +10,6 @@ process imported the kernels interpreted); the support matrix runs this file on 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 
 from tritonbn.autotune.config import SINGLE_PASS_CAPACITY
 from tritonbn.perf.capacities import CLASSES, OPS, PROBE_DTYPES, committed_tables, derived_capacity
+
+from helpers import compiling_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MATRIX_TRITONS = sorted({line.split()[2].split("==")[1] for line in (ROOT / "scripts" / "matrix.txt").read_text()
@@ -40,8 +41,7 @@ def test_capacities_are_the_worst_versions_largest_spill_free_tile(op, cls):
 
 
 def test_capacities_compile_without_spills_on_this_triton():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = compiling_env()
     result = subprocess.run([sys.executable, "-m", "tritonbn", "capacities", "--check", "--dtype", "fp16",
                              "--dtype", "bf16", "--dtype", "fp32", "--dtype", "fp64"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)

@@ -10,7 +10,6 @@ kernels in interpreter mode (conftest), and Triton decides that at import.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tritonbn.inspect import CompiledKernel, _widest_access, approximate_ops
+
+from helpers import compiling_env
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_NAMES = {
@@ -32,8 +33,7 @@ def _inspect(arguments: list[str]) -> list[dict]:
     """Run ``tritonbn inspect`` with ``arguments`` in a compiling (not interpreting) process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "kernels.json"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env = compiling_env()
         result = subprocess.run([sys.executable, "-m", "tritonbn", "inspect", *arguments, "--json", str(out)],
                                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -144,8 +144,7 @@ def test_a_plain_float32_division_is_what_the_check_catches():
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "divisions.py"  # triton.jit reads the kernel's source from a file
         script.write_text(_DIVISIONS)
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env = compiling_env()
         result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
                                 timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

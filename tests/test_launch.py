@@ -13,12 +13,13 @@ dtype, shape and strides: outputs are new allocations) in both.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import compiling_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +87,7 @@ CASES = [  # (shape, layout, mode): every path of both families
 @pytest.fixture(scope="module")
 def compared() -> dict[str, list[dict]]:
     """Every case's two calls, from one compiling subprocess."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = compiling_env()
     cases = [",".join(case) for case in CASES]
     result = subprocess.run([sys.executable, "-c", _COMPARE, *cases], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=900)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from types import SimpleNamespace
 import pytest
 
 from tritonbn.perf import overhead
+
+from helpers import compiling_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = "4x4x128x128"  # a channel's slice (65536) beyond one program: the split path, 2 + 2 launches
@@ -47,8 +48,7 @@ def cpu_run() -> SimpleNamespace:
     """``tritonbn overhead --method cpu --quick`` on a small split-path shape, in a compiling process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "overhead.json"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env = compiling_env()
         result = subprocess.run([sys.executable, "-c", _RUN_AND_CHECK, "overhead", "--method", "cpu", "--quick",
                                  "--shape", SHAPE, "--json", str(out)],
                                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

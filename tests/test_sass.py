@@ -6,7 +6,6 @@ and ``inspect --calls streaming --cubin-dir``'s index of launches and cubins."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ import torch
 
 from tritonbn.inspect import OPS, STREAMING_CALLS, captured_launches
 from tritonbn.perf import sass
+
+from helpers import compiling_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,16 +92,10 @@ def test_waves_and_last_wave_fill():
     assert sass.waves(gpu, 132 * 2 + 66, 2) == (1.25, 0.25)
 
 
-def _compiling_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.fixture(scope="module", params=["sm_80", "sm_90"])
 def known_kernels(request) -> dict:
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "sass_kernels.py"), request.param],
-                            capture_output=True, text=True, env=_compiling_env(), cwd=ROOT, timeout=600)
+                            capture_output=True, text=True, env=compiling_env(), cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -135,7 +130,7 @@ def test_streaming_calls_write_a_cubin_index():
         result = subprocess.run([sys.executable, "-m", "tritonbn", "inspect", "--calls", "streaming", "--arch", "sm_90",
                                  "--dtype", "bf16", "--layout", "channels_last", "--json", str(report),
                                  "--cubin-dir", str(cubins)],
-                                capture_output=True, text=True, env=_compiling_env(), cwd=ROOT, timeout=600)
+                                capture_output=True, text=True, env=compiling_env(), cwd=ROOT, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         rows, index = json.loads(report.read_text()), json.loads((cubins / "index.json").read_text())
         assert len(rows) == len(index) == _launches_of(STREAMING_CALLS["channels_last"], torch.bfloat16)
@@ -144,8 +139,8 @@ def test_streaming_calls_write_a_cubin_index():
                 {k: row[k] for k in ("kernel", "arch", "dtype", "layout", "op", "config", "programs")}
             assert entry["shape"] == list(row["shape"]) and entry["programs"] > 0
             parsed = sass.parse(sass.disassemble((cubins / entry["cubin"]).read_bytes()))
-            assert len(sass.hot_loop(parsed) and sass._in(sass.hot_loop(parsed), parsed) or parsed.instructions) \
-                == row["sass"]["instructions"]
+            loop, region = sass.hot_region(parsed)
+            assert (loop is not None, len(region)) == (row["sass"]["in_loop"], row["sass"]["instructions"])
         assert {row["kernel"] for row in rows if row["op"] == "training_forward"} >= {"channel_minor_stats"}
         stats = [row["sass"] for row in rows if row["kernel"] == "channel_minor_stats"]
         assert all(f["in_loop"] and f["instructions_per_element"] > 0 for f in stats)

@@ -55,7 +55,9 @@ def channel_major_persistent_forward_kernel(
     x_ptr, y_ptr,  # (outer, C, inner) views
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
     mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
-    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias, outer_mid, outer_lo,  # inverse_m, unbias: 1/m, m/(m-1) in float32 (host)
+    C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo,
+    inverse_m, unbias,  # 1 / m and m / (m - 1), correctly rounded to float32 (host)
+    outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -97,7 +99,9 @@ def channel_minor_persistent_forward_kernel(
     x_ptr, y_ptr,  # rows x C matrices: row r = o * inner + i
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
     mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
-    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias, outer_mid, outer_lo,  # inverse_m, unbias: 1/m, m/(m-1) in float32 (host)
+    C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo,
+    inverse_m, unbias,  # 1 / m and m / (m - 1), correctly rounded to float32 (host)
+    outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
@@ -119,6 +123,9 @@ def channel_minor_persistent_forward_kernel(
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
     mean_z, var_z, _, centred_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows, inverse_m)
+    # without unbias: finish_statistics then divides (shifted mean, m / (m - 1)); its product
+    # form spilled 88-136 bytes here (vector fp16/bf16 at 16384, Triton 3.6), where the
+    # channel-major kernel needs the product form to stay spill-free (scalar fp16 at 8192, sm_80)
     _, invstd_z, g, beta = finish_statistics(
         c, c_mask, C, pilot, mean_z, var_z, scale, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,

@@ -117,11 +117,20 @@ def _global_loads(opcodes: list[str]) -> int:
 
 def hot_loop(sass: Sass) -> tuple[int, int] | None:
     """The innermost loop with the most global loads (ties: the longest), None without one."""
-    innermost = [r for r in loops(sass) if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in loops(sass))]
-    streaming = [r for r in innermost if _global_loads(_in(r, sass))]
+    found = loops(sass)
+    innermost = [r for r in found if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in found)]
+    loads = {r: _global_loads(_in(r, sass)) for r in innermost}
+    streaming = [r for r in innermost if loads[r]]
     if not streaming:
         return None
-    return max(streaming, key=lambda r: (_global_loads(_in(r, sass)), r[1] - r[0]))
+    return max(streaming, key=lambda r: (loads[r], r[1] - r[0]))
+
+
+def hot_region(sass: Sass) -> tuple[tuple[int, int] | None, list[str]]:
+    """(the hot loop or None, the opcodes the facts count): the hot loop's body, or the whole
+    kernel body where there is no loop."""
+    loop = hot_loop(sass)
+    return loop, (_in(loop, sass) if loop else [op for _, op in sass.instructions])
 
 
 def access_bits(opcode: str) -> int:
@@ -227,8 +236,7 @@ def issue_facts(sass: Sass, arch: str, *, num_warps: int, registers: int, shared
     iteration then spans several tiles).
     """
     gpu = GPUS[arch]
-    loop = hot_loop(sass)
-    region = _in(loop, sass) if loop else [op for _, op in sass.instructions]
+    loop, region = hot_region(sass)
     threads = 32 * num_warps
     elements = tile_elements
     if loop is not None and _load_bits(region):
