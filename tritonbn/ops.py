@@ -44,7 +44,7 @@ from .autotune.config import (
 )
 from .cpu_backend import CpuBackend
 from .launch import CapturedLaunch, Launch, cdiv, dry_run, f32_ratio, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
-from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled,
+from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled, kernel_view,
                    layout_strides, plan_view)
 from .validation import Settings, validate
 
@@ -107,6 +107,7 @@ def statistics_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings | No
     shifted mean), which the backward reuses.  The moving statistics are updated in place.
     Without ``settings`` pass ``partial`` for the tensors after it (unused).
     """
+    plan = kernel_view(plan)
     k = _kernels().stats
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
     programs = launch_programs(REDUCE, plan, cfg)
@@ -137,6 +138,7 @@ def elementwise_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings, *,
     center/invstd are written; otherwise from coef (the [C] tensors are then unused: pass any).
     Without x or dy, pass another tensor of the call in its place (it is not read).
     """
+    plan = kernel_view(plan)
     k = _kernels().elementwise
     x_strides = plan.strides[0]
     dy_strides = plan.strides[1] if has_dy else x_strides
@@ -168,6 +170,7 @@ def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings
     [2, C, P] out, tickets (int32 zeros, ``tickets``), invstd [C], gamma, dgamma [C] out, dbeta
     [C] out, coef [6, C] out).  Without ``settings`` pass ``partial`` for the tensors after it.
     """
+    plan = kernel_view(plan)
     k = _kernels().backward
     rows_per_split, cols_per_split = _split_extents(plan, cfg)
     programs = launch_programs(REDUCE, plan, cfg)
@@ -192,6 +195,7 @@ def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Setti
     """Training forward in one pass (a channel's slice fits a program): writes y, mean, invstd
     and center, updates the moving statistics in place.  Tensors: (x, y, gamma, beta,
     moving_mean, moving_var, mean [C] out, invstd [C] out, center [2, C] out)."""
+    plan = kernel_view(plan)
     k = _kernels().persistent
     scalars = (*f64_halves(settings.eps), *f64_halves(settings.momentum), *_count_ratios(plan.m),
                plan.outer_mid, plan.outer_lo)
@@ -210,6 +214,7 @@ def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Setti
 def persistent_backward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
     """Backward in one pass (a channel's slice fits a program): writes dx, dgamma, dbeta.
     Tensors: (x, dy, dx, center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out)."""
+    plan = kernel_view(plan)
     k = _kernels().persistent
     flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64)
     strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])

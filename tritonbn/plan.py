@@ -110,6 +110,18 @@ class ViewPlan:
         return self.outer * self.inner
 
 
+def kernel_view(plan: ViewPlan) -> ViewPlan:
+    """The view the kernels are launched with: ``plan`` itself, except a channel-minor plan of one
+    outer row (channels_last, ``axis=-1``: rows r = i at stride_inner), whose rows become outer
+    rows of the highest group (stride_inner) with inner, outer_mid and outer_lo 1.  Triton
+    specialises arguments equal to 1 as constants, so the kernels' per-row ``r // inner`` and
+    ``r % inner`` (an integer division each tile) fold away; every address is the same."""
+    if plan.family != CHANNEL_MINOR or plan.outer != 1 or plan.inner == 1:
+        return plan
+    strides = tuple((inner, 0, 0, channel, inner) for _, _, _, channel, inner in plan.strides)
+    return ViewPlan(plan.inner, plan.channels, 1, 1, 1, plan.family, strides, plan.int64)
+
+
 def plan_view(
     shape: Sequence[int], axis: int, strides: Sequence[Sequence[int]]
 ) -> ViewPlan | None:
