@@ -213,8 +213,10 @@ def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Setti
 
 def persistent_backward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
     """Backward in one pass (a channel's slice fits a program): writes dx, dgamma, dbeta.
-    Tensors: (x, dy, dx, center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out)."""
-    plan = kernel_view(plan)
+    Tensors: (x, dy, dx, center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out).
+    (Launched on ``plan`` itself, not ``kernel_view``'s: with inner = 1 specialised, ptxas spilled
+    the channel-minor kernel at its scalar-load capacity, 16 bytes at 8192 elements on Triton
+    3.8 and 3.9, which would halve that capacity.)"""
     k = _kernels().persistent
     flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64)
     strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])

@@ -543,7 +543,7 @@ _CAPACITY_TABLE = {  # (fp16, bf16, fp32, fp64)
     FORWARD: {
         CHANNEL_MAJOR: {"vector": (32768, 32768, 32768, 16384), "scalar": (16384, 16384, 16384, 8192),
                         "four_group": (16384, 32768, 16384, 8192)},
-        CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 16384, 8192, 8192),
+        CHANNEL_MINOR: {"vector": (16384, 16384, 32768, 8192), "scalar": (16384, 32768, 16384, 16384),
                         "four_group": (8192, 8192, 16384, 8192)},
     },
     BACKWARD: {
