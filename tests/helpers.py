@@ -291,8 +291,10 @@ STEP_DEFAULTS = dict(eps=1e-3, momentum=0.9, fix_gamma=False, use_global_stats=F
 def expected(inp: Inputs, dy: torch.Tensor | None, **op_kwargs) -> dict[str, torch.Tensor]:
     """Every output of one step (``OUTPUTS``; ``FORWARD_OUTPUTS`` without ``dy``) by
     ``tritonbn.reference`` in float64, on copies of the moving statistics (``inp`` is not
-    modified)."""
+    modified).  A fused step (``act_type``, ``addend`` in ``op_kwargs``) also gives "daddend";
+    its ReLU passes the gradient where the output rounded to the data dtype is positive."""
     kw = {**STEP_DEFAULTS, **op_kwargs}
+    addend, relu = kw.pop("addend", None), kw.pop("act_type", None) == "relu"
     ax = kw["axis"] % inp.x.dim()
     batch_stats = kw["training"] and not kw["use_global_stats"]
     x, gamma = inp.x.detach().double(), inp.gamma.detach().double()
@@ -300,29 +302,45 @@ def expected(inp: Inputs, dy: torch.Tensor | None, **op_kwargs) -> dict[str, tor
     y, mean, invstd = reference.forward(
         x, gamma, inp.beta.detach().double(), mm, mv, axis=ax, eps=kw["eps"], momentum=kw["momentum"],
         fix_gamma=kw["fix_gamma"], batch_stats=batch_stats, update_moving=batch_stats,
-        unbiased_update=kw["unbiased_update"])
+        unbiased_update=kw["unbiased_update"], addend=None if addend is None else addend.detach().double(), relu=relu)
     forward = dict(y=y, mean=mean, invstd=invstd, moving_mean=mm, moving_var=mv)
     if dy is None:
         return forward
-    dx, dgamma, dbeta = reference.backward(dy.double(), x, gamma, mean, invstd, axis=ax, fix_gamma=kw["fix_gamma"],
+    dy = dy.double()
+    if relu:
+        dy = reference.gate(dy, reference.relu_passes(y.to(inp.x.dtype)))
+    dx, dgamma, dbeta = reference.backward(dy, x, gamma, mean, invstd, axis=ax, fix_gamma=kw["fix_gamma"],
                                            batch_stats=batch_stats)
-    return dict(forward, dx=dx, dgamma=dgamma, dbeta=dbeta)
+    return dict(forward, dx=dx, dgamma=dgamma, dbeta=dbeta, **({} if addend is None else dict(daddend=dy)))
 
 
 def run_step(inp: Inputs, dy: torch.Tensor, **op_kwargs) -> tuple[dict[str, torch.Tensor], tritonbn.trace.Trace]:
     """One forward (``output_mean_var``) and backward (for data, gamma and beta) through
     ``tritonbn.batch_norm`` on the current path; ``inp``'s moving statistics are updated as
-    the op does.  Returns every output (``OUTPUTS``) and the trace of both ops."""
+    the op does.  Returns every output (``OUTPUTS``, and "daddend" for a fused ``addend``) and the
+    trace of both ops."""
     kw = {**STEP_DEFAULTS, **op_kwargs}
     # detached, not copied: a write into any input shows in ``inp``
     x, gamma, beta = (t.detach().requires_grad_(True) for t in (inp.x, inp.gamma, inp.beta))
+    addend = kw.pop("addend", None)
+    wrt = (x, gamma, beta)
+    if addend is not None:
+        addend = addend.detach().requires_grad_(True)
+        wrt += (addend,)
     with tritonbn.trace.capture() as trace:
         y, mean, invstd = tritonbn.batch_norm(x, gamma, beta, inp.moving_mean, inp.moving_var, output_mean_var=True,
-                                              **kw)
-        dx, dgamma, dbeta = torch.autograd.grad(y, (x, gamma, beta), dy)
+                                              **kw, **({} if addend is None else dict(addend=addend)))
+        grads = torch.autograd.grad(y, wrt, dy)
     got = dict(y=y.detach(), mean=mean, invstd=invstd, moving_mean=inp.moving_mean, moving_var=inp.moving_var,
-               dx=dx, dgamma=dgamma, dbeta=dbeta)
+               dx=grads[0], dgamma=grads[1], dbeta=grads[2], **({} if addend is None else dict(daddend=grads[3])))
     return got, trace
+
+
+def make_addend(inp: Inputs, layout: str = "contiguous", seed: int = 5) -> torch.Tensor:
+    """A random addend for ``inp``'s data (its shape and dtype, on ``DEVICE``) in ``layout``."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(tuple(inp.x.shape), generator=gen, dtype=torch.float64).to(inp.x.dtype)
+    return apply_layout(values.to(DEVICE), layout, 0)
 
 
 class Result(NamedTuple):

@@ -871,6 +871,28 @@ class CpuBackend:
         center = _center(mean, acc)
         return y, center[0], _acc_tensor(invstd, acc), center, x
 
+    def fused_forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, addend,
+                      keep_stats: bool = True, keep_mask: bool = True):
+        """(y, mean, invstd, center, x, mask) of relu(bn(x) [+ addend]): the plain forward, then
+        the addend and the ReLU on y in the accumulation dtype (y rounded twice: within the
+        tolerance of one more rounding); mask (bool) is where y is positive, with the ReLU."""
+        y, mean, invstd, center, x_read = self.forward(x, gamma, beta, moving_mean, moving_var, settings, out,
+                                                       keep_stats)
+        acc = reference.stat_dtype(x.dtype)
+        value = y.to(acc) if addend is None else y.to(acc) + addend.to(acc)
+        if settings.relu:
+            value = torch.where(value < 0, 0.0, value)  # NaN kept, as torch.relu
+        if value is not y:
+            y.copy_(value)
+        return y, mean, invstd, center, x_read, reference.relu_passes(y) if settings.relu and keep_mask else None
+
+    def fused_backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask=None):
+        """(dx, dgamma, dbeta, daddend): ``backward`` of dy gated by the forward's mask."""
+        if settings.relu and mask is not None:
+            dy = reference.gate(dy, mask)
+        dx, dgamma, dbeta = self.backward(dy, x, gamma, center, invstd, settings, beta_dtype)
+        return dx, dgamma, dbeta, dy if settings.addend else None
+
     @staticmethod
     def _update(x, mean: np.ndarray, var: np.ndarray, moving_mean, moving_var, settings: Settings) -> None:
         """The moving-average update of ``reference.forward`` (float64, any momentum)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import os
 import re
@@ -38,7 +39,7 @@ import torch
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                 torch.int32: "i32"}  # int32: the split path's tickets
+                 torch.int32: "i32", torch.uint8: "u8"}  # int32: the split path's tickets; uint8: a fused ReLU's bits
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 DEFAULT_DTYPES = ["fp16", "bf16", "fp32"]  # fp64 (float64 accumulation) on request: --dtype fp64
 
@@ -132,11 +133,16 @@ def _role(kernel: str, op: str) -> str:
     return "backward"
 
 
-def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -> list[Any]:
-    """The launches tritonbn would make for one call (dry run on meta tensors)."""
+FUSIONS = {"relu": ("relu", False), "add": (None, True), "add_relu": ("relu", True)}  # (act_type, addend)
+
+
+def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str, fusion: str | None = None
+                      ) -> list[Any]:
+    """The launches tritonbn would make for one call (dry run on meta tensors), fused with
+    ``fusion`` (a key of ``FUSIONS``: the addend in the data's layout) when given."""
     from . import ops
     from .autotune.config import H100_PROFILE, override_profile
-    from .validation import validate
+    from .validation import validate, validate_fusion
 
     x = _meta_data(shape, memory_format, dtype)
     channels = shape[axis]
@@ -147,10 +153,20 @@ def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str) -
                         axis=axis, out=None, training=training, unbiased_update=False)
     backend = ops.TritonBackend()
     with override_profile(H100_PROFILE), ops.dry_run() as launches:
-        y, _, invstd, center, x_read = backend.forward(x, *params, settings, None)
+        if fusion is None:
+            y, _, invstd, center, x_read = backend.forward(x, *params, settings, None)
+            mask = None
+        else:
+            act_type, with_addend = FUSIONS[fusion]
+            addend = torch.empty_like(x) if with_addend else None
+            settings = validate_fusion(settings, x, act_type, addend, None)
+            y, _, invstd, center, x_read, mask = backend.fused_forward(x, *params, settings, None, addend,
+                                                                       keep_mask=op == "backward")
         if op == "backward":
             launches.clear()
-            backend.backward(torch.empty_like(y), x_read, params[0], center, invstd, settings, params[1].dtype)
+            run = backend.backward if fusion is None else backend.fused_backward
+            run(torch.empty_like(y), x_read, params[0], center, invstd, settings, params[1].dtype,
+                *(() if fusion is None else (mask,)))
     return launches
 
 
@@ -171,6 +187,9 @@ def _meta_data(shape, memory_format, dtype: torch.dtype = torch.float32) -> torc
 def _specialise(fn, args: tuple, constexprs: dict) -> tuple[dict, dict, dict]:
     """Signature, constants and attributes of a call, as Triton's JIT specialises them."""
     names = [p.name for p in fn.params if not p.is_constexpr]
+    defaults = {p.name: p.default for p in fn.params
+                if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}  # the constexprs a launch leaves at their defaults too
     signature, constants, attrs = {}, dict(constexprs), {}
     for index, (name, value) in enumerate(zip(names, args)):
         position = fn.arg_names.index(name)

@@ -26,6 +26,7 @@ import torch
 from . import reference, trace
 from .autotune.config import (
     BACKWARD,
+    BITMASK_GROUP,
     ELEMENTWISE,
     FORWARD,
     INFERENCE,
@@ -34,9 +35,11 @@ from .autotune.config import (
     KernelConfig,
     decision_context,
     device_profile,
+    bitmask_elementwise,
     elementwise_config,
     environment,
     finalize_config,
+    fused_persistent,
     interpreting,
     launch_programs,
     persistent_config,
@@ -46,7 +49,7 @@ from .cpu_backend import CpuBackend
 from .launch import CapturedLaunch, Launch, cdiv, dry_run, f32_ratio, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
 from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled, kernel_view,
                    layout_strides, plan_view)
-from .validation import Settings, validate
+from .validation import Settings, validate, validate_fusion
 
 __all__ = ["batch_norm", "backend_for"]
 
@@ -92,6 +95,16 @@ def _count_ratios(m: int) -> tuple[float, float]:
     return f32_ratio(1, count), f32_ratio(count, previous)
 
 
+def _fused_flags(settings: Settings | None, cfg: KernelConfig, bits: bool = False) -> dict[str, Any]:
+    """The fused epilogue's constexprs (none for a plain call, whose kernels then compile as
+    before): RELU, ADDEND, the bit mask's GROUP of columns per byte (``kernels/common.py``) and,
+    for a forward, BITS: it writes the ReLU's decisions (a backward will read them)."""
+    if settings is None or not (settings.relu or settings.addend):
+        return {}
+    flags = dict(RELU=settings.relu, ADDEND=settings.addend, GROUP=min(BITMASK_GROUP, cfg.block_cols))
+    return dict(flags, BITS=True) if bits else flags
+
+
 def _float64_bits(value: float) -> int:
     """A float64's bits as an int64 kernel argument (Triton passes float scalars as float32)."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
@@ -129,23 +142,35 @@ def statistics_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings | No
 
 
 def elementwise_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings, *, has_x: bool, has_dy: bool,
-                       from_moving: bool) -> Launch:
+                       from_moving: bool, bits: bool = False) -> Launch:
     """out = ((x - mean) * invstd) * x_coef + dy * dy_coef + const per channel.
 
     Tensors: (x, dy, out, coef [6, C], moving_mean, moving_var, gamma, beta, center [2, C] out,
-    invstd [C] out).  ``plan.strides`` are those of (x, out) or (x, dy, out).  With
+    invstd [C] out, mask, daddend).  ``plan.strides`` are those of (x, out) or (x, dy, out).  With
     ``from_moving`` the coefficients come from the moving statistics (and gamma, beta), and
     center/invstd are written; otherwise from coef (the [C] tensors are then unused: pass any).
     Without x or dy, pass another tensor of the call in its place (it is not read).
+
+    Fused (``settings.relu`` / ``settings.addend``): a forward takes the addend in dy's slot
+    (``has_dy`` False, ``plan.strides`` of (x, out, addend)) and writes the ReLU's bits into
+    mask; a backward passes dy where the forward's output was positive (bits from mask with an
+    addend, writing daddend in out's strides; else recomputed from x and the forward's
+    coefficients in center [6, C]).  ``bits``: the forward writes the ReLU's decisions into
+    mask.  A plain call passes any tensor for mask and daddend.
     """
     plan = kernel_view(plan)
     k = _kernels().elementwise
+    fused = _fused_flags(settings, cfg, bits)
     x_strides = plan.strides[0]
-    dy_strides = plan.strides[1] if has_dy else x_strides
-    strides = (*x_strides, *dy_strides, *plan.strides[-1])
+    if has_dy:
+        dy_strides, out_strides = plan.strides[1], plan.strides[2]
+    else:  # a forward: (x, out) or (x, out, addend)
+        dy_strides = plan.strides[2] if settings.addend else x_strides
+        out_strides = plan.strides[1]
+    strides = (*x_strides, *dy_strides, *out_strides)
     eps = f64_halves(settings.eps)
     flags = dict(HAS_X=has_x, HAS_DY=has_dy, FROM_MOVING=from_moving, FIX_GAMMA=settings.fix_gamma,
-                 INT64=plan.int64)
+                 INT64=plan.int64, **fused)
     if plan.family == CHANNEL_MAJOR:
         tiles_o, tiles_i = cdiv(plan.outer, cfg.block_rows), cdiv(plan.inner, cfg.block_cols)
         scalars = (plan.channels, plan.outer, plan.inner, *eps, plan.outer_mid, plan.outer_lo, *strides,
@@ -168,7 +193,8 @@ def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings
 
     Tensors: (x, dy, center [2, C] (the forward's mean as (pilot, shifted mean)), partial
     [2, C, P] out, tickets (int32 zeros, ``tickets``), invstd [C], gamma, dgamma [C] out, dbeta
-    [C] out, coef [6, C] out).  Without ``settings`` pass ``partial`` for the tensors after it.
+    [C] out, coef [6, C] out, mask (the fused forward's bits; any tensor otherwise)).  Without
+    ``settings`` pass ``partial`` for the tensors after it.
     """
     plan = kernel_view(plan)
     k = _kernels().backward
@@ -177,7 +203,7 @@ def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings
     finalize = settings is not None
     tail = _finalize_tail(plan, cfg) if finalize else dict(BLOCK_P=1, TAIL_C=1)
     flags = dict(INT64=plan.int64, FINALIZE=finalize, FIX_GAMMA=finalize and settings.fix_gamma,
-                 BATCH_STATS=finalize and settings.batch_stats)
+                 BATCH_STATS=finalize and settings.batch_stats, **_fused_flags(settings, cfg))
     inverse = (_count_ratios(plan.m)[0], _float64_bits(1.0 / plan.m))
     if plan.family == CHANNEL_MAJOR:
         scalars = (plan.channels, plan.outer, plan.inner, plan.m, plan.outer_mid, plan.outer_lo,
@@ -191,17 +217,20 @@ def backward_reduce_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings
                   scalars, dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags, **tail))
 
 
-def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
+def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings, bits: bool = False) -> Launch:
     """Training forward in one pass (a channel's slice fits a program): writes y, mean, invstd
     and center, updates the moving statistics in place.  Tensors: (x, y, gamma, beta,
-    moving_mean, moving_var, mean [C] out, invstd [C] out, center [2, C] out)."""
-    plan = kernel_view(plan)
+    moving_mean, moving_var, mean [C] out, invstd [C] out, center [2, C] out ([6, C] with a
+    fused ReLU), addend, mask (the ReLU's bits out)); ``plan.strides`` of (x, y) or (x, y,
+    addend); ``bits``: it writes the ReLU's decisions into mask.  A plain call passes any tensor
+    for addend and mask.  (Launched on ``plan`` itself, as the backward: ``kernel_view``'s
+    channel-minor tiles spilled at capacities probed with it, 16 bytes for fp64 [8192, 2].)"""
     k = _kernels().persistent
     scalars = (*f64_halves(settings.eps), *f64_halves(settings.momentum), *_count_ratios(plan.m),
                plan.outer_mid, plan.outer_lo)
     flags = dict(FIX_GAMMA=settings.fix_gamma, UPDATE_MOVING=True, UNBIASED=settings.unbiased_update,
-                 INT64=plan.int64)
-    strides = (*plan.strides[0], *plan.strides[1])
+                 INT64=plan.int64, **_fused_flags(settings, cfg, bits))
+    strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2 if settings.addend else 0])
     if plan.family == CHANNEL_MAJOR:
         return Launch(k.channel_major_persistent_forward_kernel, "channel_major_persistent_forward",
                       launch_programs(PERSISTENT, plan, cfg), cfg, (plan.channels, plan.outer, plan.inner, plan.m, *scalars, *strides),
@@ -213,12 +242,14 @@ def persistent_forward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Setti
 
 def persistent_backward_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings) -> Launch:
     """Backward in one pass (a channel's slice fits a program): writes dx, dgamma, dbeta.
-    Tensors: (x, dy, dx, center [2, C], invstd [C], gamma, dgamma [C] out, dbeta [C] out).
-    (Launched on ``plan`` itself, not ``kernel_view``'s: with inner = 1 specialised, ptxas spilled
-    the channel-minor kernel at its scalar-load capacity, 16 bytes at 8192 elements on Triton
-    3.8 and 3.9, which would halve that capacity.)"""
+    Tensors: (x, dy, dx, center [2, C] ([6, C] fused ReLU), invstd [C], gamma, dgamma [C] out,
+    dbeta [C] out, mask (the fused forward's bits), daddend out (dx's strides)); a plain call
+    passes any tensor for mask and daddend.  (Launched on ``plan`` itself, not ``kernel_view``'s:
+    with inner = 1 specialised, ptxas spilled the channel-minor kernel at its scalar-load
+    capacity, 16 bytes at 8192 elements on Triton 3.8 and 3.9.)"""
     k = _kernels().persistent
-    flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64)
+    flags = dict(FIX_GAMMA=settings.fix_gamma, BATCH_STATS=settings.batch_stats, INT64=plan.int64,
+                 **_fused_flags(settings, cfg))
     strides = (*plan.strides[0], *plan.strides[1], *plan.strides[2])
     if plan.family == CHANNEL_MAJOR:
         return Launch(k.channel_major_persistent_backward_kernel, "channel_major_persistent_backward",
@@ -244,7 +275,7 @@ def launch_persistent_forward(x: torch.Tensor, y: torch.Tensor, plan: ViewPlan, 
     """Run ``persistent_forward_launch`` with ``params`` (gamma, beta, moving_mean, moving_var):
     returns (mean, invstd, center [2, C]) and writes y."""
     mean, invstd, center = _stat_outputs(plan.channels, acc, x.device)
-    persistent_forward_launch(plan, cfg, settings)(x, y, *params, mean, invstd, center)
+    persistent_forward_launch(plan, cfg, settings)(x, y, *params, mean, invstd, center, x, x)
     return mean, invstd, center
 
 
@@ -346,6 +377,13 @@ class CallPlan:
         y_strides: (forward) the strides of y: out's, or x's layout made dense.
         y_like_x: (forward, no out) y has x's strides: ``torch.empty_like(x)`` allocates it
             (cheaper than ``empty_strided``).
+        dense_addend: (fused forward) the addend shares no view plan with x and y: the kernels
+            read a dense copy.
+        mask_bytes: (fused ReLU with an addend) bytes of the ReLU's bit mask (``bitmask_bytes``).
+        reads_x: (backward, split path) the dx launch reads x: batch statistics, or a fused
+            ReLU's recompute.
+        center_rows: (forward) rows of the center it writes: 2, or 6 with a fused ReLU (the
+            coefficients the backward recomputes the ReLU's decisions with).
     """
 
     path: str
@@ -358,6 +396,10 @@ class CallPlan:
     dense_dy: bool = False
     y_strides: tuple[int, ...] = ()
     y_like_x: bool = False
+    dense_addend: bool = False
+    mask_bytes: int = 0
+    reads_x: bool = True
+    center_rows: int = 2
 
 
 MAX_CALL_PLANS = 4096  # distinct signatures kept; the cache is emptied past that
@@ -421,55 +463,114 @@ def _backward_layout(shape: tuple[int, ...], axis: int, x_strides: tuple[int, ..
     return plan_view(shape, axis, [x_strides, dense, dense]), dense_x, True
 
 
-def _forward_plan(x: torch.Tensor, out_strides: tuple[int, ...] | None, settings: Settings) -> CallPlan | None:
-    """The call plan of a forward writing into out of ``out_strides`` (None: y is allocated);
-    None where there are no elements (handled apart)."""
+def bitmask_bytes(plan: ViewPlan) -> int:
+    """Bytes of a fused ReLU's bit mask on ``plan``: a row of cdiv(extent, 8) bytes per (o, c)
+    channel-major (extent inner), per row r channel-minor (extent C); kernels/common.py."""
+    if plan.family == CHANNEL_MAJOR:
+        return plan.outer * plan.channels * cdiv(plan.inner, 8)
+    return plan.m * cdiv(plan.channels, 8)
+
+
+def _same_bitmask_rows(plan: ViewPlan, shape: tuple[int, ...], axis: int, x_strides: tuple[int, ...]) -> bool:
+    """Whether ``plan`` addresses the bit mask as x's own plan does: the rows of a channel-major
+    mask are runs of ``inner`` elements (channel-minor rows are the linear row index, which every
+    plan of x enumerates alike)."""
+    return plan.family != CHANNEL_MAJOR or plan.inner == plan_view(shape, axis, [x_strides]).inner
+
+
+def _addend_layout(shape: tuple[int, ...], axis: int, x_strides: tuple[int, ...], y_strides: tuple[int, ...],
+                   addend_strides: tuple[int, ...], bits: bool) -> tuple[ViewPlan, bool, bool]:
+    """(plan of (x, y, addend) as the kernels see them, temp_output, dense_addend), x and y as
+    ``_forward_layout`` gives them (``x_strides``, ``y_strides``: after its copies): the addend
+    is copied only where it shares no plan with them, and y written through a temporary where
+    the shared plan would address the bit mask unlike x's own (``_same_bitmask_rows``)."""
+    plan = plan_view(shape, axis, [x_strides, y_strides, addend_strides])
+    if plan is not None and (not bits or _same_bitmask_rows(plan, shape, axis, x_strides)):
+        return plan, False, False
+    dense = layout_strides(shape, x_strides)
+    plan = plan_view(shape, axis, [x_strides, y_strides, dense])
+    if plan is not None and (not bits or _same_bitmask_rows(plan, shape, axis, x_strides)):
+        return plan, False, True
+    return plan_view(shape, axis, [x_strides, dense, dense]), True, True
+
+
+def _forward_plan(x: torch.Tensor, out_strides: tuple[int, ...] | None, settings: Settings,
+                  addend_strides: tuple[int, ...] | None = None, keep_mask: bool = False) -> CallPlan | None:
+    """The call plan of a forward writing into out of ``out_strides`` (None: y is allocated),
+    fused with an addend of ``addend_strides`` when ``settings.addend`` (and, with a ReLU and
+    ``keep_mask``, writing its decisions as bits for the backward); None where there are no
+    elements (handled apart)."""
     shape = tuple(x.shape)
     y_strides = layout_strides(shape, x.stride()) if out_strides is None else out_strides
     view, dense_x, temp_output = _forward_layout(shape, settings.axis, x.stride(), y_strides)
+    dense_addend, bits = False, settings.relu and settings.addend and keep_mask
+    if settings.addend:
+        x_kernel = layout_strides(shape, x.stride()) if dense_x else tuple(x.stride())
+        y_kernel = layout_strides(shape, x_kernel) if temp_output else y_strides
+        view, temp_addend, dense_addend = _addend_layout(shape, settings.axis, x_kernel, y_kernel, addend_strides, bits)
+        temp_output = temp_output or temp_addend
     if view.m == 0 or view.channels == 0:
         return None
     acc = reference.stat_dtype(x.dtype)
     profile, dtype = device_profile(x.device), x.dtype
     layout = dict(dense_x=dense_x, temp_output=temp_output, y_strides=y_strides,
-                  y_like_x=y_strides == tuple(x.stride()))
+                  y_like_x=y_strides == tuple(x.stride()), dense_addend=dense_addend,
+                  mask_bytes=bitmask_bytes(view) if bits else 0, center_rows=6 if settings.relu else 2)
     if not settings.batch_stats:
         apply = elementwise_config(view, profile, op=INFERENCE, dtype=dtype)
-        launch = elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=True)
+        apply = bitmask_elementwise(view, apply) if bits else apply
+        launch = elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=True, bits=bits)
         return CallPlan(INFERENCE_PATH, view, (launch,), acc, **layout)
     single_pass = persistent_config(view, FORWARD, profile, x.element_size(), dtype=dtype)
+    if settings.relu or settings.addend:
+        single_pass = fused_persistent(view, FORWARD, x.element_size(), single_pass, bits)
     if single_pass is not None:
-        return CallPlan(PERSISTENT_PATH, view, (persistent_forward_launch(view, single_pass, settings),), acc,
+        return CallPlan(PERSISTENT_PATH, view, (persistent_forward_launch(view, single_pass, settings, bits),), acc,
                         **layout)
     reduce = reduce_config(view, profile, op=FORWARD, dtype=dtype)
     apply = elementwise_config(view, profile, op=FORWARD, dtype=dtype)
+    apply = bitmask_elementwise(view, apply) if bits else apply
     launches = (statistics_launch(view, reduce, settings),
-                elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=False))
+                elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=False, bits=bits))
     return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
 
 
 def _backward_plan(x: torch.Tensor, dy: torch.Tensor, settings: Settings) -> CallPlan | None:
     """The call plan of a backward (None: no elements)."""
-    view, dense_x, dense_dy = _backward_layout(tuple(x.shape), settings.axis, x.stride(), dy.stride())
+    shape = tuple(x.shape)
+    view, dense_x, dense_dy = _backward_layout(shape, settings.axis, x.stride(), dy.stride())
+    bits = settings.relu and settings.addend
+    if bits and not dense_dy and not _same_bitmask_rows(view, shape, settings.axis, view_x_strides(x, dense_x)):
+        dense = layout_strides(shape, x.stride())
+        view, dense_dy = plan_view(shape, settings.axis, [view_x_strides(x, dense_x), dense, dense]), True
     if view.m == 0 or view.channels == 0:
         return None
     acc = reference.stat_dtype(x.dtype)
     profile, dtype = device_profile(x.device), x.dtype
-    layout = dict(dense_x=dense_x, dense_dy=dense_dy)
+    layout = dict(dense_x=dense_x, dense_dy=dense_dy, mask_bytes=bitmask_bytes(view) if bits else 0)
     single_pass = persistent_config(view, BACKWARD, profile, x.element_size(), dtype=dtype)
     if single_pass is not None:
         return CallPlan(PERSISTENT_PATH, view, (persistent_backward_launch(view, single_pass, settings),), acc,
                         **layout)
     reduce = reduce_config(view, profile, op=BACKWARD, dtype=dtype)
     apply = elementwise_config(view, profile, op=BACKWARD, dtype=dtype)
+    # whole bytes of the bit mask per tile: narrower tiles would each load the bytes they share
+    apply = bitmask_elementwise(view, apply) if bits else apply
+    reads_x = settings.batch_stats or (settings.relu and not settings.addend)
     launches = (backward_reduce_launch(view, reduce, settings),
                 elementwise_launch(view, apply, settings, has_x=settings.batch_stats, has_dy=True, from_moving=False))
-    return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
+    return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, reads_x=reads_x, **layout)
+
+
+def view_x_strides(x: torch.Tensor, dense_x: bool) -> tuple[int, ...]:
+    """The strides of x as the kernels read it (its dense copy's where ``dense_x``)."""
+    return layout_strides(tuple(x.shape), x.stride()) if dense_x else tuple(x.stride())
 
 
 DENSE_X_COPY = f"data layout needs more than {MAX_REDUCED_GROUPS} reduced groups; copied to a dense tensor"
 TEMP_OUTPUT = "out layout does not share a view plan with data; writing through a temporary"
 DENSE_DY_COPY = "grad_out layout does not share a view plan with data"
+DENSE_ADDEND_COPY = "addend layout does not share a view plan with data and out; copied to a dense tensor"
 
 
 def _forward_copies(x: torch.Tensor, y: torch.Tensor, dense_x: bool, temp_output: bool
@@ -498,11 +599,16 @@ def _backward_copies(x: torch.Tensor, dy: torch.Tensor, dense_x: bool, dense_dy:
 
 
 def _run_forward(call: CallPlan, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 moving_mean: torch.Tensor, moving_var: torch.Tensor, keep_stats: bool) -> tuple[Any, Any, Any]:
-    """Run a forward call plan: returns (mean, invstd, center [2, C]) and writes y; with
-    ``keep_stats`` False the kernels write the statistics into ``scratch`` and this returns Nones
-    (the allocations cost more host time than the launch)."""
+                 moving_mean: torch.Tensor, moving_var: torch.Tensor, keep_stats: bool,
+                 addend: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[Any, Any, Any]:
+    """Run a forward call plan: returns (mean, invstd, center [2 or 6, C]) and writes y (and, fused,
+    the ReLU's bits into ``mask``); with ``keep_stats`` False the kernels write the statistics
+    into ``scratch`` and this returns Nones (the allocations cost more host time than the launch)."""
     channels, acc, device = call.view.channels, call.acc, x.device
+    if addend is None:
+        addend = x  # (not read)
+    if mask is None:
+        mask = x  # (not written)
     if call.path == SPLIT_PATH:
         statistics, apply = call.launches
         partial = workspace(device, acc, 5 * channels * call.partials)
@@ -513,22 +619,25 @@ def _run_forward(call: CallPlan, x: torch.Tensor, y: torch.Tensor, gamma: torch.
             mean = invstd = scratch(device, acc, channels)
         statistics(x, partial, tickets(device, channels), gamma, beta, moving_mean, moving_var, mean, invstd, coef)
         # coef's first two rows are the center: coef stands in for the unused [C] tensors, and is
-        # the center the backward reads (its rows 0-1; a view [:2] would cost as much as the launch)
-        apply(x, x, y, coef, coef, coef, coef, coef, coef, invstd)
+        # the center the backward reads (its rows 0-1; a view [:2] would cost as much as the launch;
+        # a fused ReLU's recompute reads its rows 2, 3, 5 too)
+        apply(x, addend, y, coef, coef, coef, coef, coef, coef, invstd, mask, x)
         return (mean, invstd, coef) if keep_stats else (None, None, None)
+    rows = call.center_rows
     if call.path == PERSISTENT_PATH:
         if keep_stats:
-            mean, invstd, center = _stat_outputs(channels, acc, device)
+            mean, invstd = torch.empty(channels, dtype=acc, device=device), torch.empty(channels, dtype=acc, device=device)
+            center = torch.empty((rows, channels), dtype=acc, device=device)
         else:
-            mean = invstd = center = scratch(device, acc, 2 * channels)
-        call.launches[0](x, y, gamma, beta, moving_mean, moving_var, mean, invstd, center)
+            mean = invstd = center = scratch(device, acc, rows * channels)
+        call.launches[0](x, y, gamma, beta, moving_mean, moving_var, mean, invstd, center, addend, mask)
         return (mean, invstd, center) if keep_stats else (None, None, None)
     if keep_stats:
-        center, invstd = torch.empty((2, channels), dtype=acc, device=device), torch.empty(channels, dtype=acc,
-                                                                                             device=device)
+        center, invstd = torch.empty((rows, channels), dtype=acc, device=device), torch.empty(channels, dtype=acc,
+                                                                                                device=device)
     else:
-        center = invstd = scratch(device, acc, 2 * channels)
-    call.launches[0](x, x, y, center, moving_mean, moving_var, gamma, beta, center, invstd)
+        center = invstd = scratch(device, acc, rows * channels)
+    call.launches[0](x, addend, y, center, moving_mean, moving_var, gamma, beta, center, invstd, mask, x)
     # inference: the mean is the moving mean (shifted part 0)
     return (center[0], invstd, center) if keep_stats else (None, None, None)
 
@@ -588,6 +697,27 @@ class ForwardResult(NamedTuple):
     x: torch.Tensor
 
 
+class FusedForwardResult(NamedTuple):
+    """A backend's fused forward: ``ForwardResult``'s fields and the ReLU's decisions (``mask``:
+    the Triton kernels' bits with an addend, a bool tensor on the torch path; else None)."""
+
+    y: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    center: torch.Tensor
+    x: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class FusedBackwardResult(NamedTuple):
+    """A backend's fused backward: dx, dgamma, dbeta and daddend (None without an addend)."""
+
+    dx: torch.Tensor
+    dgamma: torch.Tensor
+    dbeta: torch.Tensor
+    daddend: torch.Tensor | None
+
+
 class BackwardResult(NamedTuple):
     """A backend's backward: dx, dgamma (gamma's dtype), dbeta (beta's dtype)."""
 
@@ -625,25 +755,34 @@ class TritonBackend:
             moving_var.copy_(var_arg)
         return result
 
-    def _forward_updating_on_host(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out):
+    def _forward_updating_on_host(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
+                                  addend=None, mask_box=None):
         """Training forward with a momentum outside [0, 1]: the kernels write the batch statistics
         (an update with momentum 0 into float64 [2, C] scratch) and ``reference.moving_update``
         applies the momentum in float64, as the SPEC formula is evaluated (O(C) work)."""
         trace.record_note(HOST_MOVING_UPDATE)
         batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-        result = self._forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), out)
+        result = self._forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), out,
+                               addend=addend, mask_box=mask_box)
         for moving, batch_value in zip((moving_mean, moving_var), batch):
             reference.moving_update(moving, batch_value, settings.momentum)
         return result
 
     def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
-                 keep_stats: bool = True) -> ForwardResult:
+                 keep_stats: bool = True, addend: torch.Tensor | None = None,
+                 mask_box: list | None = None) -> ForwardResult:
+        """``addend`` (settings.addend): fused into y; a fused ReLU's bit mask, where the plan has
+        one, is appended to ``mask_box``."""
         out_strides = None if out is None else out.stride()
         y_ptr = x if out is None else out  # y is allocated aligned; out's pointer is the caller's
         key = (x.shape, x.stride(), x.dtype, x.device, out_strides, gamma.dtype, beta.dtype, moving_mean.dtype,
                moving_var.dtype, settings, _alignment(x, y_ptr, gamma, beta, moving_mean, moving_var),
                decision_context(), force_int64_enabled())
-        call = _cached_plan(key, lambda: _forward_plan(x, out_strides, settings))
+        keep_mask = mask_box is not None
+        if addend is not None:
+            key += (addend.stride(), addend.data_ptr() & 15 == 0, keep_mask)
+        call = _cached_plan(key, lambda: _forward_plan(x, out_strides, settings,
+                                                       None if addend is None else addend.stride(), keep_mask))
         if call is None:
             y = out if out is not None else empty_like_layout(x)
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
@@ -654,10 +793,40 @@ class TritonBackend:
         else:
             y = torch.empty_strided(x.shape, call.y_strides, dtype=x.dtype, device=x.device)
         x, y_kernel = _forward_copies(x, y, call.dense_x, call.temp_output)
-        mean, invstd, center = _run_forward(call, x, y_kernel, gamma, beta, moving_mean, moving_var, keep_stats)
+        mask = None
+        if addend is not None:
+            if call.dense_addend:
+                trace.record_copy(DENSE_ADDEND_COPY)
+                addend = empty_like_layout(x).copy_(addend)
+            if call.mask_bytes:
+                mask = torch.empty(call.mask_bytes, dtype=torch.uint8, device=x.device)
+                mask_box.append(mask)
+        mean, invstd, center = _run_forward(call, x, y_kernel, gamma, beta, moving_mean, moving_var, keep_stats,
+                                            addend, mask)
         if y_kernel is not y:
             y.copy_(y_kernel)
         return ForwardResult(y, mean, invstd, center, x)
+
+    @on_data_device
+    def fused_forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
+                      addend: torch.Tensor | None, keep_stats: bool = True, keep_mask: bool = True
+                      ) -> FusedForwardResult:
+        """``forward`` fused with the ReLU and/or addend of ``settings`` (the epilogues of the same
+        launches); the result also holds the ReLU's bit mask (with an addend and ``keep_mask``:
+        a backward will follow; None otherwise, the backward then recomputes the decisions)."""
+        gamma, beta = gamma.contiguous(), beta.contiguous()
+        mean_arg, var_arg = moving_mean.contiguous(), moving_var.contiguous()
+        mask_box: list | None = [] if keep_mask else None
+        if settings.batch_stats and not kernel_momentum(settings.momentum):
+            result = self._forward_updating_on_host(x, gamma, beta, mean_arg, var_arg, settings, out, addend,
+                                                    mask_box)
+        else:
+            result = self._forward(x, gamma, beta, mean_arg, var_arg, settings, out, keep_stats, addend, mask_box)
+        if mean_arg is not moving_mean:
+            moving_mean.copy_(mean_arg)
+        if var_arg is not moving_var:
+            moving_var.copy_(var_arg)
+        return FusedForwardResult(*result, mask_box[0] if mask_box else None)
 
     @staticmethod
     def _empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings: Settings) -> ForwardResult:
@@ -669,31 +838,51 @@ class TritonBackend:
         return ForwardResult(y, mean, invstd, torch.stack([mean, torch.zeros_like(mean)]), x)
 
     @on_data_device
-    def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype) -> BackwardResult:
-        """Returns (dx, dgamma, dbeta)."""
+    def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
+                 mask: torch.Tensor | None = None) -> BackwardResult:
+        """Returns (dx, dgamma, dbeta); with a fused ReLU (``settings.relu``) dy counts where the
+        forward's output was positive: from its bit ``mask`` (with an addend) or recomputed from x
+        and center [6, C].  ``fused_backward`` also returns daddend."""
+        dx, dgamma, dbeta, _ = self._backward(dy, x, gamma, center, invstd, settings, beta_dtype, mask)
+        return BackwardResult(dx, dgamma, dbeta)
+
+    @on_data_device
+    def fused_backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
+                       mask: torch.Tensor | None = None) -> FusedBackwardResult:
+        """(dx, dgamma, dbeta, daddend): daddend, the gradient of a fused addend, is dy where the
+        ReLU passed it (written by the dx launch), dy itself without a ReLU, None without addend."""
+        return self._backward(dy, x, gamma, center, invstd, settings, beta_dtype, mask)
+
+    def _backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask) -> FusedBackwardResult:
         gamma = gamma.contiguous()
         key = (x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, gamma.dtype, center.dtype, beta_dtype,
                settings, _alignment(x, dy, gamma, center, invstd), decision_context(), force_int64_enabled())
         call = _cached_plan(key, lambda: _backward_plan(x, dy, settings))
+        plain_addend = dy if settings.addend and not settings.relu else None
         if call is None:
             channels = x.shape[settings.axis]
             dgamma = torch.zeros(channels, dtype=gamma.dtype, device=x.device)
-            return BackwardResult(empty_like_layout(x), dgamma, torch.zeros(channels, dtype=beta_dtype, device=x.device))
+            daddend = empty_like_layout(x) if settings.addend else None
+            return FusedBackwardResult(empty_like_layout(x), dgamma,
+                                       torch.zeros(channels, dtype=beta_dtype, device=x.device), daddend)
         x, dy = _backward_copies(x, dy, call.dense_x, call.dense_dy)
         dx = empty_like_layout(x)
         dgamma = torch.empty(call.view.channels, dtype=gamma.dtype, device=x.device)
         dbeta = torch.empty(call.view.channels, dtype=beta_dtype, device=x.device)
+        daddend = empty_like_layout(x) if call.mask_bytes else None
+        bits = mask if mask is not None else x
         if call.path == PERSISTENT_PATH:
-            call.launches[0](x, dy, dx, center, invstd, gamma, dgamma, dbeta)
-            return BackwardResult(dx, dgamma, dbeta)
+            call.launches[0](x, dy, dx, center, invstd, gamma, dgamma, dbeta, bits, dx if daddend is None else daddend)
+            return FusedBackwardResult(dx, dgamma, dbeta, plain_addend if daddend is None else daddend)
         reduce, apply = call.launches
         channels = call.view.channels
         partial = workspace(x.device, center.dtype, 2 * channels * call.partials)
         coef = workspace(x.device, center.dtype, 6 * channels, COEFFICIENTS)
-        reduce(x, dy, center, partial, tickets(x.device, channels), invstd, gamma, dgamma, dbeta, coef)
-        # without batch statistics dx does not read x: dx stands in for it
-        apply(x if settings.batch_stats else dx, dy, dx, coef, center, center, center, center, center, invstd)
-        return BackwardResult(dx, dgamma, dbeta)
+        reduce(x, dy, center, partial, tickets(x.device, channels), invstd, gamma, dgamma, dbeta, coef, bits)
+        # without batch statistics (and a ReLU to recompute) dx does not read x: dx stands in for it
+        apply(x if call.reads_x else dx, dy, dx, coef, center, center, center, center, center, invstd, bits,
+              dx if daddend is None else daddend)
+        return FusedBackwardResult(dx, dgamma, dbeta, plain_addend if daddend is None else daddend)
 
     # ------------------------------------------------------------------ SyncBatchNorm's parts
     # Uncached (one call per step each): the same launches, planned per call.
@@ -732,7 +921,7 @@ class TritonBackend:
                             unbiased_update=False)
         cfg = elementwise_config(plan, device_profile(x.device), op=FORWARD, dtype=x.dtype)
         apply = elementwise_launch(plan, cfg, settings, has_x=True, has_dy=False, from_moving=False)
-        apply(x, x, y_kernel, coef, center, center, center, center, center, invstd_acc)
+        apply(x, x, y_kernel, coef, center, center, center, center, center, invstd_acc, x, x)
         if y_kernel is not y:
             y.copy_(y_kernel)
         return y, x, center, invstd_acc
@@ -747,7 +936,7 @@ class TritonBackend:
             return torch.zeros((2, x.shape[axis]), dtype=torch.float64, device=x.device)
         cfg = reduce_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
         partial = torch.empty((2, plan.channels, cfg.splits), dtype=center.dtype, device=x.device)
-        backward_reduce_launch(plan, cfg)(x, dy, center, partial, *(partial,) * 6)
+        backward_reduce_launch(plan, cfg)(x, dy, center, partial, *(partial,) * 7)
         return partial.double().sum(-1)
 
     @on_data_device
@@ -773,7 +962,7 @@ class TritonBackend:
         coef = _coefficient_rows(center, invstd, x_coef, dy_coef, const)
         cfg = elementwise_config(plan, device_profile(x.device), op=BACKWARD, dtype=x.dtype)
         apply = elementwise_launch(plan, cfg, settings, has_x=sums is not None, has_dy=True, from_moving=False)
-        apply(x if sums is not None else dx, dy, dx, coef, center, center, center, center, center, invstd)
+        apply(x if sums is not None else dx, dy, dx, coef, center, center, center, center, center, invstd, dx, dx)
         return dx
 
 
@@ -810,6 +999,27 @@ class ReferenceBackend:
         center = center_pair(mean64, acc)  # summed in float64 again by the backward
         return y, center[0], invstd64.to(acc), center, x
 
+    def fused_forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, addend,
+                      keep_stats: bool = True, keep_mask: bool = True) -> FusedForwardResult:
+        """``forward`` with the fused addend and ReLU, in float64 rounded once; the mask is where
+        the output is positive (a bool tensor)."""
+        del keep_stats, keep_mask
+        y, mean64, invstd64 = reference.forward(
+            x, gamma, beta, moving_mean, moving_var, axis=settings.axis, eps=settings.eps,
+            momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
+            update_moving=settings.batch_stats, unbiased_update=settings.unbiased_update,
+            out=out if out is not None else empty_like_layout(x), stats_dtype=torch.float64,
+            addend=addend, relu=settings.relu)
+        acc = reference.stat_dtype(x.dtype)
+        center = center_pair(mean64, acc)
+        return FusedForwardResult(y, center[0], invstd64.to(acc), center, x,
+                                  reference.relu_passes(y) if settings.relu else None)
+
+    def fused_backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
+                       mask=None) -> FusedBackwardResult:
+        """``backward`` of the gated dy (``torch_fused_backward``)."""
+        return torch_fused_backward(self, dy, x, gamma, center, invstd, settings, beta_dtype, mask)
+
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         mean = center[0].double() + center[1].double()
         return reference.backward(dy, x, gamma, mean, invstd, axis=settings.axis, fix_gamma=settings.fix_gamma,
@@ -840,6 +1050,16 @@ class ReferenceBackend:
         mean = center[0].double() + center[1].double()
         return reference.input_grad(dy, x, mean, invstd, g, axis=settings.axis,
                                     sums=None if sums is None else tuple(sums.double()), count=count)
+
+
+def torch_fused_backward(backend: Any, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
+                         mask) -> FusedBackwardResult:
+    """A torch path's fused backward: dy gated by the forward's ``mask`` (bool: where its output
+    was positive) under a ReLU, then the plain backward; daddend is that gated dy."""
+    if settings.relu and mask is not None:
+        dy = reference.gate(dy, mask)
+    dx, dgamma, dbeta = backend.backward(dy, x, gamma, center, invstd, settings, beta_dtype)
+    return FusedBackwardResult(dx, dgamma, dbeta, dy if settings.addend else None)
 
 
 BACKEND_ENV = "TRITONBN_BACKEND"  # auto (default), triton or reference: forces the dispatch
@@ -914,6 +1134,53 @@ class BatchNormFunction(torch.autograd.Function):
         return dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None, None
 
 
+class FusedBatchNormFunction(torch.autograd.Function):
+    """Autograd binding of the fused op, relu(bn(x) [+ addend]): gradient flows to data, gamma,
+    beta and addend.  ``apply(x, gamma, beta, addend, rest)``, ``rest`` as BatchNormFunction's;
+    ``addend`` may be None."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, addend, rest):
+        moving_mean, moving_var, settings, backend = rest
+        y, mean, invstd, center, x_read, mask = backend.fused_forward(
+            x, gamma, beta, moving_mean, moving_var, settings, None, addend)
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x_read, gamma, center, invstd, mask)
+        ctx.call = (settings, backend, beta.dtype)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
+        needs = ctx.needs_input_grad
+        if grad_y is None:
+            return None, None, None, None, None
+        x, gamma, center, invstd, mask = ctx.saved_tensors
+        settings, backend, beta_dtype = ctx.call
+        trace.record_path(backend.name)
+        dx, dgamma, dbeta, daddend = backend.fused_backward(grad_y, x, gamma, center, invstd, settings, beta_dtype,
+                                                            mask)
+        return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
+                daddend if needs[3] else None, None)
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def apply_fused_forward(data: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, addend: torch.Tensor | None,
+                        moving_mean: torch.Tensor, moving_var: torch.Tensor, settings: Settings, backend: Any,
+                        out: torch.Tensor | None = None, keep_stats: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, mean, invstd) of the fused forward (``settings.relu`` / ``settings.addend``), through
+    ``FusedBatchNormFunction`` when a gradient is wanted."""
+    if out is None and _wants_grad(data, gamma, beta, addend):
+        return FusedBatchNormFunction.apply(data, gamma, beta, addend, (moving_mean, moving_var, settings, backend))
+    y, mean, invstd, *_ = backend.fused_forward(data, gamma, beta, moving_mean, moving_var, settings, out, addend,
+                                                keep_stats=keep_stats, keep_mask=False)
+    return y, mean, invstd
+
+
 # torch.autograd.Function.apply in Python binds default arguments, checks for functorch
 # transforms and unwraps dead functorch wrappers, then calls this C++ apply; eager calls outside
 # any transform (and outside Dynamo, which traces Function.apply itself) call it directly.
@@ -959,8 +1226,11 @@ def batch_norm(
     *,
     training: bool = False,
     unbiased_update: bool = False,
+    act_type: str | None = None,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MXNet's BatchNorm (SPEC.md) on torch tensors, as Triton kernels.
+    """MXNet's BatchNorm (SPEC.md) on torch tensors, as Triton kernels, optionally fused with the
+    ReLU and residual add that follow it: ``relu(bn(data) + addend)``.
 
     Args:
         data: (..., C, ...) float16/bfloat16/float32/float64 tensor, any layout; C = data.shape[axis].
@@ -978,6 +1248,10 @@ def batch_norm(
         training: use batch statistics and update the moving statistics (MXNet's train_mode).
         unbiased_update: update moving_var with var * m / (m - 1) (cuDNN/torch convention);
             needs m > 1 (a ValueError otherwise).
+        act_type: None, or "relu": out = relu(bn(data) [+ addend]); its gradient is 0 where the
+            output is 0 (as torch.relu's).
+        addend: added to bn(data) before the activation (data's shape, dtype and device, any
+            layout); gradient flows to it.
     Returns:
         out, or (out, mean, invstd) with ``output_mean_var``; mean/invstd are (C,) float32
         (float64 for float64 data).
@@ -990,6 +1264,14 @@ def batch_norm(
         use_global_stats=use_global_stats, axis=axis, out=out, training=training,
         unbiased_update=unbiased_update)
     backend = backend_for(data.device)
+    if act_type is not None or addend is not None:
+        settings = validate_fusion(settings, data, act_type, addend, out)
+        if out is not None and _wants_grad(data, gamma, beta, addend):
+            raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
+        trace.record_path(backend.name)
+        y, mean, invstd = apply_fused_forward(data, gamma, beta, addend, moving_mean, moving_var, settings, backend,
+                                              out, keep_stats=output_mean_var)
+        return (y, mean, invstd) if output_mean_var else y
     if out is None:
         trace.record_path(backend.name)
         y, mean, invstd = apply_forward(data, gamma, beta, moving_mean, moving_var, settings, backend,

@@ -179,8 +179,12 @@ def forward(
     unbiased_update: bool = False,
     out: torch.Tensor | None = None,
     stats_dtype: torch.dtype | None = None,
+    addend: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchNorm forward of SPEC.md.
+    """BatchNorm forward of SPEC.md, fused with what follows it in a ResNet:
+    out = relu(bn(data) + addend), the ReLU and the addend each optional, in float64 and rounded
+    once.
 
     Args:
         data: (..., C, ...) with C = data.shape[axis]; axis is non-negative here.
@@ -192,6 +196,8 @@ def forward(
         out: written in place when given (same shape and dtype as data).
         stats_dtype: dtype of the returned mean/invstd (default ``stat_dtype(data.dtype)``);
             torch.float64 gives them unrounded (what the CPU path's backward needs).
+        addend: added to bn(data) before the ReLU (data's shape and dtype).
+        relu: out = max(v, 0) (NaN kept, as torch.relu).
     Returns:
         (out, mean, invstd); mean and invstd are (C,) in ``stats_dtype``.
     """
@@ -201,7 +207,7 @@ def forward(
         mean, var = moving_mean.double(), moving_var.double()
     invstd = inverse_std(var, eps)
     g = torch.ones_like(mean) if fix_gamma else gamma.double()
-    out = normalize(data, mean, invstd, g, beta, axis=axis, out=out)
+    out = normalize(data, mean, invstd, g, beta, axis=axis, out=out, addend=addend, relu=relu)
     if batch_stats and update_moving:
         m = data.numel() // max(data.shape[axis], 1)
         var_for_update = var * (m / (m - 1)) if unbiased_update else var
@@ -212,17 +218,35 @@ def forward(
 
 
 def normalize(data: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *,
-              axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out = (x - mean) * invstd * g + beta per channel, in float64 chunk by chunk, into ``out``
-    (default: like ``data``); mean, invstd, g, beta: (C,)."""
+              axis: int, out: torch.Tensor | None = None, addend: torch.Tensor | None = None,
+              relu: bool = False) -> torch.Tensor:
+    """out = (x - mean) * invstd * g + beta per channel (+ addend, then max(., 0) with ``relu``),
+    in float64 chunk by chunk, into ``out`` (default: like ``data``); mean, invstd, g, beta: (C,)."""
     coef, bias = invstd.double() * g.double(), beta.double()
     mean64 = mean.double()
     if out is None:
         out = torch.empty_like(data)
-    for c, (x, y) in _chunks(axis, data, out):  # x - mean promotes to float64 chunk by chunk
-        centered = x - _per_channel(mean64, c, x)
-        y.copy_(centered.mul_(_per_channel(coef, c, x)).add_(_per_channel(bias, c, x)))
+    tensors = (data, out) if addend is None else (data, out, addend)
+    for c, chunks in _chunks(axis, *tensors):  # x - mean promotes to float64 chunk by chunk
+        x, y = chunks[0], chunks[1]
+        value = (x - _per_channel(mean64, c, x)).mul_(_per_channel(coef, c, x)).add_(_per_channel(bias, c, x))
+        if addend is not None:
+            value.add_(chunks[2].double())
+        if relu:
+            value = torch.where(value < 0, 0.0, value)  # NaN kept, as torch.relu
+        y.copy_(value)
     return out
+
+
+def relu_passes(out: torch.Tensor) -> torch.Tensor:
+    """Where a fused ReLU passes the gradient: its output is positive (torch.relu's rule: 0 at
+    exactly 0 and at NaN)."""
+    return out > 0
+
+
+def gate(grad_out: torch.Tensor, passes: torch.Tensor) -> torch.Tensor:
+    """The gradient of bn(data) + addend under a fused ReLU: grad_out where it ``passes``, else 0."""
+    return torch.where(passes, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
 
 
 def backward(

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Settings", "DATA_DTYPES", "validate"]
+__all__ = ["Settings", "DATA_DTYPES", "validate", "validate_fusion"]
 
 DATA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_var")
@@ -37,6 +37,38 @@ class Settings(NamedTuple):
     fix_gamma: bool
     batch_stats: bool  # training and not use_global_stats: normalise with batch statistics
     unbiased_update: bool
+    relu: bool = False  # fused: out = relu(bn(data) [+ addend])
+    addend: bool = False  # fused: an addend is added to bn(data) (before the ReLU)
+
+
+ACT_TYPES = (None, "relu")
+
+
+def validate_fusion(settings: Settings, data: torch.Tensor, act_type: object, addend: object,
+                    out: torch.Tensor | None) -> Settings:
+    """The fused epilogue's checks (``act_type``, ``addend``) after ``validate`` accepted the rest:
+    returns ``settings`` with ``relu`` and ``addend`` set.
+
+    Raises:
+        TypeError: act_type not a string or None; addend not a tensor, or of another dtype.
+        ValueError: an unknown act_type; addend of another shape or device, or overlapping out.
+    """
+    if act_type is not None and not isinstance(act_type, str):
+        raise TypeError(f"act_type must be None or a string, got {type(act_type).__name__}")
+    if act_type not in ACT_TYPES:
+        raise ValueError(f"act_type must be None or 'relu', got {act_type!r}")
+    if addend is not None:
+        if not isinstance(addend, torch.Tensor):
+            raise TypeError(f"addend must be a torch.Tensor or None, got {type(addend).__name__}")
+        if addend.shape != data.shape:
+            raise ValueError(f"addend has shape {tuple(addend.shape)} but data has shape {tuple(data.shape)}")
+        if addend.dtype != data.dtype:
+            raise TypeError(f"addend has dtype {addend.dtype} but data has dtype {data.dtype}")
+        if addend.device != data.device:
+            raise ValueError(f"addend is on {addend.device} but data is on {data.device}")
+        if out is not None and _overlaps(out, addend):
+            raise ValueError("out overlaps addend in memory; pass a separate tensor")
+    return settings._replace(relu=act_type == "relu", addend=addend is not None)
 
 
 def _allowed_param_dtypes(data_dtype: torch.dtype) -> tuple[torch.dtype, ...]:

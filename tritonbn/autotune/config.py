@@ -543,7 +543,7 @@ _CAPACITY_TABLE = {  # (fp16, bf16, fp32, fp64)
     FORWARD: {
         CHANNEL_MAJOR: {"vector": (32768, 32768, 32768, 16384), "scalar": (16384, 16384, 16384, 8192),
                         "four_group": (16384, 32768, 16384, 8192)},
-        CHANNEL_MINOR: {"vector": (16384, 16384, 32768, 8192), "scalar": (16384, 32768, 16384, 16384),
+        CHANNEL_MINOR: {"vector": (16384, 16384, 16384, 8192), "scalar": (8192, 16384, 8192, 8192),
                         "four_group": (8192, 8192, 16384, 8192)},
     },
     BACKWARD: {
@@ -598,7 +598,8 @@ def persistent_max_per_thread(op: str, plan: ViewPlan, element_size: int = 4) ->
     return persistent_capacity(op, plan, element_size) // (32 * PERSISTENT_WARPS)
 
 
-def persistent_tile(plan: ViewPlan, op: str, element_size: int) -> tuple[int, int] | None:
+def persistent_tile(plan: ViewPlan, op: str, element_size: int, capacity: int | None = None
+                    ) -> tuple[int, int] | None:
     """(block_rows, block_cols) of a single-pass tile covering a channel's slice, or None when
     the slice does not fit the capacity of (op, family).
 
@@ -606,9 +607,11 @@ def persistent_tile(plan: ViewPlan, op: str, element_size: int) -> tuple[int, in
     one 32-byte sector of channels (narrower rows would use part of every sector they touch);
     below that only while the launch stays co-resident (CO_RESIDENT_PROGRAMS), where the
     programs reading the same rows share their sectors in L2.  Small-C channels_last tensors
-    thus stay single-pass like their NCHW twins.
+    thus stay single-pass like their NCHW twins.  ``capacity``: the elements a program may hold
+    (default the (op, family) capacity).
     """
-    capacity = persistent_capacity(op, plan, element_size)
+    if capacity is None:
+        capacity = persistent_capacity(op, plan, element_size)
     if plan.family == CHANNEL_MAJOR:
         block_rows, block_cols = _pow2_cover(plan.outer, 1 << 30), _pow2_cover(plan.inner, 1 << 30)
     else:
@@ -665,6 +668,58 @@ def heuristic_persistent(plan: ViewPlan, op: str, element_size: int) -> KernelCo
     if tile is None:
         return None
     return KernelConfig(*tile, num_warps=_warps(tile[0] * tile[1]))
+
+
+# ----------------------------------------------------------------------------- fused epilogues
+
+# A fused BN + add + ReLU forward writes the ReLU's decisions as bits, a byte for 8 consecutive
+# elements of the fast extent (inner channel-major, C channel-minor; kernels/common.py), so its
+# tiles must hold whole bytes: 8 columns or more, or every column of the extent.
+BITMASK_GROUP = 8
+
+
+def _fast_extent(plan: ViewPlan) -> int:
+    return plan.inner if plan.family == CHANNEL_MAJOR else plan.channels
+
+
+def writes_whole_bytes(plan: ViewPlan, config: KernelConfig) -> bool:
+    """Whether tiles of ``config`` write whole bytes of a bit mask on ``plan``."""
+    return config.block_cols >= BITMASK_GROUP or config.block_cols >= _fast_extent(plan)
+
+
+def bitmask_elementwise(plan: ViewPlan, config: KernelConfig) -> KernelConfig:
+    """An elementwise config whose tiles hold whole bytes of the bit mask: ``config``, its columns
+    widened to a byte's 8 (or the whole extent) where narrower, each program's run per channel
+    kept (channel-major: the tile's elements; channel-minor: its rows, as row tiles of at most
+    CHANNEL_MINOR_ELEMENTWISE_TILE elements)."""
+    if writes_whole_bytes(plan, config):
+        return config
+    cols = min(BITMASK_GROUP, _pow2_cover(_fast_extent(plan), BITMASK_GROUP))
+    if plan.family == CHANNEL_MAJOR:
+        return replace(config, block_cols=cols, block_rows=max(1, config.block_rows * config.block_cols // cols))
+    rows = min(config.block_rows, max(1, CHANNEL_MINOR_ELEMENTWISE_TILE // cols))
+    return replace(config, block_cols=cols, block_rows=rows, row_tiles=config.row_tiles * (config.block_rows // rows))
+
+
+def fused_persistent(plan: ViewPlan, op: str, element_size: int, config: KernelConfig | None,
+                     bitmask: bool) -> KernelConfig | None:
+    """A single-pass config for a fused call, or None (the split path).  A fused forward's tile is
+    planned for half the plain kernel's capacity (a channel-minor block narrows; a channel-major
+    slice must fit): with an addend it holds a second tile in registers, and the ReLU's epilogue
+    alone took 128 registers against 63 and spilled 16-208 bytes at the plain capacity
+    (channel-major, 16384 scalar loads, fp16/fp32, Triton 3.8, sm_80/sm_90).  A bit
+    mask writer's tile must write whole bytes (the tile covers the slice, so only a channel-minor
+    block narrower than 8 channels can fail that)."""
+    if config is None:
+        return None
+    if op == FORWARD:
+        tile = persistent_tile(plan, op, element_size, persistent_capacity(op, plan, element_size) // 2)
+        if tile is None:
+            return None
+        config = replace(config, block_rows=tile[0], block_cols=tile[1])
+    if bitmask and not writes_whole_bytes(plan, config):
+        return None
+    return config
 
 
 # ----------------------------------------------------------------------------- the decision

@@ -8,6 +8,10 @@ dbeta = S, and the dx coefficients of the elementwise kernel (see ``elementwise.
 
     batch statistics:  dx = g*invstd * (dy - S/m - (x - mean) * invstd * (invstd * D) / m)
     moving statistics: dx = g*invstd * dy
+
+With a fused ReLU (RELU) dy counts only where the forward's output was positive: the decisions
+come from the forward's bits (ADDEND) or are recomputed from x and the forward's coefficients
+center[6, C] (``common.normalized``, as the forward evaluated them).
 """
 
 import triton
@@ -18,6 +22,9 @@ from .common import (
     channel_minor_offsets,
     finish_backward,
     last_to_arrive,
+    load_bits,
+    normalized,
+    passes,
     range_bound,
     row_offsets,
     scalar_offset,
@@ -32,6 +39,7 @@ def channel_major_backward_reduce_kernel(
     tickets_ptr,  # [>= C] int32 zeros (FINALIZE): programs of each channel done so far; left zero
     invstd_ptr, gamma_ptr,  # [C] what the forward normalised with (FINALIZE)
     dgamma_ptr, dbeta_ptr, coef_ptr,  # [C], [C], [6, C] out (FINALIZE), as _finalize_channels
+    mask_ptr,  # fused ReLU with an addend: the forward's bits (uint8)
     C, outer, inner, m,
     outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
@@ -40,6 +48,7 @@ def channel_major_backward_reduce_kernel(
     inverse_m, inverse_m_bits,  # (FINALIZE) 1 / m correctly rounded: float32, and float64's bits (host)
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
     FINALIZE: tl.constexpr, FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
+    RELU: tl.constexpr = False, ADDEND: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     """Partial S and D of one (channel, split), and with FINALIZE the channel's gradients and dx
     coefficients (its last program, P <= BLOCK_P partials): grid = (C * SPLIT_O * SPLIT_I,).
@@ -52,6 +61,8 @@ def channel_major_backward_reduce_kernel(
     dy_base = dy_ptr + scalar_offset(c, stride_dyc, INT64)
     pilot = tl.load(center_ptr + c)
     shifted_mean = tl.load(center_ptr + C + c)
+    if RELU and not ADDEND:
+        f_scale, f_coef, f_const = _forward_scale_rows(center_ptr, c, c < C, C)
 
     sum_dy = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I], ACC)
@@ -64,6 +75,13 @@ def channel_major_backward_reduce_kernel(
             mask = (o < o_end)[:, None] & (i < i_end)[None, :]
             x = tl.load(x_rows[:, None] + scalar_offset(i, stride_xi, INT64)[None, :], mask=mask, other=0.0).to(ACC)
             dy = tl.load(dy_rows[:, None] + scalar_offset(i, stride_dyi, INT64)[None, :], mask=mask, other=0.0).to(ACC)
+            if RELU:
+                if ADDEND:
+                    gate = load_bits(mask_ptr, o * C + c, o < o_end, (inner + 7) // 8, i0, inner,
+                                     BLOCK_O, BLOCK_I, GROUP, INT64)
+                else:
+                    gate = passes(normalized(x, pilot, shifted_mean, f_scale, f_coef, f_const), x_ptr.dtype.element_ty)
+                dy = tl.where(gate & mask, dy, 0.0)
             sum_dy += dy
             sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 
@@ -86,6 +104,7 @@ def channel_minor_backward_reduce_kernel(
     tickets_ptr,  # [>= cdiv(C, BLOCK_C)] int32 zeros (FINALIZE): one per channel block; left zero
     invstd_ptr, gamma_ptr,  # [C] what the forward normalised with (FINALIZE)
     dgamma_ptr, dbeta_ptr, coef_ptr,  # [C], [C], [6, C] out (FINALIZE), as _finalize_channels
+    mask_ptr,  # fused ReLU with an addend: the forward's bits (uint8)
     C, inner, rows,
     outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
@@ -95,19 +114,23 @@ def channel_minor_backward_reduce_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
     FINALIZE: tl.constexpr, FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
     TAIL_C: tl.constexpr,
+    RELU: tl.constexpr = False, ADDEND: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     """Partial S and D of BLOCK_C channels over one row split, and with FINALIZE the block's
     gradients and dx coefficients (its last program, TAIL_C channels at a time; BLOCK_P >= SPLIT;
     m = rows): grid = (cdiv(C, BLOCK_C) * SPLIT,)."""
     ACC: tl.constexpr = partial_ptr.dtype.element_ty
     pid = tl.program_id(0)
-    c = (pid // SPLIT) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = (pid // SPLIT) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     split = pid % SPLIT
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, rows)
     c_mask = c < C
     pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)[None, :]
     shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)[None, :]
+    if RELU and not ADDEND:
+        f_scale, f_coef, f_const = _forward_scale_rows(center_ptr, c, c_mask, C)
 
     sum_dy = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C], ACC)
@@ -120,6 +143,13 @@ def channel_minor_backward_reduce_kernel(
         dy = tl.load(dy_ptr + channel_minor_offsets(
             r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi, INT64),
             mask=mask, other=0.0).to(ACC)
+        if RELU:
+            if ADDEND:
+                gate = load_bits(mask_ptr, r, r < r_end, (C + 7) // 8, c0, C, BLOCK_R, BLOCK_C, GROUP, INT64)
+            else:
+                gate = passes(normalized(x, pilot, shifted_mean, f_scale[None, :], f_coef[None, :], f_const[None, :]),
+                              x_ptr.dtype.element_ty)
+            dy = tl.where(gate & mask, dy, 0.0)
         sum_dy += dy
         sum_dy_xmu += tl.where(mask, ((x - pilot) - shifted_mean) * dy, 0.0)
 
@@ -134,6 +164,14 @@ def channel_minor_backward_reduce_kernel(
                 _finalize_channels(partial_ptr, center_ptr, invstd_ptr, gamma_ptr, dgamma_ptr, dbeta_ptr, coef_ptr,
                                    channels, channels < C, C, SPLIT, rows, inverse_m, inverse_m_bits, FIX_GAMMA,
                                    BATCH_STATS, BLOCK_P)
+
+
+@triton.jit
+def _forward_scale_rows(center_ptr, c, c_mask, C):
+    """(x_scale, x_coef, const) of the forward (center rows 2, 3, 5) for a fused ReLU's recompute."""
+    return (tl.load(center_ptr + 2 * C + c, mask=c_mask, other=0.0),
+            tl.load(center_ptr + 3 * C + c, mask=c_mask, other=0.0),
+            tl.load(center_ptr + 5 * C + c, mask=c_mask, other=0.0))
 
 
 @triton.jit

@@ -456,3 +456,83 @@ def finish_backward(
         x_coef = tl.zeros_like(invstd)
         const = tl.zeros_like(invstd)
     return x_coef, dy_coef, const
+
+
+# ----------------------------------------------------------------------------- fused epilogues
+#
+# A fused activation decides per element on v = bn(x) (+ addend); the backward needs the same
+# decision.  Without an addend it recomputes v from x, which it reads anyway: the forward and the
+# recompute both evaluate ``normalized`` (one explicit FMA, so that no compiler contracts one and
+# not the other) on the forward's coefficients, and decide on v rounded to the data dtype, which
+# is the output's sign.  With an addend the forward writes the decisions as one bit per element.
+#
+# The bit mask's layout depends only on the view (never on a tile): a mask row holds
+# cdiv(extent, 8) bytes for the fast extent (channel-major: inner, one row per (o, c), row
+# o * C + c; channel-minor: C, one row per r), bit k of byte b is element 8 b + k.  A tile
+# writes whole bytes: its columns come in GROUP = min(8, BLOCK) consecutive elements, and
+# BLOCK < 8 only when one tile covers the extent (the configs' rule).  Reads take any tile.
+
+
+@triton.jit
+def relu(v):
+    """max(v, 0), NaN kept (as torch.relu)."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def normalized(x, pilot, shifted_mean, x_scale, x_coef, const):
+    """(((x - pilot) - shifted_mean) * x_scale) * x_coef + const, with one explicit FMA: the value
+    a fused activation decides on, computed alike by the forward and the backward's recompute."""
+    return tl.fma(((x - pilot) - shifted_mean) * x_scale, x_coef, const)
+
+
+@triton.jit
+def passes(v, OUT: tl.constexpr):
+    """The ReLU's decision on v: the output (v rounded to the output dtype ``OUT``) is positive,
+    where torch's relu passes the gradient (0 at exactly 0 and at NaN)."""
+    return v.to(OUT) > 0
+
+
+@triton.jit
+def bitmask_offsets(mask_rows, row_bytes, col0, cols, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr,
+                    INT64: tl.constexpr):
+    """Where a tile's bits live: mask rows ``mask_rows`` [R] of ``row_bytes`` bytes, columns col0 +
+    [0, BLOCK_COLS) of an extent ``cols``.  Returns (byte offsets [R, BLOCK_COLS // GROUP], the bit
+    of each group's first column [BLOCK_COLS // GROUP], which groups lie inside ``cols``)."""
+    first = col0 + tl.arange(0, BLOCK_COLS // GROUP) * GROUP
+    offsets = scalar_offset(mask_rows, row_bytes, INT64)[:, None] + (first // 8)[None, :]
+    return offsets, first % 8, first < cols
+
+
+@triton.jit
+def pack_bits(flags, ROWS: tl.constexpr, COLS: tl.constexpr, GROUP: tl.constexpr):
+    """[ROWS, COLS] booleans as [ROWS, COLS // GROUP] bytes (uint8): bit k of byte j is column
+    j * GROUP + k (the group's first column starts a byte, see ``bitmask_offsets``)."""
+    grouped = tl.reshape(flags.to(tl.int32), [ROWS, COLS // GROUP, GROUP])
+    return tl.sum(grouped << tl.arange(0, GROUP)[None, None, :], 2).to(tl.uint8)
+
+
+@triton.jit
+def unpack_bits(packed, first_bit, ROWS: tl.constexpr, COLS: tl.constexpr, GROUP: tl.constexpr):
+    """``pack_bits`` undone: bytes [ROWS, COLS // GROUP] whose group j starts at bit
+    ``first_bit[j]`` -> [ROWS, COLS] booleans."""
+    shifts = first_bit[None, :, None] + tl.arange(0, GROUP)[None, None, :]
+    bits = (packed.to(tl.int32)[:, :, None] >> shifts) & 1
+    return tl.reshape(bits, [ROWS, COLS]) != 0
+
+
+@triton.jit
+def store_bits(mask_ptr, flags, mask_rows, row_valid, row_bytes, col0, cols,
+               ROWS: tl.constexpr, COLS: tl.constexpr, GROUP: tl.constexpr, INT64: tl.constexpr):
+    """Write a tile's decisions ``flags`` [ROWS, COLS] (False where masked) as bits (see above)."""
+    offsets, _, col_valid = bitmask_offsets(mask_rows, row_bytes, col0, cols, COLS, GROUP, INT64)
+    tl.store(mask_ptr + offsets, pack_bits(flags, ROWS, COLS, GROUP), mask=row_valid[:, None] & col_valid[None, :])
+
+
+@triton.jit
+def load_bits(mask_ptr, mask_rows, row_valid, row_bytes, col0, cols,
+              ROWS: tl.constexpr, COLS: tl.constexpr, GROUP: tl.constexpr, INT64: tl.constexpr):
+    """A tile's decisions [ROWS, COLS] read back from the bit mask (False outside it)."""
+    offsets, first_bit, col_valid = bitmask_offsets(mask_rows, row_bytes, col0, cols, COLS, GROUP, INT64)
+    packed = tl.load(mask_ptr + offsets, mask=row_valid[:, None] & col_valid[None, :], other=0)
+    return unpack_bits(packed, first_bit, ROWS, COLS, GROUP)

@@ -15,6 +15,11 @@ pass, y = ((z - mean_z) * invstd_z) * g + beta: the float result of ((x - pilot)
 shifted_mean) * invstd * g + beta (scaling by a power of two is exact), right also where invstd
 itself overflows (float32 subnormal data), and with three per-channel coefficients live
 instead of five.
+Fused epilogues (``common.py``): with RELU and/or ADDEND the forward writes relu(v), v =
+``normalized(x - pilot, ...)`` + addend with the split path's coefficients (x - pilot is z
+unscaled, exactly), and center[6, C] holds them for the backward's recompute; with BITS it
+writes the ReLU's bits.  The backward passes dy where the forward's output was positive (from the bits
+with ADDEND, writing daddend too; recomputed from x otherwise) before it reduces.
 The backward with moving statistics computes dx = dy * g * invstd without x (SPEC: x is not
 used there, so a NaN/Inf in x stays out of dx); it reads x only for dgamma, and not at all
 with fix_gamma.
@@ -24,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    apply_coefficients,
     channel_major_offsets,
     channel_minor_offsets,
     element_offset,
@@ -31,8 +37,14 @@ from .common import (
     finish_backward,
     finish_statistics,
     finite_pilot,
+    load_bits,
+    normalized,
+    passes,
+    relu,
     scalar_offset,
     spread_scale,
+    store_bits,
+    unscale,
 )
 
 
@@ -51,17 +63,45 @@ def _two_pass_rows(x, mask, pilot, scale, m, inverse_m):
 
 
 @triton.jit
+def _fused_output(z, mask, addend_ptr, addend_offsets, mask_ptr, center_ptr, c, c_mask, C,
+                  pilot, mean_z, scale, invstd, invstd_z, g, beta, mask_rows, row_valid, row_bytes, col0, cols,
+                  OUT: tl.constexpr, RELU: tl.constexpr, ADDEND: tl.constexpr, BITS: tl.constexpr,
+                  ROWS: tl.constexpr, COLS: tl.constexpr, GROUP: tl.constexpr, INT64: tl.constexpr):
+    """relu(v) (+ addend) of a fused forward from the tile of z = (x - pilot) * scale [ROWS, COLS]
+    (per-channel values broadcastable to it): the elementwise kernel's v, from the coefficients
+    the split path's finalize writes, which center[6, C] keeps for the backward's recompute."""
+    x_scale, x_coef, const = apply_coefficients(invstd, invstd_z, g, beta, mean_z, scale)
+    shifted_mean = unscale(mean_z, scale)
+    if RELU and not ADDEND:
+        tl.store(center_ptr + 2 * C + c, x_scale, mask=c_mask)
+        tl.store(center_ptr + 3 * C + c, x_coef, mask=c_mask)
+        tl.store(center_ptr + 5 * C + c, const, mask=c_mask)
+    v = normalized(unscale(z, scale), 0.0, shifted_mean, x_scale, x_coef, const)
+    if ADDEND:
+        v += tl.load(addend_ptr + addend_offsets, mask=mask, other=0.0).to(v.dtype)
+    if RELU:
+        v = relu(v)
+        if BITS:
+            store_bits(mask_ptr, passes(v, OUT) & mask, mask_rows, row_valid, row_bytes, col0, cols,
+                       ROWS, COLS, GROUP, INT64)
+    return v
+
+
+@triton.jit
 def channel_major_persistent_forward_kernel(
     x_ptr, y_ptr,  # (outer, C, inner) views
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
-    mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
+    mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] ([6, C] fused ReLU) outputs (accumulation dtype)
+    addend_ptr, mask_ptr,  # fused: the addend (own strides), the ReLU's bits (uint8 out, with an addend)
     C, outer, inner, m, eps_hi, eps_lo, momentum_hi, momentum_lo,
     inverse_m, unbias,  # 1 / m and m / (m - 1), correctly rounded to float32 (host)
     outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
+    stride_aoh, stride_aom, stride_ao, stride_ac, stride_ai,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+    RELU: tl.constexpr = False, ADDEND: tl.constexpr = False, BITS: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     """Training forward of one channel: grid = (C,), BLOCK_O >= outer, BLOCK_I >= inner."""
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
@@ -81,14 +121,23 @@ def channel_major_persistent_forward_kernel(
     scale = spread_scale(pilot, last)
     mean_z, var_z, z, _ = _two_pass_rows(
         tl.reshape(x, [lanes, 1]), tl.reshape(mask, [lanes, 1]), pilot[None, :], scale[None, :], m, inverse_m)
-    _, invstd_z, g, beta = finish_statistics(
+    invstd, invstd_z, g, beta = finish_statistics(
         c, c < C, C, pilot, mean_z, var_z, scale, m, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED, unbias,
     )
-    # z - mean_z again rather than the variance pass's copy: fewer registers here (ptxas)
-    centred_z = tl.reshape(z, [BLOCK_O, BLOCK_I]) - tl.sum(mean_z, 0)
-    y = (centred_z * tl.sum(invstd_z, 0)) * tl.sum(g, 0) + tl.sum(beta, 0)
+    if RELU or ADDEND:
+        y = _fused_output(
+            tl.reshape(z, [BLOCK_O, BLOCK_I]), mask, addend_ptr,
+            scalar_offset(c_scalar, stride_ac, INT64) + channel_major_offsets(
+                o, i, outer_mid, outer_lo, stride_aoh, stride_aom, stride_ao, stride_ai, INT64),
+            mask_ptr, center_ptr, c, c < C, C, pilot, mean_z, scale, invstd, invstd_z, g, beta,
+            o * C + c_scalar, o < outer, (inner + 7) // 8, 0, inner,
+            x_ptr.dtype.element_ty, RELU, ADDEND, BITS, BLOCK_O, BLOCK_I, GROUP, INT64)
+    else:
+        # z - mean_z again rather than the variance pass's copy: fewer registers here (ptxas)
+        centred_z = tl.reshape(z, [BLOCK_O, BLOCK_I]) - tl.sum(mean_z, 0)
+        y = (centred_z * tl.sum(invstd_z, 0)) * tl.sum(g, 0) + tl.sum(beta, 0)
     y_offsets = scalar_offset(c_scalar, stride_yc, INT64) + channel_major_offsets(
         o, i, outer_mid, outer_lo, stride_yoh, stride_yom, stride_yo, stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -98,14 +147,17 @@ def channel_major_persistent_forward_kernel(
 def channel_minor_persistent_forward_kernel(
     x_ptr, y_ptr,  # rows x C matrices: row r = o * inner + i
     gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,  # [C]
-    mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] outputs (accumulation dtype)
+    mean_ptr, invstd_ptr, center_ptr,  # [C], [C], [2, C] ([6, C] fused ReLU) outputs (accumulation dtype)
+    addend_ptr, mask_ptr,  # fused: the addend (own strides), the ReLU's bits (uint8 out, with an addend)
     C, inner, rows, eps_hi, eps_lo, momentum_hi, momentum_lo,
     inverse_m, unbias,  # 1 / m and m / (m - 1), correctly rounded to float32 (host)
     outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_yoh, stride_yom, stride_yo, stride_yc, stride_yi,
+    stride_aoh, stride_aom, stride_ao, stride_ac, stride_ai,
     FIX_GAMMA: tl.constexpr, UPDATE_MOVING: tl.constexpr, UNBIASED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    RELU: tl.constexpr = False, ADDEND: tl.constexpr = False, BITS: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     """Training forward of BLOCK_C channels: grid = (cdiv(C, BLOCK_C),), BLOCK_R >= rows."""
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
@@ -122,32 +174,66 @@ def channel_minor_persistent_forward_kernel(
     last = tl.load(x_ptr + channel_offsets + last_offset, mask=c_mask, other=0.0).to(ACC)
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
-    mean_z, var_z, _, centred_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows, inverse_m)
+    mean_z, var_z, z, centred_z = _two_pass_rows(x, mask, pilot[None, :], scale[None, :], rows, inverse_m)
     # without unbias: finish_statistics then divides (shifted mean, m / (m - 1)); its product
     # form spilled 88-136 bytes here (vector fp16/bf16 at 16384, Triton 3.6), where the
     # channel-major kernel needs the product form to stay spill-free (scalar fp16 at 8192, sm_80)
-    _, invstd_z, g, beta = finish_statistics(
+    invstd, invstd_z, g, beta = finish_statistics(
         c, c_mask, C, pilot, mean_z, var_z, scale, rows, gamma_ptr, beta_ptr, moving_mean_ptr, moving_var_ptr,
         mean_ptr, invstd_ptr, center_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
         FIX_GAMMA, UPDATE_MOVING, UNBIASED,
     )
-    y = (centred_z * invstd_z[None, :]) * g[None, :] + beta[None, :]
+    if RELU or ADDEND:
+        y = _fused_output(
+            z, mask, addend_ptr,
+            channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_aoh, stride_aom, stride_ao, stride_ac,
+                                  stride_ai, INT64),
+            mask_ptr, center_ptr, c, c_mask, C, pilot, mean_z, scale, invstd, invstd_z, g, beta,
+            r, r < rows, (C + 7) // 8, tl.program_id(0) * BLOCK_C, C,
+            x_ptr.dtype.element_ty, RELU, ADDEND, BITS, BLOCK_R, BLOCK_C, GROUP, INT64)
+    else:
+        y = (centred_z * invstd_z[None, :]) * g[None, :] + beta[None, :]
     y_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_yoh, stride_yom, stride_yo, stride_yc,
                                       stride_yi, INT64)
     tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _gated_dy(dy, x, mask, center_ptr, c, c_mask, C, mask_ptr, daddend_ptr, daddend_offsets,
+              mask_rows, row_valid, row_bytes, col0, cols,
+              OUT: tl.constexpr, ADDEND: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+              GROUP: tl.constexpr, INT64: tl.constexpr):
+    """dy where the fused forward's output was positive, 0 elsewhere: the decisions from the bits
+    (ADDEND, which also writes daddend = the result) or recomputed from x with the forward's
+    coefficients center[6, C] (``normalized``, as the forward evaluated it)."""
+    if ADDEND:
+        gate = load_bits(mask_ptr, mask_rows, row_valid, row_bytes, col0, cols, ROWS, COLS, GROUP, INT64)
+    else:
+        v = normalized(x, tl.load(center_ptr + c, mask=c_mask, other=0.0),
+                       tl.load(center_ptr + C + c, mask=c_mask, other=0.0),
+                       tl.load(center_ptr + 2 * C + c, mask=c_mask, other=0.0),
+                       tl.load(center_ptr + 3 * C + c, mask=c_mask, other=0.0),
+                       tl.load(center_ptr + 5 * C + c, mask=c_mask, other=0.0))
+        gate = passes(v, OUT)
+    dy = tl.where(gate & mask, dy, 0.0)
+    if ADDEND:
+        tl.store(daddend_ptr + daddend_offsets, dy.to(daddend_ptr.dtype.element_ty), mask=mask)
+    return dy
+
+
+@triton.jit
 def channel_major_persistent_backward_kernel(
     x_ptr, dy_ptr, dx_ptr,  # (outer, C, inner) views
-    center_ptr, invstd_ptr,  # [2, C], [C]: what the forward normalised with
+    center_ptr, invstd_ptr,  # [2, C] ([6, C] fused ReLU without addend), [C]: what the forward normalised with
     gamma_ptr, dgamma_ptr, dbeta_ptr,  # [C]
+    mask_ptr, daddend_ptr,  # fused ReLU with an addend: the forward's bits, daddend out (dx's strides)
     C, outer, inner, m, outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
     stride_dxoh, stride_dxom, stride_dxo, stride_dxc, stride_dxi,
     FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
+    RELU: tl.constexpr = False, ADDEND: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     """Backward of one channel: S, D, dgamma, dbeta and dx in one pass; grid = (C,)."""
     ACC: tl.constexpr = invstd_ptr.dtype.element_ty
@@ -160,12 +246,27 @@ def channel_major_persistent_backward_kernel(
                  + channel_major_offsets(o, i, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo,
                                          stride_dyi, INT64),
                  mask=mask, other=0.0).to(ACC)
+    recompute: tl.constexpr = RELU and not ADDEND  # the ReLU's decisions from x (else from the bits)
+    if RELU:
+        if recompute:
+            x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
+                        + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
+                                                stride_xi, INT64),
+                        mask=mask, other=0.0).to(ACC)
+        else:
+            x = dy
+        dy = _gated_dy(dy, x, mask, center_ptr, c, c < C, C, mask_ptr, daddend_ptr,
+                       scalar_offset(c_scalar, stride_dxc, INT64) + channel_major_offsets(
+                           o, i, outer_mid, outer_lo, stride_dxoh, stride_dxom, stride_dxo, stride_dxi, INT64),
+                       o * C + c_scalar, o < outer, (inner + 7) // 8, 0, inner,
+                       x_ptr.dtype.element_ty, ADDEND, BLOCK_O, BLOCK_I, GROUP, INT64)
     sum_dy = tl.sum(tl.reshape(dy, [BLOCK_O * BLOCK_I]), 0) + tl.zeros([1], ACC)
     if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
-        x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
-                    + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
-                                            stride_xi, INT64),
-                    mask=mask, other=0.0).to(ACC)
+        if not recompute:  # (loaded after the sum of dy, as ptxas allocates it best)
+            x = tl.load(x_ptr + scalar_offset(c_scalar, stride_xc, INT64)
+                        + channel_major_offsets(o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
+                                                stride_xi, INT64),
+                        mask=mask, other=0.0).to(ACC)
         pilot = tl.load(center_ptr + c_scalar)
         shifted_mean = tl.load(center_ptr + C + c_scalar)
         centred = tl.where(mask, (x - pilot) - shifted_mean, 0.0)
@@ -187,28 +288,45 @@ def channel_major_persistent_backward_kernel(
 @triton.jit
 def channel_minor_persistent_backward_kernel(
     x_ptr, dy_ptr, dx_ptr,  # rows x C matrices: row r = o * inner + i
-    center_ptr, invstd_ptr,  # [2, C], [C]
+    center_ptr, invstd_ptr,  # [2, C] ([6, C] fused ReLU without addend), [C]
     gamma_ptr, dgamma_ptr, dbeta_ptr,  # [C]
+    mask_ptr, daddend_ptr,  # fused ReLU with an addend: the forward's bits, daddend out (dx's strides)
     C, inner, rows, outer_mid, outer_lo,
     stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi,
     stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi,
     stride_dxoh, stride_dxom, stride_dxo, stride_dxc, stride_dxi,
     FIX_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    RELU: tl.constexpr = False, ADDEND: tl.constexpr = False, GROUP: tl.constexpr = 8,
 ):
     """Backward of BLOCK_C channels over every row in one pass; grid = (cdiv(C, BLOCK_C),)."""
     ACC: tl.constexpr = invstd_ptr.dtype.element_ty
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(0) * BLOCK_C
+    c = c0 + tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     c_mask = c < C
     mask = (r < rows)[:, None] & c_mask[None, :]
     dy = tl.load(dy_ptr + channel_minor_offsets(
         r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyc, stride_dyi, INT64),
         mask=mask, other=0.0).to(ACC)
+    recompute: tl.constexpr = RELU and not ADDEND  # the ReLU's decisions from x (else from the bits)
+    if RELU:
+        if recompute:
+            x = tl.load(x_ptr + channel_minor_offsets(
+                r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi, INT64),
+                mask=mask, other=0.0).to(ACC)
+        else:
+            x = dy
+        dy = _gated_dy(dy, x, mask, center_ptr, c, c_mask, C, mask_ptr, daddend_ptr,
+                       channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dxoh, stride_dxom, stride_dxo,
+                                             stride_dxc, stride_dxi, INT64),
+                       r, r < rows, (C + 7) // 8, c0, C,
+                       x_ptr.dtype.element_ty, ADDEND, BLOCK_R, BLOCK_C, GROUP, INT64)
     if BATCH_STATS or not FIX_GAMMA:  # D = sum((x - mean) * dy) feeds dx or dgamma
-        x = tl.load(x_ptr + channel_minor_offsets(
-            r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi, INT64),
-            mask=mask, other=0.0).to(ACC)
+        if not recompute:
+            x = tl.load(x_ptr + channel_minor_offsets(
+                r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xc, stride_xi, INT64),
+                mask=mask, other=0.0).to(ACC)
         pilot = tl.load(center_ptr + c, mask=c_mask, other=0.0)
         shifted_mean = tl.load(center_ptr + C + c, mask=c_mask, other=0.0)
         centred = tl.where(mask, (x - pilot[None, :]) - shifted_mean[None, :], 0.0)

@@ -95,7 +95,7 @@ def probe_launch(cls: ProbeClass, op: str, dtype: torch.dtype, tile: int):
             center = torch.empty((2, shape[axis]), dtype=acc, device="meta")
             dgamma, dbeta = (torch.empty(shape[axis], dtype=p.dtype, device="meta") for p in params[:2])
             ops.persistent_backward_launch(plan, cfg, settings)(x, torch.empty_like(x), y, center, stats[1],
-                                                               params[0], dgamma, dbeta)
+                                                               params[0], dgamma, dbeta, x, y)
     (launch,) = launches
     return launch
 

@@ -401,8 +401,12 @@ def _params(channels: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return gamma, beta, torch.zeros(channels), torch.ones(channels)
 
 
+FUSIONS = {"relu": ("relu", False), "add": (None, True), "add_relu": ("relu", True)}  # (act_type, addend)
+
+
 def measure(op: str, shape: Sequence[int], layout: str = "contiguous", dtype: torch.dtype = torch.float32,
-            axis: int = 1, *, fix_gamma: bool = False, seed: int = 0) -> TrafficResult | dict[str, TrafficResult]:
+            axis: int = 1, *, fix_gamma: bool = False, seed: int = 0,
+            fusion: str | None = None) -> TrafficResult | dict[str, TrafficResult]:
     """Count the traffic of one tritonbn op on CPU tensors under Triton's interpreter.
 
     Args:
@@ -411,6 +415,8 @@ def measure(op: str, shape: Sequence[int], layout: str = "contiguous", dtype: to
             "forward_backward"} from two runs: forward_backward is the forward and the
             backward of the same call, counted phase by phase).
         shape, layout, dtype, axis: the data tensor (``make_data`` layouts) and its channel axis.
+        fusion: None, or the fused op of ``FUSIONS`` ("relu", "add", "add_relu"): the addend is
+            data-shaped in the same layout, and the backward also takes its gradient.
     Returns:
         a TrafficResult (a dict of them for op="all").
     """
@@ -420,6 +426,9 @@ def measure(op: str, shape: Sequence[int], layout: str = "contiguous", dtype: to
     import tritonbn
 
     x = make_data(shape, layout, dtype, seed)
+    act_type, with_addend = FUSIONS[fusion] if fusion is not None else (None, False)
+    addend = make_data(shape, layout, dtype, seed + 2) if with_addend else None
+    fused = dict(act_type=act_type, addend=addend) if fusion is not None else {}
     channels = x.shape[axis]
     ndim = x.dim()
     meta = dict(shape=tuple(x.shape), layout=layout, dtype=str(dtype).replace("torch.", ""),
@@ -439,8 +448,8 @@ def measure(op: str, shape: Sequence[int], layout: str = "contiguous", dtype: to
 
         def inference() -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                y = tritonbn.batch_norm(x, gamma, beta, mm, mv, fix_gamma=fix_gamma, axis=axis)
-            return {"x": x, "y": y}
+                y = tritonbn.batch_norm(x, gamma, beta, mm, mv, fix_gamma=fix_gamma, axis=axis, **fused)
+            return {"x": x, "y": y, **({} if addend is None else {"addend": addend})}
 
         results["inference"] = counted("inference", inference)
     if op in ("forward", "backward", "forward_backward", "all"):
@@ -448,14 +457,21 @@ def measure(op: str, shape: Sequence[int], layout: str = "contiguous", dtype: to
         xg = x.detach().requires_grad_(True)
         dy = make_data(shape, layout, dtype, seed + 1)
         kept: dict[str, torch.Tensor] = {}
+        wrt = (xg, gamma, beta)
+        if addend is not None:
+            fused["addend"] = addend = addend.detach().requires_grad_(True)
+            wrt += (addend,)
+        extra = {} if addend is None else {"addend": addend}
 
         def forward() -> dict[str, torch.Tensor]:
-            kept["y"] = tritonbn.batch_norm(xg, gamma, beta, mm, mv, fix_gamma=fix_gamma, axis=axis, training=True)
-            return {"x": xg, "y": kept["y"]}
+            kept["y"] = tritonbn.batch_norm(xg, gamma, beta, mm, mv, fix_gamma=fix_gamma, axis=axis, training=True,
+                                            **fused)
+            return {"x": xg, "y": kept["y"], **extra}
 
         def backward() -> dict[str, torch.Tensor]:
-            dx, _, _ = torch.autograd.grad(kept["y"], (xg, gamma, beta), dy)
-            return {"x": xg, "y": kept["y"], "dy": dy, "dx": dx}
+            grads = torch.autograd.grad(kept["y"], wrt, dy)
+            named = {"daddend": grads[3]} if addend is not None else {}
+            return {"x": xg, "y": kept["y"], "dy": dy, "dx": grads[0], **extra, **named}
 
         results["forward"] = counted("forward", forward)
         if op != "forward":
@@ -513,11 +529,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="contiguous", help="memory layout of the data")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     parser.add_argument("--op", choices=[*OPS, "all"], default="all", help="which op to count (default all)")
+    parser.add_argument("--fusion", choices=sorted(FUSIONS), default=None,
+                        help="count the fused op: BN + ReLU, BN + add, BN + add + ReLU")
 
 
 def run(args: argparse.Namespace) -> int:
     ensure_interpreter()
-    results = measure(args.op, args.shape, args.layout, _DTYPES[args.dtype], args.axis)
+    results = measure(args.op, args.shape, args.layout, _DTYPES[args.dtype], args.axis, fusion=args.fusion)
     if isinstance(results, TrafficResult):
         results = {args.op: results}
     first = next(iter(results.values()))
