@@ -58,14 +58,7 @@ def validate_fusion(settings: Settings, data: torch.Tensor, act_type: object, ad
     if act_type not in ACT_TYPES:
         raise ValueError(f"act_type must be None or 'relu', got {act_type!r}")
     if addend is not None:
-        if not isinstance(addend, torch.Tensor):
-            raise TypeError(f"addend must be a torch.Tensor or None, got {type(addend).__name__}")
-        if addend.shape != data.shape:
-            raise ValueError(f"addend has shape {tuple(addend.shape)} but data has shape {tuple(data.shape)}")
-        if addend.dtype != data.dtype:
-            raise TypeError(f"addend has dtype {addend.dtype} but data has dtype {data.dtype}")
-        if addend.device != data.device:
-            raise ValueError(f"addend is on {addend.device} but data is on {data.device}")
+        _check_like_data("addend", addend, data)
         if out is not None and _overlaps(out, addend):
             raise ValueError("out overlaps addend in memory; pass a separate tensor")
     return settings._replace(relu=act_type == "relu", addend=addend is not None)
@@ -156,15 +149,20 @@ def _check_out_apart(out: torch.Tensor, data: torch.Tensor) -> None:
         raise ValueError("out overlaps data in memory; pass a separate tensor")
 
 
+def _check_like_data(name: str, t: object, data: torch.Tensor) -> None:
+    """``t`` (``out``, ``addend``) is a tensor of data's shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != data.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but data has shape {tuple(data.shape)}")
+    if t.dtype != data.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but data has dtype {data.dtype}")
+    if t.device != data.device:
+        raise ValueError(f"{name} is on {t.device} but data is on {data.device}")
+
+
 def _check_out(out: object, data: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if out.shape != data.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)} but data has shape {tuple(data.shape)}")
-    if out.dtype != data.dtype:
-        raise TypeError(f"out has dtype {out.dtype} but data has dtype {data.dtype}")
-    if out.device != data.device:
-        raise ValueError(f"out is on {out.device} but data is on {data.device}")
+    _check_like_data("out", out, data)
     _check_out_apart(out, data)
     if _self_overlapping(out):
         raise ValueError("out has elements that share memory (an expanded view?); pass a dense tensor")
