@@ -110,19 +110,23 @@ def _forward_rows(center_ptr, c, c_mask, C):
 
 @triton.jit
 def _elementwise_tile(
-    x_ptr, dy_ptr, out_ptr, mask_ptr, daddend_ptr,
-    x_offsets, dy_offsets, out_offsets, mask,  # [ROWS, COLS] offsets of the tile in x, dy, out
+    x_ptr, dy_ptr, mask_ptr,
+    x_offsets, dy_offsets, mask,  # [ROWS, COLS] offsets of the tile in x and dy
     pilot, shifted_mean, invstd, x_coef, dy_coef, const,  # per channel, broadcastable to the tile
     f_pilot, f_shift, f_scale, f_coef, f_const,  # the forward's coefficients (recompute only)
     mask_rows, row_valid, row_bytes, col0, cols,  # where the tile's bits live (bitmask_offsets)
     HAS_X: tl.constexpr, HAS_DY: tl.constexpr, RELU: tl.constexpr, ADDEND: tl.constexpr, BITS: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, GROUP: tl.constexpr, INT64: tl.constexpr,
 ):
-    """One tile of out (see the module docstring); the dy slot holds the addend in a forward."""
+    """(out, daddend) of one tile in the accumulation dtype (see the module docstring; daddend:
+    the gated dy, meaningful with HAS_DY, RELU and ADDEND); the dy slot holds the addend in a
+    forward.  The caller computes the output offsets after this returns, so they are not live
+    during the loads (computed before, they made ptxas spill the stepped-layout dx kernel)."""
     ACC: tl.constexpr = const.dtype
     OUT: tl.constexpr = x_ptr.dtype.element_ty  # the forward's output dtype (the data's)
     recompute: tl.constexpr = HAS_DY and RELU and not ADDEND
     result = tl.zeros([ROWS, COLS], ACC) + const
+    daddend = result  # unused unless HAS_DY
     if HAS_X or recompute:
         x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(ACC)
     if not HAS_DY and (RELU or ADDEND):  # fused forward
@@ -145,10 +149,17 @@ def _elementwise_tile(
                 else:
                     gate = passes(normalized(x, f_pilot, f_shift, f_scale, f_coef, f_const), OUT)
                 dy = tl.where(gate, dy, 0.0)
-                if ADDEND:
-                    tl.store(daddend_ptr + out_offsets, dy.to(daddend_ptr.dtype.element_ty), mask=mask)
             result += dy * dy_coef
+            daddend = dy
+    return result, daddend
+
+
+@triton.jit
+def _store_tile(out_ptr, daddend_ptr, out_offsets, mask, result, daddend, DADDEND: tl.constexpr):
+    """Write one tile of out (and, with DADDEND, of daddend: same strides as out)."""
     tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    if DADDEND:
+        tl.store(daddend_ptr + out_offsets, daddend.to(daddend_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -187,18 +198,19 @@ def channel_major_elementwise_kernel(
         f_pilot, f_shift, f_scale, f_coef, f_const = _forward_rows(center_ptr, c, c < C, C)
     else:
         f_pilot, f_shift, f_scale, f_coef, f_const = pilot, shifted_mean, invstd, x_coef, const
-    _elementwise_tile(
-        x_ptr, dy_ptr, out_ptr, mask_ptr, daddend_ptr,
+    result, daddend = _elementwise_tile(
+        x_ptr, dy_ptr, mask_ptr,
         scalar_offset(c, stride_xc, INT64) + channel_major_offsets(
             o, i, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo, stride_xi, INT64),
         scalar_offset(c, stride_dyc, INT64) + channel_major_offsets(
             o, i, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo, stride_dyi, INT64),
-        scalar_offset(c, stride_outc, INT64) + channel_major_offsets(
-            o, i, outer_mid, outer_lo, stride_outoh, stride_outom, stride_outo, stride_outi, INT64),
         mask, pilot, shifted_mean, invstd, x_coef, dy_coef, const, f_pilot, f_shift, f_scale, f_coef, f_const,
         o * C + c, o < outer, (inner + 7) // 8, i0, inner,
         HAS_X, HAS_DY, RELU, ADDEND, BITS, BLOCK_O, BLOCK_I, GROUP, INT64,
     )
+    out_offsets = scalar_offset(c, stride_outc, INT64) + channel_major_offsets(
+        o, i, outer_mid, outer_lo, stride_outoh, stride_outom, stride_outo, stride_outi, INT64)
+    _store_tile(out_ptr, daddend_ptr, out_offsets, mask, result, daddend, HAS_DY and RELU and ADDEND)
 
 
 @triton.jit
@@ -238,16 +250,17 @@ def channel_minor_elementwise_kernel(
     for t in range(range_bound(row_tiles)):
         r = (row_block * row_tiles + t) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask = (r < rows)[:, None] & c_mask[None, :]
-        _elementwise_tile(
-            x_ptr, dy_ptr, out_ptr, mask_ptr, daddend_ptr,
+        result, daddend = _elementwise_tile(
+            x_ptr, dy_ptr, mask_ptr,
             channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_xoh, stride_xom, stride_xo,
                                   stride_xc, stride_xi, INT64),
             channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_dyoh, stride_dyom, stride_dyo,
                                   stride_dyc, stride_dyi, INT64),
-            channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_outoh, stride_outom, stride_outo,
-                                  stride_outc, stride_outi, INT64),
             mask, pilot[None, :], shifted_mean[None, :], invstd[None, :], x_coef[None, :], dy_coef[None, :],
             const[None, :], f_pilot[None, :], f_shift[None, :], f_scale[None, :], f_coef[None, :], f_const[None, :],
             r, r < rows, (C + 7) // 8, c0, C,
             HAS_X, HAS_DY, RELU, ADDEND, BITS, BLOCK_R, BLOCK_C, GROUP, INT64,
         )
+        out_offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_outoh, stride_outom, stride_outo,
+                                            stride_outc, stride_outi, INT64)
+        _store_tile(out_ptr, daddend_ptr, out_offsets, mask, result, daddend, HAS_DY and RELU and ADDEND)
