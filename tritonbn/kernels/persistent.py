@@ -131,7 +131,10 @@ def channel_major_persistent_forward_kernel(
             tl.reshape(z, [BLOCK_O, BLOCK_I]), mask, addend_ptr,
             scalar_offset(c_scalar, stride_ac, INT64) + channel_major_offsets(
                 o, i, outer_mid, outer_lo, stride_aoh, stride_aom, stride_ao, stride_ai, INT64),
-            mask_ptr, center_ptr, c, c < C, C, pilot, mean_z, scale, invstd, invstd_z, g, beta,
+            # the per-channel values as scalars (their [1]-shaped forms broadcast onto the tile
+            # made Triton replicate it: 8192 selects a thread, ptxas ran for minutes)
+            mask_ptr, center_ptr, c, c < C, C, tl.sum(pilot, 0), tl.sum(mean_z, 0), tl.sum(scale, 0),
+            tl.sum(invstd, 0), tl.sum(invstd_z, 0), tl.sum(g, 0), tl.sum(beta, 0),
             o * C + c_scalar, o < outer, (inner + 7) // 8, 0, inner,
             x_ptr.dtype.element_ty, RELU, ADDEND, BITS, BLOCK_O, BLOCK_I, GROUP, INT64)
     else:
