@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import itertools
 import json
 import os
 import re
@@ -116,6 +117,7 @@ class CompiledKernel:
     approximate: dict = field(default_factory=dict)  # approximate PTX instructions: {opcode: count}
     programs: int = 0  # the launch's grid
     sass: dict = field(default_factory=dict)  # perf.sass.IssueFacts of the launch
+    fusion: str = "none"  # the call's fusion: "none" or a key of FUSIONS
 
     def unexpected_approximations(self) -> dict:
         """The approximate instructions of this kernel that ``ALLOWED_APPROXIMATE`` does not allow."""
@@ -134,6 +136,7 @@ def _role(kernel: str, op: str) -> str:
 
 
 FUSIONS = {"relu": ("relu", False), "add": (None, True), "add_relu": ("relu", True)}  # (act_type, addend)
+FUSION_CHOICES = ("none", *FUSIONS)
 
 
 def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str, fusion: str | None = None
@@ -350,33 +353,36 @@ def inspect_launch(launch, arch: str, plan, element_size: int) -> tuple[dict, by
 
 def inspect_kernels(archs: Iterable[str], dtypes: Iterable[str], layouts: Iterable[str],
                     progress=None, calls: dict | None = None, per_call: bool = False,
-                    cubins: dict | None = None) -> list[CompiledKernel]:
+                    cubins: dict | None = None, fusions: Iterable[str] = ("none",)) -> list[CompiledKernel]:
     """Compile every distinct launch of the representative calls (``calls``: a table like
-    ``LAYOUTS``) for each arch; ``per_call``: a row for every launch of every call, not only
-    the first of each distinct kernel; ``cubins``: filled with row index -> cubin bytes."""
+    ``LAYOUTS``) for each arch, plain and fused with each of ``fusions`` (``FUSION_CHOICES``; a
+    fused call's kernels that are the plain ones are not compiled twice); ``per_call``: a row for
+    every launch of every call, not only the first of each distinct kernel; ``cubins``: filled
+    with row index -> cubin bytes."""
     from .plan import plan_view
 
     rows, seen = [], set()
-    for dtype_name in dtypes:
-        for layout in layouts:
-            for shape, axis, memory_format in (calls or LAYOUTS).get(layout, []):
-                x = _meta_data(shape, memory_format)
-                plan = plan_view(shape, axis, [x.stride(), x.stride()])
-                for op in OPS:
-                    for launch in captured_launches(shape, axis, memory_format, DTYPES[dtype_name], op):
-                        key = (launch.name, dtype_name, layout, launch.config, tuple(sorted(launch.constexprs.items())))
-                        if key in seen and not per_call:
-                            continue
-                        seen.add(key)
-                        for arch in archs:
-                            if progress:
-                                progress(f"{arch} {dtype_name} {layout} {op} {launch.name}")
-                            stats, cubin = inspect_launch(launch, arch, plan, DTYPES[dtype_name].itemsize)
-                            if cubins is not None:
-                                cubins[len(rows)] = cubin
-                            rows.append(CompiledKernel(launch.name, _role(launch.name, op), dtype_name, layout, op,
-                                                       asdict(launch.config), arch, **stats, shape=tuple(shape),
-                                                       vector_aligned=_aligned(shape, axis, memory_format)))
+    for dtype_name, layout, fusion in itertools.product(dtypes, layouts, fusions):
+        for shape, axis, memory_format in (calls or LAYOUTS).get(layout, []):
+            x = _meta_data(shape, memory_format)
+            plan = plan_view(shape, axis, [x.stride(), x.stride()])
+            for op in OPS:
+                for launch in captured_launches(shape, axis, memory_format, DTYPES[dtype_name], op,
+                                                None if fusion == "none" else fusion):
+                    key = (launch.name, dtype_name, layout, launch.config, tuple(sorted(launch.constexprs.items())))
+                    if key in seen and not per_call:
+                        continue
+                    seen.add(key)
+                    for arch in archs:
+                        if progress:
+                            progress(f"{arch} {dtype_name} {layout} {op} {fusion} {launch.name}")
+                        stats, cubin = inspect_launch(launch, arch, plan, DTYPES[dtype_name].itemsize)
+                        if cubins is not None:
+                            cubins[len(rows)] = cubin
+                        rows.append(CompiledKernel(launch.name, _role(launch.name, op), dtype_name, layout, op,
+                                                   asdict(launch.config), arch, **stats, shape=tuple(shape),
+                                                   vector_aligned=_aligned(shape, axis, memory_format),
+                                                   fusion=fusion))
     return rows
 
 
@@ -389,15 +395,16 @@ def _aligned(shape, axis, memory_format) -> bool:
 
 
 def format_table(rows: list[CompiledKernel]) -> str:
-    """A readable table of the report."""
+    """A readable table of the report (a fusion column when some rows are of fused calls)."""
+    fused = any(r.fusion != "none" for r in rows)
     header = f"{'arch':6s} {'dtype':5s} {'layout':13s} {'shape':16s} {'kernel':36s} {'role':10s} {'warps':>5s} " \
-             f"{'regs':>4s} {'spill':>5s} {'smem':>6s} {'ld':>4s} {'st':>4s}"
+             f"{'regs':>4s} {'spill':>5s} {'smem':>6s} {'ld':>4s} {'st':>4s}" + ("  fusion" if fused else "")
     lines = [header, "-" * len(header)]
     for r in rows:
         shape = "x".join(map(str, r.shape)) + ("" if r.vector_aligned else "*")
         lines.append(f"{r.arch:6s} {r.dtype:5s} {r.layout:13s} {shape:16s} {r.kernel:36s} {r.role:10s} "
                      f"{r.config['num_warps']:5d} {r.registers:4d} {r.spills:5d} {r.shared:6d} "
-                     f"{r.max_load_bits:4d} {r.max_store_bits:4d}")
+                     f"{r.max_load_bits:4d} {r.max_store_bits:4d}" + (f"  {r.fusion}" if fused else ""))
     lines.append("* scalar-load layout (strides or the fast extent not multiples of 16)")
     return "\n".join(lines)
 
@@ -453,6 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", choices=sorted(CALL_SETS), default="representative",
                         help="representative: every distinct kernel of the representative calls (default); "
                              "streaming: every launch of issue 14's streaming calls, with the SASS facts table")
+    parser.add_argument("--fusion", action="append", choices=FUSION_CHOICES,
+                        help="the calls plain (none) or fused with a ReLU and/or an addend (repeatable; default none)")
     parser.add_argument("--json", metavar="FILE", help="write the report as a JSON list")
     parser.add_argument("--cubin-dir", metavar="DIR", help="write every cubin and index.json (a row per launch)")
 
@@ -465,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
     cubins: dict | None = {} if args.cubin_dir else None
     rows = inspect_kernels(args.arch or sorted(ARCHS), args.dtype or (STREAMING_DTYPES if streaming else DEFAULT_DTYPES),
                            args.layout or list(calls), calls=calls, per_call=streaming, cubins=cubins,
+                           fusions=args.fusion or ("none",),
                            progress=lambda text: print(f"compiling {text}", file=sys.stderr, flush=True))
     print(format_sass_table(rows) if streaming else format_table(rows))
     if args.json:
