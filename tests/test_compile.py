@@ -56,7 +56,8 @@ def test_opcheck_forward(path, case):
     args = (x, gamma, beta, mm, mv, count, axis, 1e-5, 0.9, "fixgamma" in case, case.startswith("train"), True)
     torch.library.opcheck(FORWARD, args)
     with trace.capture() as t:
-        y, mean, invstd, center, new_mean, new_var = FORWARD(*args)
+        y, mean, invstd, center, new_mean, new_var, mask = FORWARD(*args)
+    assert mask.numel() == 0  # no ReLU: no mask
     assert t.path == path
     assert y.stride() == empty_like_layout(x).stride()
     if mm is not None:  # functional: the inputs are untouched, the update is returned
@@ -70,7 +71,8 @@ def test_opcheck_backward(path, batch_stats):
     center = torch.stack([torch.randn(4), torch.zeros(4)])
     args = (dy, x, gamma, center, torch.rand(4) + 0.5, 1, False, batch_stats)
     torch.library.opcheck(BACKWARD, args)
-    dx, _, _ = BACKWARD(*args)
+    dx, _, _, daddend = BACKWARD(*args)
+    assert daddend.numel() == 0  # not fused: no addend gradient
     assert dx.stride() == x.stride()
 
 

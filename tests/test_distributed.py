@@ -4,8 +4,10 @@ The ranks hold 3 and 5 samples (unequal: averaging per-rank moments would be wro
 also runs torch's own BatchNorm2d on the concatenated batch and checks, over three training
 steps (momentum 0.1, then a cumulative-average layer) and an eval step: its slice of the output
 and of the input gradient, the all-reduced weight/bias gradients, and the running statistics.
-A last step checks a group that holds one value per channel in all (no error, running
-statistics unchanged).  The workers run through the interpreted Triton kernels or the reference (TRITON_INTERPRET is
+The fused layers (SyncBatchNormReLU, SyncBatchNormAddReLU, from tritonbn.convert(sync=True) of
+BatchNormReLU2d / BatchNormAddReLU2d) are checked likewise against relu(bn(x) [+ addend]), the
+addend's gradient included.  A last step checks a group that holds one value per channel in all
+(no error, running statistics unchanged).  The workers run through the interpreted Triton kernels or the reference (TRITON_INTERPRET is
 set in the child before anything imports Triton).
 """
 
@@ -31,11 +33,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_rank(rank: int, momentum, memory_format) -> None:
-    import torch.distributed as dist
-
+def _layers(channels: int, momentum, fusion):
+    """(tritonbn's layer converted with sync=True, the class it must be, torch's whole-batch chain
+    as a function of (layer, x, addend)) for ``fusion``: None, "relu" or "add_relu"."""
     import tritonbn
     from tritonbn import nn as tnn
+
+    local, synced = {None: (torch.nn.BatchNorm2d, tnn.SyncBatchNorm),
+                     "relu": (tnn.BatchNormReLU2d, tnn.SyncBatchNormReLU),
+                     "add_relu": (tnn.BatchNormAddReLU2d, tnn.SyncBatchNormAddReLU)}[fusion]
+    ours = tritonbn.convert(torch.nn.Sequential(local(channels, momentum=momentum)), sync=True)[0]
+    chains = {None: lambda bn, x, a: bn(x), "relu": lambda bn, x, a: torch.relu(bn(x)),
+              "add_relu": lambda bn, x, a: torch.relu(bn(x) + a)}
+    return ours, synced, chains[fusion]
+
+
+def _check_rank(rank: int, momentum, memory_format, fusion=None) -> None:
+    import torch.distributed as dist
 
     gen = torch.Generator().manual_seed(1)
     channels, total = 3, sum(SIZES)
@@ -44,22 +58,27 @@ def _check_rank(rank: int, momentum, memory_format) -> None:
         theirs.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
         theirs.bias.copy_(torch.randn(channels, generator=gen))
         theirs.running_mean.copy_(torch.randn(channels, generator=gen))
-    ours = tritonbn.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(channels, momentum=momentum)), sync=True)[0]
-    assert isinstance(ours, tnn.SyncBatchNorm)
+    ours, synced, chain = _layers(channels, momentum, fusion)
+    assert type(ours) is synced
     ours.load_state_dict(theirs.state_dict())
     lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
     for step in range(4):
         training = step < 3
         ours.train(training), theirs.train(training)
         x = (torch.randn(total, channels, 4, 5, generator=gen) * 2 + 1).contiguous(memory_format=memory_format)
+        addend = torch.randn(x.shape, generator=gen)
         upstream = torch.randn(x.shape, generator=gen)
         x_all, x_mine = x.clone().requires_grad_(), x[lo:hi].clone().requires_grad_()
-        y_all, y_mine = theirs(x_all), ours(x_mine)
+        a_all, a_mine = addend.clone().requires_grad_(), addend[lo:hi].clone().requires_grad_()
+        y_all = chain(theirs, x_all, a_all)
+        y_mine = ours(x_mine, a_mine) if fusion == "add_relu" else ours(x_mine)
         (y_all * upstream).sum().backward()
         (y_mine * upstream[lo:hi]).sum().backward()
         torch.testing.assert_close(y_mine, y_all[lo:hi], **TOL)
         assert y_mine.stride() == x_mine.stride()
         torch.testing.assert_close(x_mine.grad, x_all.grad[lo:hi], **TOL)
+        if fusion == "add_relu":
+            torch.testing.assert_close(a_mine.grad, a_all.grad[lo:hi], **TOL)
         for name in ("weight", "bias"):  # local gradients; their sum is the whole batch's
             grad = getattr(ours, name).grad.clone()
             dist.all_reduce(grad)
@@ -96,8 +115,8 @@ def _worker(rank: int, world: int, port: int, interpret: str, cases) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         with trace.capture() as t:
-            for momentum, memory_format in cases:
-                _check_rank(rank, momentum, memory_format)
+            for case in cases:
+                _check_rank(rank, *case)
             _check_group_of_one_value(rank)
         assert set(t.paths) == {"triton" if interpret == "1" else "reference"}, t.paths
         # Both ranks reach here before either tears gloo down: a rank that destroys the group
@@ -115,7 +134,8 @@ def _worker(rank: int, world: int, port: int, interpret: str, cases) -> None:
 def test_sync_batch_norm_two_gloo_ranks_unequal_batches(interpret):
     import torch.multiprocessing as mp
 
-    cases = [(0.1, torch.contiguous_format), (None, torch.channels_last)]
+    cases = [(0.1, torch.contiguous_format), (None, torch.channels_last), (0.1, torch.channels_last, "relu"),
+             (None, torch.contiguous_format, "add_relu")]
     mp.spawn(_worker, args=(len(SIZES), _free_port(), interpret, cases), nprocs=len(SIZES), join=True)
 
 

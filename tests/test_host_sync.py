@@ -285,9 +285,10 @@ def test_launch_guard_does_nothing_for_cpu_tensors(monkeypatch):
 
 
 def test_every_triton_backend_method_is_guarded():
-    """The public methods are where every launch path enters the kernels."""
+    """The public methods are where every launch path enters the kernels (but the static
+    ``fused_state_like``: the shapes of a fused forward's saved state for fake tensors, no launch)."""
     public = [name for name, value in vars(ops.TritonBackend).items()
-              if callable(value) and not name.startswith("_")]
+              if callable(value) and not name.startswith("_") and name != "fused_state_like"]
     assert set(public) >= {"forward", "backward", "moments", "normalize", "gradient_sums", "input_grad"}
     unguarded = [name for name in public
                  if getattr(getattr(ops.TritonBackend, name), "__wrapped__", None) is None]

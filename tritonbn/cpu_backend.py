@@ -878,20 +878,17 @@ class CpuBackend:
         tolerance of one more rounding); mask (bool) is where y is positive, with the ReLU."""
         y, mean, invstd, center, x_read = self.forward(x, gamma, beta, moving_mean, moving_var, settings, out,
                                                        keep_stats)
-        acc = reference.stat_dtype(x.dtype)
-        value = y.to(acc) if addend is None else y.to(acc) + addend.to(acc)
-        if settings.relu:
-            value = torch.where(value < 0, 0.0, value)  # NaN kept, as torch.relu
-        if value is not y:
-            y.copy_(value)
+        _fused_epilogue(y, addend, settings.relu)
         return y, mean, invstd, center, x_read, reference.relu_passes(y) if settings.relu and keep_mask else None
 
     def fused_backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask=None):
         """(dx, dgamma, dbeta, daddend): ``backward`` of dy gated by the forward's mask."""
-        if settings.relu and mask is not None:
-            dy = reference.gate(dy, mask)
-        dx, dgamma, dbeta = self.backward(dy, x, gamma, center, invstd, settings, beta_dtype)
-        return dx, dgamma, dbeta, dy if settings.addend else None
+        return torch_fused_backward(self, dy, x, gamma, center, invstd, settings, beta_dtype, mask)
+
+    @staticmethod
+    def fused_state_like(x: torch.Tensor, settings: Settings, addend) -> tuple[int, torch.Tensor | None]:
+        """(center rows, empty mask or None) ``fused_forward`` returns: ``torch_fused_state_like``."""
+        return torch_fused_state_like(x, settings)
 
     @staticmethod
     def _update(x, mean: np.ndarray, var: np.ndarray, moving_mean, moving_var, settings: Settings) -> None:
@@ -959,13 +956,16 @@ class CpuBackend:
 
     @_ieee
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor,
-                  beta: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, x, center [2, C], invstd [C]) as ``TritonBackend.normalize``."""
+                  beta: torch.Tensor, axis: int, addend: torch.Tensor | None = None, relu: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, x, center [2, C], invstd [C]) as ``TritonBackend.normalize`` (the addend and ReLU
+        applied to y as in ``fused_forward``)."""
         acc = reference.stat_dtype(x.dtype)
         y = empty_like_layout(x)
         mean64 = _vec(mean)
         if x.numel():
             normalize(x, y, axis, mean64, _vec(invstd), _vec(g), _vec(beta))
+            _fused_epilogue(y, addend, relu)
         return y, x, _center(mean64, acc), invstd.to(acc)
 
     @_ieee
@@ -985,3 +985,36 @@ class CpuBackend:
             return empty_like_layout(x)
         pair = None if sums is None else (_vec(sums[0]), _vec(sums[1]))
         return input_grad(dy, x, settings.axis, center, _vec(invstd), _vec(g), pair, count)
+
+
+# ----------------------------------------------------------------------------- fused, torch paths
+
+
+def _fused_epilogue(y: torch.Tensor, addend: torch.Tensor | None, relu: bool) -> None:
+    """y = relu(y [+ addend]) in place, in the accumulation dtype (y rounded a second time: within
+    the tolerance of one more rounding); NaN kept, as torch.relu."""
+    if addend is None and not relu:
+        return
+    value = y.to(reference.stat_dtype(y.dtype))
+    if addend is not None:
+        value = value + addend.to(value.dtype)
+    if relu:
+        value = torch.where(value < 0, 0.0, value)
+    y.copy_(value)
+
+
+def torch_fused_backward(backend, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A torch path's fused backward (this backend's and the reference's): dy gated by the
+    forward's ``mask`` (bool: where its output was positive) under a ReLU, then ``backend``'s
+    plain backward; returns (dx, dgamma, dbeta, daddend), daddend being that gated dy."""
+    if settings.relu and mask is not None:
+        dy = reference.gate(dy, mask)
+    dx, dgamma, dbeta = backend.backward(dy, x, gamma, center, invstd, settings, beta_dtype)
+    return dx, dgamma, dbeta, dy if settings.addend else None
+
+
+def torch_fused_state_like(x: torch.Tensor, settings: Settings) -> tuple[int, torch.Tensor | None]:
+    """(center rows, empty mask or None) of a torch path's fused forward on ``x``: center [2, C]
+    and, with a ReLU, the bool mask ``reference.relu_passes(y)`` (y in x's layout)."""
+    return 2, empty_like_layout(x, dtype=torch.bool) if settings.relu else None

@@ -44,12 +44,12 @@ from torch import Tensor
 
 from . import reference
 from .library import cumulative_average
-from .nn import _affine, _BatchNorm
+from .nn import _AddReLUForward, _affine, _BatchNorm, _ReLUForward
 from .reference import chan_merge
 from .ops import backend_for
-from .validation import Settings, validate
+from .validation import Settings, validate, validate_fusion
 
-__all__ = ["SyncBatchNorm", "sync_batch_norm", "chan_merge"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchNormAddReLU", "sync_batch_norm", "chan_merge"]
 
 
 def _all_gather(t: Tensor, group) -> Tensor:
@@ -86,27 +86,36 @@ def _update_running(running: Tensor, batch_value: Tensor, count: Tensor, momentu
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training forward/backward with statistics across ``group`` (channel axis 1)."""
+    """Training forward/backward with statistics across ``group`` (channel axis 1), optionally
+    fused with an addend and a ReLU (``fusion`` = (relu, has addend)): y = relu(bn(x) [+ addend])
+    in the normalising launch; the backward passes dy where y is positive."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, running_mean, running_var, eps, momentum, fix_gamma, group, average_count):
+    def forward(ctx, x, gamma, beta, addend, running_mean, running_var, eps, momentum, fix_gamma, group,
+                average_count, relu):
         _check_values_per_channel(x, group)
         backend = backend_for(x.device)
         with torch.autocast(x.device.type, enabled=False):
             count, mean, m2 = chan_merge(_all_gather(backend.moments(x, 1), group))  # [C] float64 each
             var = m2 / count.clamp(min=1)
             g = torch.ones_like(mean) if fix_gamma else gamma
-            y, x_read, center, invstd = backend.normalize(x, mean, reference.inverse_std(var, eps), g, beta, 1)
+            y, x_read, center, invstd = backend.normalize(x, mean, reference.inverse_std(var, eps), g, beta, 1,
+                                                          addend=addend, relu=relu)
             if running_mean is not None and running_var is not None:
                 _update_running(running_mean, mean, count, momentum, average_count)
                 _update_running(running_var, m2 / (count - 1), count, momentum, average_count)
-        ctx.save_for_backward(x_read, gamma, center, invstd)
+        # the ReLU's decisions are y's sign: y is kept for the backward (a bit mask would be 1/8 of it)
+        ctx.save_for_backward(x_read, gamma, center, invstd, y if relu else None)
         ctx.fix_gamma, ctx.group, ctx.count, ctx.beta_dtype = fix_gamma, group, count, beta.dtype
+        ctx.relu = relu
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gamma, center, invstd = ctx.saved_tensors
+        x, gamma, center, invstd, y = ctx.saved_tensors
+        if ctx.relu:
+            dy = reference.gate(dy, reference.relu_passes(y))
+        daddend = dy if ctx.needs_input_grad[3] else None
         backend = backend_for(x.device)
         with torch.autocast(x.device.type, enabled=False):
             sums = backend.gradient_sums(dy, x, center, 1)  # [2, C] local (S, D)
@@ -122,7 +131,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if needs[1]:
             dgamma = torch.zeros_like(gamma) if ctx.fix_gamma else (d_local * invstd.double()).to(gamma.dtype)
         dbeta = s_local.to(ctx.beta_dtype) if needs[2] else None
-        return (dx if needs[0] else None, dgamma, dbeta) + (None,) * 7
+        return (dx if needs[0] else None, dgamma, dbeta, daddend) + (None,) * 8
 
 
 def sync_batch_norm(
@@ -136,8 +145,11 @@ def sync_batch_norm(
     group: Any = None,
     *,
     average_count: Optional[Tensor] = None,
+    relu: bool = False,
+    addend: Optional[Tensor] = None,
 ) -> Tensor:
-    """Training batch norm (channel axis 1) with statistics across ``group`` (default WORLD).
+    """Training batch norm (channel axis 1) with statistics across ``group`` (default WORLD),
+    optionally fused: ``relu(bn(input) [+ addend])``.
 
     torch's conventions: ``momentum`` is torch's (``average_count``: cumulative average), the
     running variance gets the unbiased variance of the whole group's batch.
@@ -148,12 +160,14 @@ def sync_batch_norm(
         running_mean = running_var = None
     gamma, beta, fix_gamma = _affine(input, weight, bias, running_mean)
     tracked = (running_mean, running_var) if running_mean is not None else (gamma, gamma)
-    validate(input, (gamma, beta, *tracked), eps=eps, momentum=0.0, fix_gamma=fix_gamma,
-             use_global_stats=False, axis=1, out=None, training=False, unbiased_update=False)
+    settings = validate(input, (gamma, beta, *tracked), eps=eps, momentum=0.0, fix_gamma=fix_gamma,
+                        use_global_stats=False, axis=1, out=None, training=False, unbiased_update=False)
+    if relu or addend is not None:
+        validate_fusion(settings, input, "relu" if relu else None, addend, None)
     tritonbn_momentum = 1.0 - (momentum if momentum is not None else 0.0)
     group = group if group is not None else dist.group.WORLD
-    return _SyncBatchNormFunction.apply(input, gamma, beta, running_mean, running_var, eps, tritonbn_momentum,
-                                        fix_gamma, group, average_count)
+    return _SyncBatchNormFunction.apply(input, gamma, beta, addend, running_mean, running_var, eps, tritonbn_momentum,
+                                        fix_gamma, group, average_count, relu)
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,12 +218,20 @@ class SyncBatchNorm(_BatchNorm):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _normalize(self, input: Tensor, relu: bool = False, addend: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = self._group()
         if group is None:
-            return super().forward(input)
+            return super()._normalize(input, relu, addend)
         running_mean, running_var, _, momentum, average_count = self._batch_norm_args()
         return _eager_sync_batch_norm()(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
-                               group, average_count=average_count)
+                                        group, average_count=average_count, relu=relu, addend=addend)
+
+
+class SyncBatchNormReLU(_ReLUForward, SyncBatchNorm):
+    """``relu(SyncBatchNorm(x))`` fused: SyncBatchNorm's arguments, parameters and state_dict keys."""
+
+
+class SyncBatchNormAddReLU(_AddReLUForward, SyncBatchNorm):
+    """``relu(SyncBatchNorm(x) + addend)`` fused: forward(x, addend)."""

@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 
 from . import reference, trace
-from .ops import apply_forward, backend_for
+from .ops import wants_grad, apply_forward, apply_fused_forward, backend_for
 from .plan import MAX_REDUCED_GROUPS, empty_like_layout, layout_strides, plan_view
-from .validation import Settings, validate
+from .validation import Settings, validate, validate_fusion
 
 __all__ = ["batch_norm_op", "batch_norm_forward", "batch_norm_backward", "cumulative_average"]
 
@@ -128,22 +128,50 @@ def _average_in_place(moving: Tensor, batch: Tensor, weights: tuple[Tensor, Tens
     torch.add(moving.double() * momentum, batch.double() * weight, out=moving)
 
 
+def _backend_forward(backend, x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_var: Tensor,
+                     settings: Settings, addend: Optional[Tensor], keep_mask: bool) -> tuple:
+    """(y, mean, invstd, center, x read, mask or None): the backend's plain or fused forward."""
+    if not (settings.relu or settings.addend):
+        return (*backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None), None)
+    return backend.fused_forward(x, gamma, beta, moving_mean, moving_var, settings, None, addend, keep_mask=keep_mask)
+
+
 def _forward_averaging(backend, x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_var: Tensor,
-                       settings: Settings, average_count: Tensor) -> tuple[tuple, Tensor, Tensor]:
-    """Training forward with torch's cumulative average: (forward result, new mean, new var).
+                       settings: Settings, average_count: Tensor, addend: Optional[Tensor], keep_mask: bool
+                       ) -> tuple[tuple, Tensor, Tensor]:
+    """Training forward with torch's cumulative average: (``_backend_forward``'s result, new mean,
+    new var).
 
     The kernels run with momentum 0 into float64 [2, C] scratch, which then holds the batch
     mean and the (unbiased when asked) batch variance, as ``TritonBackend`` does for a momentum
     outside [0, 1]; the average itself is two [C] device ops.
     """
     batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-    result = backend.forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), None)
+    result = _backend_forward(backend, x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), addend,
+                              keep_mask)
     new_mean, new_var = (cumulative_average(moving, value, average_count)
                          for moving, value in zip((moving_mean, moving_var), batch))
     return result, new_mean, new_var
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+def _fused_settings(settings: Settings, relu: bool, addend: Optional[Tensor]) -> Settings:
+    return settings._replace(relu=relu, addend=addend is not None) if relu or addend is not None else settings
+
+
+def _rows(center: Tensor, rows: int) -> Tensor:
+    """``center``'s first ``rows`` rows; zero rows appended where it has fewer (an empty batch's
+    [2, C] under a fused ReLU, whose backward reads nothing)."""
+    if center.shape[0] >= rows:
+        return center[:rows]
+    return torch.cat([center, center.new_zeros((rows - center.shape[0], center.shape[1]))])
+
+
+def _no_mask(x: Tensor) -> Tensor:
+    """The mask output where there is none (custom ops return tensors): an empty uint8 tensor."""
+    return x.new_empty(0, dtype=torch.uint8)
 
 
 @torch.library.custom_op("tritonbn::batch_norm_forward", mutates_args=())
@@ -160,45 +188,63 @@ def batch_norm_forward(
     fix_gamma: bool,
     batch_stats: bool,
     unbiased_update: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SPEC.md forward on validated arguments.
+    addend: Optional[Tensor] = None,
+    relu: bool = False,
+    keep_mask: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SPEC.md forward on validated arguments, fused with ``addend`` and a ReLU when given
+    (``relu(bn(x) [+ addend])``).
 
-    Returns (y, mean, invstd, center [2, C], new_moving_mean, new_moving_var); the inputs are not
-    modified.  moving_mean/moving_var may be None only with ``batch_stats`` (nothing is tracked
-    then; the last two outputs are scratch).
+    Returns (y, mean, invstd, center, new_moving_mean, new_moving_var, mask); the inputs are not
+    modified.  center is [2, C] ([6, C] under a fused ReLU on the Triton path: the backward
+    recomputes the ReLU's decisions from it); mask holds the decisions where the backend keeps
+    them (``keep_mask``: a backward follows) and is empty otherwise.  moving_mean/moving_var may
+    be None only with ``batch_stats`` (nothing is tracked then; the last two statistics are scratch).
     """
     if moving_mean is None or moving_var is None:
         if not batch_stats:
             raise ValueError("moving_mean and moving_var are required unless batch statistics are used")
         moving_mean, moving_var = torch.zeros_like(gamma), torch.ones_like(gamma)
-    settings = Settings(axis=axis, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
-                        batch_stats=batch_stats, unbiased_update=unbiased_update)
+    settings = _fused_settings(Settings(axis=axis, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
+                                        batch_stats=batch_stats, unbiased_update=unbiased_update), relu, addend)
     backend = backend_for(x.device)
     trace.record_path(backend.name)
+    x_read = _plannable(x, axis)
     with torch.autocast(x.device.type, enabled=False):
         if average_count is not None and batch_stats:
-            (y, mean, invstd, center, _), new_mean, new_var = _forward_averaging(
-                backend, _plannable(x, axis), gamma, beta, moving_mean, moving_var, settings, average_count)
+            (y, mean, invstd, center, _, mask), new_mean, new_var = _forward_averaging(
+                backend, x_read, gamma, beta, moving_mean, moving_var, settings, average_count, addend, keep_mask)
         else:
             new_mean, new_var = moving_mean.clone(), moving_var.clone()
-            y, mean, invstd, center, _ = backend.forward(
-                _plannable(x, axis), gamma, beta, new_mean, new_var, settings, None)
+            y, mean, invstd, center, _, mask = _backend_forward(backend, x_read, gamma, beta, new_mean, new_var,
+                                                                settings, addend, keep_mask)
     y = _in_layout(y, x)
-    inputs = (x, gamma, beta, moving_mean, moving_var, new_mean, new_var)
-    center = _own(center[:2], *inputs)  # the split path's center is its coefficient rows [6, C]
+    inputs = (x, gamma, beta, moving_mean, moving_var, new_mean, new_var, addend)
+    # the split path's center is its coefficient rows [6, C]: the plain backward reads two
+    rows = backend.fused_state_like(x_read, settings, addend)[0] if relu or addend is not None else 2
+    center = _own(_rows(center, rows), *inputs)
+    if rows == 6:
+        center[4].zero_()  # unread (the backward's dy coefficient): no uninitialised values in an output
     mean = _own(mean, *inputs, center)
     invstd = _own(invstd, *inputs, center, mean)
-    return y, mean, invstd, center, new_mean, new_var
+    return y, mean, invstd, center, new_mean, new_var, mask if keep_mask and mask is not None else _no_mask(x)
 
 
 @batch_norm_forward.register_fake
 def _batch_norm_forward_fake(x, gamma, beta, moving_mean, moving_var, average_count, axis, eps, momentum,
-                             fix_gamma, batch_stats, unbiased_update):
+                             fix_gamma, batch_stats, unbiased_update, addend=None, relu=False, keep_mask=False):
     channels = x.shape[axis]
     stat = reference.stat_dtype(x.dtype)
     moving = moving_mean if moving_mean is not None else gamma
+    rows, mask = 2, None
+    if relu or addend is not None:
+        settings = Settings(axis, eps, momentum, fix_gamma, batch_stats, unbiased_update, relu, addend is not None)
+        x_read = x.contiguous() if _needs_copy(x, axis) else x  # what the op's _plannable reads
+        rows, mask = backend_for(x.device).fused_state_like(x_read, settings, addend)
+        mask = mask if keep_mask else None
     return (empty_like_layout(x), x.new_empty(channels, dtype=stat), x.new_empty(channels, dtype=stat),
-            x.new_empty((2, channels), dtype=stat), moving.new_empty(channels), moving.new_empty(channels))
+            x.new_empty((rows, channels), dtype=stat), moving.new_empty(channels), moving.new_empty(channels),
+            _no_mask(x) if mask is None else mask)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -214,45 +260,73 @@ def batch_norm_backward(
     axis: int,
     fix_gamma: bool,
     batch_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """SPEC.md backward: returns (dx, dgamma, dbeta), dgamma and dbeta in gamma's dtype."""
+    mask: Optional[Tensor] = None,
+    relu: bool = False,
+    addend: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SPEC.md backward: returns (dx, dgamma, dbeta, daddend), dgamma and dbeta in gamma's dtype.
+
+    Under a fused ReLU (``relu``) dy counts where the forward's output was positive: from the
+    forward's ``mask`` where it kept one (non-empty), else recomputed from x and center [6, C].
+    daddend (the gradient of a fused addend: dy where the ReLU passed it) is written with
+    ``relu`` and ``addend``, and is empty otherwise (an addend without a ReLU gets dy itself).
+    """
     settings = Settings(axis=axis, eps=0.0, momentum=0.0, fix_gamma=fix_gamma, batch_stats=batch_stats,
-                        unbiased_update=False)
+                        unbiased_update=False, relu=relu, addend=addend)
     backend = backend_for(x.device)
     trace.record_path(backend.name)
+    x_read = _plannable(x, axis)
     with torch.autocast(x.device.type, enabled=False):
-        dx, dgamma, dbeta = backend.backward(dy, _plannable(x, axis), gamma, center, invstd, settings, gamma.dtype)
-    inputs = (dy, x, gamma, center, invstd)
+        if relu:
+            dx, dgamma, dbeta, daddend = backend.fused_backward(
+                dy, x_read, gamma, center, invstd, settings, gamma.dtype,
+                mask if mask is not None and mask.numel() else None)
+        else:
+            (dx, dgamma, dbeta), daddend = backend.backward(dy, x_read, gamma, center, invstd, settings,
+                                                            gamma.dtype), None
+    inputs = (dy, x, gamma, center, invstd, mask)
     dx = _own(_in_layout(dx, x), *inputs)
     dgamma = _own(dgamma, *inputs, dx)
     dbeta = _own(dbeta, *inputs, dx, dgamma)
-    return dx, dgamma, dbeta
+    if not (relu and addend) or daddend is None:
+        return dx, dgamma, dbeta, x.new_empty(0)
+    return dx, dgamma, dbeta, _own(_in_layout(daddend, x), *inputs, dx, dgamma, dbeta)
 
 
 @batch_norm_backward.register_fake
-def _batch_norm_backward_fake(dy, x, gamma, center, invstd, axis, fix_gamma, batch_stats):
+def _batch_norm_backward_fake(dy, x, gamma, center, invstd, axis, fix_gamma, batch_stats, mask=None, relu=False,
+                              addend=False):
     channels = x.shape[axis]
-    return (empty_like_layout(x), gamma.new_empty(channels), gamma.new_empty(channels))
+    daddend = empty_like_layout(x) if relu and addend else x.new_empty(0)
+    return empty_like_layout(x), gamma.new_empty(channels), gamma.new_empty(channels), daddend
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, gamma, beta, _mm, _mv, _count, axis, _eps, _momentum, fix_gamma, batch_stats, _unbiased = inputs
-    _y, mean, invstd, center, new_mean, new_var = output
-    ctx.mark_non_differentiable(mean, invstd, center, new_mean, new_var)
-    ctx.save_for_backward(x, gamma, center, invstd)
+    (x, gamma, beta, _mm, _mv, _count, axis, _eps, _momentum, fix_gamma, batch_stats, _unbiased, addend, relu,
+     _keep_mask) = inputs
+    _y, mean, invstd, center, new_mean, new_var, mask = output
+    ctx.mark_non_differentiable(mean, invstd, center, new_mean, new_var, mask)
+    ctx.save_for_backward(x, gamma, center, invstd, mask)
     ctx.config = (axis, fix_gamma, batch_stats)
+    ctx.fusion = (relu, addend is not None)
     ctx.beta_dtype = beta.dtype
 
 
 def _backward(ctx, grad_y, *_grad_stats):
-    x, gamma, center, invstd = ctx.saved_tensors
-    dx, dgamma, dbeta = batch_norm_backward(grad_y, x, gamma, center, invstd, *ctx.config)
+    x, gamma, center, invstd, mask = ctx.saved_tensors
+    relu, has_addend = ctx.fusion
+    dx, dgamma, dbeta, daddend = batch_norm_backward(grad_y, x, gamma, center, invstd, *ctx.config, mask, relu,
+                                                     has_addend)
     needs = ctx.needs_input_grad
+    if has_addend and needs[12]:
+        daddend = daddend if relu else grad_y  # relu(bn + addend) gates it; bn + addend passes dy
+    else:
+        daddend = None
     return (dx if needs[0] else None, dgamma if needs[1] else None,
-            dbeta.to(ctx.beta_dtype) if needs[2] else None) + (None,) * 9
+            dbeta.to(ctx.beta_dtype) if needs[2] else None) + (None,) * 9 + (daddend, None, None)
 
 
 torch.library.register_autograd("tritonbn::batch_norm_forward", _backward, setup_context=_setup_context)
@@ -301,15 +375,32 @@ class _AutocastOff:
         with torch.autocast(x.device.type, enabled=False):
             return self.backend.backward(dy, x, *args)
 
+    def fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.backend.fused_forward(x, *args, **kwargs)
+
+    def fused_backward(self, dy: Tensor, x: Tensor, *args: Any) -> Any:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.backend.fused_backward(dy, x, *args)
+
+
+def _apply(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_var: Tensor, settings: Settings,
+           backend: Any, addend: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``ops.apply_forward`` or, fused (``settings.relu`` / ``settings.addend``), ``ops.apply_fused_forward``."""
+    if settings.relu or settings.addend:
+        return apply_fused_forward(x, gamma, beta, addend, moving_mean, moving_var, settings, backend)
+    return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend)
+
 
 def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional[Tensor],
                    moving_var: Optional[Tensor], settings: Settings,
-                   average_count: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                   average_count: Optional[Tensor], addend: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``batch_norm_forward`` and the buffer update without the custom op: (y, mean, invstd).
 
-    The backend calls ``batch_norm_forward`` makes, through ``ops.apply_forward`` (autograd when a gradient is wanted),
-    but with the moving statistics themselves as the kernels' targets (no clones, no copies
-    back).  The cumulative average keeps its float64 [2, C] scratch and device-side count.
+    The backend calls ``batch_norm_forward`` makes, through ``ops.apply_forward`` or
+    ``ops.apply_fused_forward`` (autograd when a gradient is wanted), but with the moving
+    statistics themselves as the kernels' targets (no clones, no copies back).  The cumulative
+    average keeps its float64 [2, C] scratch and device-side count.
     """
     backend = backend_for(x.device)
     trace.record_path(backend.name)
@@ -320,10 +411,10 @@ def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional
             raise ValueError("moving_mean and moving_var are required unless batch statistics are used")
         moving_mean, moving_var, average_count = torch.zeros_like(gamma), torch.ones_like(gamma), None
     if average_count is None or not settings.batch_stats:
-        return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend)
+        return _apply(x, gamma, beta, moving_mean, moving_var, settings, backend, addend)
     # Cumulative average: the kernels leave the batch statistics in the scratch (momentum 0).
     batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-    y, mean, invstd = apply_forward(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), backend)
+    y, mean, invstd = _apply(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), backend, addend)
     with torch.no_grad():
         weights = _average_weights(average_count)
         _average_in_place(moving_mean, batch[0], weights)
@@ -348,9 +439,11 @@ def batch_norm_op(
     batch_stats: bool,
     unbiased_update: bool = False,
     average_count: Optional[Tensor] = None,
+    relu: bool = False,
+    addend: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate (SPEC "Bad input") and run the forward: (y, mean, invstd); the moving statistics
-    are updated in place when ``batch_stats``.
+    """Validate (SPEC "Bad input") and run the forward: (y, mean, invstd), y = bn(x), or
+    ``relu(bn(x) [+ addend])`` fused; the moving statistics are updated in place when ``batch_stats``.
 
     Eagerly through ``ops.apply_forward``; while traced (``torch.compile``, export, ...)
     through ``tritonbn::batch_norm_forward`` and a copy into the buffers.  Bitwise the same.
@@ -369,6 +462,8 @@ def batch_norm_op(
         batch_stats: normalise with (and track) the batch statistics.
         unbiased_update: update moving_var with the unbiased batch variance.
         average_count: one-element integer tensor (``num_batches_tracked``) or None.
+        relu: a ReLU fused after the normalisation (and the addend).
+        addend: x's shape and dtype, added to bn(x) before the ReLU; gradient flows to it.
     Returns:
         y (x's layout), mean [C] and invstd [C] in the accumulation dtype.
     """
@@ -382,13 +477,17 @@ def batch_norm_op(
                         momentum=0.5 if tracing else momentum, fix_gamma=fix_gamma,
                         use_global_stats=not batch_stats, axis=axis, out=None, training=True,
                         unbiased_update=unbiased_update and moving_mean is not None)
+    if relu or addend is not None:
+        settings = validate_fusion(settings, x, "relu" if relu else None, addend, None)
     if not tracing:
         if _runs_eagerly(x, settings.axis):
-            return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count)
+            return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count, addend)
         eps, momentum = settings.eps, settings.momentum
-    y, mean, invstd, _, new_mean, new_var = batch_norm_forward(
+    fused = {} if not (relu or addend is not None) else dict(
+        addend=addend, relu=relu, keep_mask=wants_grad(x, gamma, beta, addend))
+    y, mean, invstd, _, new_mean, new_var, _ = batch_norm_forward(
         x, gamma, beta, moving_mean, moving_var, average_count, settings.axis, eps,
-        momentum, settings.fix_gamma, settings.batch_stats, settings.unbiased_update)
+        momentum, settings.fix_gamma, settings.batch_stats, settings.unbiased_update, **fused)
     if settings.batch_stats and moving_mean is not None and moving_var is not None:
         with torch.no_grad():
             moving_mean.copy_(new_mean)

@@ -6,10 +6,16 @@
   ``track_running_stats``, train/eval).  Each subclasses torch's class of the same name, so
   ``isinstance(m, torch.nn.BatchNorm2d)`` (and ``_BatchNorm``) holds for code that initialises
   or inspects batch norms.
-- ``SyncBatchNorm`` (``tritonbn.distributed``): statistics across a process group.
+- ``BatchNormReLU1d/2d/3d`` (forward(x) = relu(bn(x))) and ``BatchNormAddReLU1d/2d/3d``
+  (forward(x, addend) = relu(bn(x) + addend)): the same layers fused with the ReLU (and the
+  residual add) that follow them, one op each (``tritonbn.batch_norm(act_type=, addend=)``);
+  subclasses of the plain layers, so initialisation code and state_dicts treat them as batch norms.
+- ``SyncBatchNorm`` (``tritonbn.distributed``): statistics across a process group;
+  ``SyncBatchNormReLU`` and ``SyncBatchNormAddReLU`` fused likewise.
 - ``BatchNorm``: MXNet Gluon's layer (``axis``, MXNet's momentum, ``epsilon``, ``center``,
-  ``scale``, ``use_global_stats``, lazy ``in_channels``).
-- ``convert(model, sync=False)``: swaps torch's batch norms in a model for these.
+  ``scale``, ``use_global_stats``, lazy ``in_channels``, ``fuse_relu``); ``BatchNormReLU``.
+- ``convert(model, sync=False)``: swaps torch's batch norms in a model for these
+  (``tritonbn.fuse`` also fuses the ReLUs and residual adds that follow them).
 
 Every layer calls ``library.batch_norm_op``: in eager mode the operator's autograd Function
 (what ``tritonbn.batch_norm`` runs, the moving statistics updated in place by the kernels),
@@ -33,9 +39,11 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 
 from . import reference
 from .library import batch_norm_op
+from .validation import check_addend
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "BatchNorm", "convert",
-           "torch_batch_norm", "TORCH_HAS_BIAS"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
+           "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d", "SyncBatchNorm", "SyncBatchNormReLU",
+           "SyncBatchNormAddReLU", "BatchNorm", "BatchNormReLU", "convert", "torch_batch_norm", "TORCH_HAS_BIAS"]
 
 # torch's batch norms take ``bias=`` from torch 2.13 on; on older torch the layers here still
 # accept it, and bias=False drops the bias parameter after torch's constructor (what 2.13 does).
@@ -76,13 +84,17 @@ def torch_batch_norm(
     eps: float = 1e-5,
     *,
     average_count: Optional[Tensor] = None,
+    relu: bool = False,
+    addend: Optional[Tensor] = None,
 ) -> Tensor:
-    """``torch.nn.functional.batch_norm`` on the tritonbn op (channel axis 1, torch's conventions).
+    """``torch.nn.functional.batch_norm`` on the tritonbn op (channel axis 1, torch's conventions),
+    optionally fused with the residual add and ReLU that follow it: ``relu(bn(input) + addend)``.
 
     ``momentum`` is torch's (``running = (1 - momentum) * running + momentum * batch``); with
     ``average_count`` (torch's ``num_batches_tracked``, already incremented) the update is the
     cumulative average ``1 / average_count`` instead.  The running variance is updated with the
-    unbiased batch variance, as torch does.
+    unbiased batch variance, as torch does.  ``relu``: a ReLU after the normalisation (and the
+    addend); ``addend``: input's shape and dtype, any layout, gradient flows to it.
     """
     if training:
         _verify_batch_size(input)
@@ -97,7 +109,9 @@ def torch_batch_norm(
             out = out * weight[0]
         if bias is not None:
             out = out + bias[0]
-        return out
+        if addend is not None:
+            out = out + addend
+        return out.relu() if relu else out
     if running_mean is None or running_var is None:
         if not training:
             raise ValueError("running_mean and running_var must be defined in evaluation mode")
@@ -106,7 +120,7 @@ def torch_batch_norm(
     y, _, _ = batch_norm_op(
         input, gamma, beta, running_mean, running_var, axis=1, eps=eps,
         momentum=1.0 - (momentum if momentum is not None else 0.0), fix_gamma=fix_gamma,
-        batch_stats=training, unbiased_update=True, average_count=average_count)
+        batch_stats=training, unbiased_update=True, average_count=average_count, relu=relu, addend=addend)
     return y
 
 
@@ -160,10 +174,18 @@ class _BatchNorm(_TorchBatchNorm):
         return running_mean, running_var, bn_training, self.momentum, average_count
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor, relu: bool = False, addend: Optional[Tensor] = None) -> Tensor:
+        """``relu(bn(input) [+ addend])`` (plain bn without ``relu`` and ``addend``) with this
+        layer's parameters, buffers and mode.  A bad addend raises before ``num_batches_tracked``
+        counts the batch."""
         self._check_input_dim(input)
+        if addend is not None:
+            check_addend(addend, input)
         running_mean, running_var, bn_training, momentum, average_count = self._batch_norm_args()
         return torch_batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                momentum, self.eps, average_count=average_count)
+                                momentum, self.eps, average_count=average_count, relu=relu, addend=addend)
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
@@ -176,6 +198,47 @@ class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on tritonbn: (N, C, D, H, W) input, any memory format."""
+
+
+# ----------------------------------------------------------------------------- fused layers
+
+
+class _ReLUForward:
+    """forward(x) = relu(bn(x)), one fused op (kernels/common.py "fused epilogues")."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input, relu=True)
+
+
+class _AddReLUForward:
+    """forward(x, addend) = relu(bn(x) + addend), one fused op; the gradient flows to addend."""
+
+    def forward(self, input: Tensor, addend: Tensor) -> Tensor:
+        return self._normalize(input, relu=True, addend=addend)
+
+
+class BatchNormReLU1d(_ReLUForward, BatchNorm1d):
+    """``relu(BatchNorm1d(x))`` fused: torch's BatchNorm1d arguments, parameters and state_dict keys."""
+
+
+class BatchNormReLU2d(_ReLUForward, BatchNorm2d):
+    """``relu(BatchNorm2d(x))`` fused: torch's BatchNorm2d arguments, parameters and state_dict keys."""
+
+
+class BatchNormReLU3d(_ReLUForward, BatchNorm3d):
+    """``relu(BatchNorm3d(x))`` fused: torch's BatchNorm3d arguments, parameters and state_dict keys."""
+
+
+class BatchNormAddReLU1d(_AddReLUForward, BatchNorm1d):
+    """``relu(BatchNorm1d(x) + addend)`` fused (a residual block's end): forward(x, addend)."""
+
+
+class BatchNormAddReLU2d(_AddReLUForward, BatchNorm2d):
+    """``relu(BatchNorm2d(x) + addend)`` fused (a residual block's end): forward(x, addend)."""
+
+
+class BatchNormAddReLU3d(_AddReLUForward, BatchNorm3d):
+    """``relu(BatchNorm3d(x) + addend)`` fused (a residual block's end): forward(x, addend)."""
 
 
 # ----------------------------------------------------------------------------- Gluon-style layer
@@ -209,6 +272,8 @@ class BatchNorm(LazyModuleMixin, torch.nn.Module):
         in_channels: number of channels; 0 infers it (and the dtype: float64 for float64 data,
             else float32, unless ``dtype`` is given) on the first call.
         device, dtype: of the parameters and running statistics.
+        fuse_relu: a ReLU fused after the normalisation (MXNet's ``_BatchNorm(fuse_relu=True)``,
+            ``BatchNormReLU``): one op, ``relu(bn(x))``.
 
     Parameters ``gamma`` and ``beta`` (``requires_grad`` False when not ``scale`` / ``center``),
     buffers ``running_mean`` and ``running_var``.  Training mode is ``module.training``.
@@ -231,8 +296,11 @@ class BatchNorm(LazyModuleMixin, torch.nn.Module):
         in_channels: int = 0,
         device=None,
         dtype=None,
+        *,
+        fuse_relu: bool = False,
     ) -> None:
         super().__init__()
+        self.fuse_relu = fuse_relu
         self.axis = axis
         self.momentum = momentum
         self.epsilon = epsilon
@@ -296,18 +364,26 @@ class BatchNorm(LazyModuleMixin, torch.nn.Module):
         y, _, _ = batch_norm_op(
             x, self.gamma, beta, self.running_mean, self.running_var, axis=self.axis, eps=self.epsilon,
             momentum=self.momentum, fix_gamma=not self.scale,
-            batch_stats=self.training and not self.use_global_stats)
+            batch_stats=self.training and not self.use_global_stats, relu=self.fuse_relu)
         return y
 
     def extra_repr(self) -> str:
         return (f"axis={self.axis}, eps={self.epsilon}, momentum={self.momentum}, "
                 f"fix_gamma={not self.scale}, use_global_stats={self.use_global_stats}, "
-                f"in_channels={self.in_channels if self.in_channels else None}")
+                f"in_channels={self.in_channels if self.in_channels else None}"
+                + (", fuse_relu=True" if self.fuse_relu else ""))
+
+
+class BatchNormReLU(BatchNorm):
+    """MXNet Gluon's ``nn.BatchNormReLU``: ``BatchNorm`` with ``fuse_relu=True`` (same arguments)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, fuse_relu=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- convert
 
-from .distributed import SyncBatchNorm  # noqa: E402  (needs _BatchNorm above)
+from .distributed import SyncBatchNorm, SyncBatchNormAddReLU, SyncBatchNormReLU  # noqa: E402  (needs _BatchNorm above)
 
 _TORCH_TO_TRITONBN = {
     torch.nn.BatchNorm1d: BatchNorm1d,
@@ -316,12 +392,22 @@ _TORCH_TO_TRITONBN = {
 }
 
 
+_FUSED = {  # plain layer -> (its ReLU layer, its add + ReLU layer)
+    BatchNorm1d: (BatchNormReLU1d, BatchNormAddReLU1d),
+    BatchNorm2d: (BatchNormReLU2d, BatchNormAddReLU2d),
+    BatchNorm3d: (BatchNormReLU3d, BatchNormAddReLU3d),
+    SyncBatchNorm: (SyncBatchNormReLU, SyncBatchNormAddReLU),
+}
+
+
 def _target_class(module: torch.nn.Module, sync: bool) -> Optional[type]:
     """The tritonbn class that replaces ``module``, or None if it stays."""
     if isinstance(module, (_BatchNorm, BatchNorm)) and not (sync and not isinstance(module, SyncBatchNorm)):
         return None  # already tritonbn (and synchronised if asked)
     if isinstance(module, torch.nn.SyncBatchNorm) or (sync and isinstance(module, _TorchBatchNorm)):
-        return SyncBatchNorm
+        if isinstance(module, _AddReLUForward):  # a fused layer stays fused
+            return SyncBatchNormAddReLU
+        return SyncBatchNormReLU if isinstance(module, _ReLUForward) else SyncBatchNorm
     for torch_class, ours in _TORCH_TO_TRITONBN.items():
         if isinstance(module, torch_class):
             return ours
@@ -333,7 +419,7 @@ def _replacement(module: _TorchBatchNorm, cls: type, process_group) -> torch.nn.
     kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
                   track_running_stats=module.track_running_stats, device="meta",
                   bias=getattr(module, "bias", None) is not None or not module.affine)
-    if cls is SyncBatchNorm:
+    if issubclass(cls, SyncBatchNorm):
         kwargs["process_group"] = process_group if process_group is not None else getattr(
             module, "process_group", None)
     new = cls(module.num_features, **kwargs)
@@ -350,6 +436,14 @@ def _replacement(module: _TorchBatchNorm, cls: type, process_group) -> torch.nn.
     if hasattr(module, "qconfig"):
         new.qconfig = module.qconfig
     return new
+
+
+def fused_layer(module: torch.nn.Module, addend: bool) -> Optional[torch.nn.Module]:
+    """``module`` (a plain tritonbn BatchNorm1d/2d/3d or SyncBatchNorm) as its fused ReLU layer
+    (``addend``: its add + ReLU layer), holding the same parameter and buffer objects; None for
+    any other module (torch's own layers: ``convert`` them first; already fused; Gluon-style)."""
+    fused = _FUSED.get(type(module))
+    return None if fused is None else _replacement(module, fused[addend], None)
 
 
 def convert(model: torch.nn.Module, sync: bool = False, process_group=None) -> torch.nn.Module:

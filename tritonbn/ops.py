@@ -45,7 +45,7 @@ from .autotune.config import (
     persistent_config,
     reduce_config,
 )
-from .cpu_backend import CpuBackend
+from .cpu_backend import CpuBackend, torch_fused_backward, torch_fused_state_like
 from .launch import CapturedLaunch, Launch, cdiv, dry_run, f32_ratio, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
 from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled, kernel_view,
                    layout_strides, plan_view)
@@ -494,21 +494,32 @@ def _addend_layout(shape: tuple[int, ...], axis: int, x_strides: tuple[int, ...]
     return plan_view(shape, axis, [x_strides, dense, dense]), True, True
 
 
+def _fused_layout(x: torch.Tensor, out_strides: tuple[int, ...] | None, settings: Settings,
+                  addend_strides: tuple[int, ...] | None, bits: bool
+                  ) -> tuple[ViewPlan, tuple[int, ...], bool, bool, bool]:
+    """(view, y_strides, dense_x, temp_output, dense_addend) of a forward into out of
+    ``out_strides`` (None: y allocated in x's layout), with an addend of ``addend_strides`` when
+    ``settings.addend`` (``bits``: a ReLU's bit mask is written, whose rows must be x's own)."""
+    shape = tuple(x.shape)
+    y_strides = layout_strides(shape, x.stride()) if out_strides is None else out_strides
+    view, dense_x, temp_output = _forward_layout(shape, settings.axis, x.stride(), y_strides)
+    dense_addend = False
+    if settings.addend:
+        x_kernel = layout_strides(shape, x.stride()) if dense_x else tuple(x.stride())
+        y_kernel = layout_strides(shape, x_kernel) if temp_output else y_strides
+        view, temp_addend, dense_addend = _addend_layout(shape, settings.axis, x_kernel, y_kernel, addend_strides, bits)
+        temp_output = temp_output or temp_addend
+    return view, y_strides, dense_x, temp_output, dense_addend
+
+
 def _forward_plan(x: torch.Tensor, out_strides: tuple[int, ...] | None, settings: Settings,
                   addend_strides: tuple[int, ...] | None = None, keep_mask: bool = False) -> CallPlan | None:
     """The call plan of a forward writing into out of ``out_strides`` (None: y is allocated),
     fused with an addend of ``addend_strides`` when ``settings.addend`` (and, with a ReLU and
     ``keep_mask``, writing its decisions as bits for the backward); None where there are no
     elements (handled apart)."""
-    shape = tuple(x.shape)
-    y_strides = layout_strides(shape, x.stride()) if out_strides is None else out_strides
-    view, dense_x, temp_output = _forward_layout(shape, settings.axis, x.stride(), y_strides)
-    dense_addend, bits = False, settings.relu and settings.addend and keep_mask
-    if settings.addend:
-        x_kernel = layout_strides(shape, x.stride()) if dense_x else tuple(x.stride())
-        y_kernel = layout_strides(shape, x_kernel) if temp_output else y_strides
-        view, temp_addend, dense_addend = _addend_layout(shape, settings.axis, x_kernel, y_kernel, addend_strides, bits)
-        temp_output = temp_output or temp_addend
+    bits = settings.relu and settings.addend and keep_mask
+    view, y_strides, dense_x, temp_output, dense_addend = _fused_layout(x, out_strides, settings, addend_strides, bits)
     if view.m == 0 or view.channels == 0:
         return None
     acc = reference.stat_dtype(x.dtype)
@@ -829,6 +840,22 @@ class TritonBackend:
         return FusedForwardResult(*result, mask_box[0] if mask_box else None)
 
     @staticmethod
+    def fused_state_like(x: torch.Tensor, settings: Settings, addend: torch.Tensor | None
+                         ) -> tuple[int, torch.Tensor | None]:
+        """(rows of center, an empty tensor shaped as the mask or None) that ``fused_forward`` on
+        ``x`` with ``addend`` returns (a backward to follow; ``out`` None): what a custom op's
+        fake implementation promises, from shapes and strides alone.  Symbolic shapes (dynamic
+        compilation) cannot be planned: the mask's length is then a data-dependent size."""
+        # without an addend the backward recomputes the ReLU from rows 0-3 and 5; with one it reads the bits
+        rows = 6 if settings.relu and not settings.addend else 2
+        if not (settings.relu and settings.addend):
+            return rows, None
+        if not all(isinstance(n, int) for n in (*x.shape, *x.stride(), *addend.stride())):
+            return rows, x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.uint8)
+        view = _fused_layout(x, None, settings, addend.stride(), True)[0]
+        return rows, x.new_empty(bitmask_bytes(view) if view.m and view.channels else 0, dtype=torch.uint8)
+
+    @staticmethod
     def _empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings: Settings) -> ForwardResult:
         """No elements to normalise (inference on an empty batch): per-channel statistics only."""
         _, mean, invstd = reference.forward(x, gamma, beta, moving_mean, moving_var, axis=settings.axis,
@@ -905,23 +932,30 @@ class TritonBackend:
 
     @on_data_device
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor,
-                  beta: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """y = (x - mean) * invstd * g + beta with given float64 statistics [C], in one elementwise
-        launch: returns (y, x as read, center [2, C], invstd [C]) in the accumulation dtype."""
+                  beta: torch.Tensor, axis: int, addend: torch.Tensor | None = None, relu: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y = (x - mean) * invstd * g + beta with given float64 statistics [C] (+ ``addend``, then
+        a ReLU with ``relu``: the fused epilogue), in one elementwise launch: returns (y, x as
+        read, center [2, C], invstd [C]) in the accumulation dtype."""
         acc = reference.stat_dtype(x.dtype)
         center, invstd_acc = center_pair(mean, acc), invstd.to(acc)
         y = empty_like_layout(x)
-        plan, dense_x, temp_output = _forward_layout(tuple(x.shape), axis, x.stride(), y.stride())
+        settings = Settings(axis=axis, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True,
+                            unbiased_update=False, relu=relu, addend=addend is not None)
+        plan, _, dense_x, temp_output, dense_addend = _fused_layout(
+            x, None, settings, None if addend is None else addend.stride(), False)
         x, y_kernel = _forward_copies(x, y, dense_x, temp_output)
         if plan.m == 0 or plan.channels == 0:
             return y, x, center, invstd_acc
+        if dense_addend:
+            trace.record_copy(DENSE_ADDEND_COPY)
+            addend = empty_like_layout(x).copy_(addend)
         zeros = torch.zeros_like(invstd_acc)
         coef = _coefficient_rows(center, invstd_acc, g, zeros, beta)
-        settings = Settings(axis=axis, eps=0.0, momentum=0.0, fix_gamma=False, batch_stats=True,
-                            unbiased_update=False)
         cfg = elementwise_config(plan, device_profile(x.device), op=FORWARD, dtype=x.dtype)
         apply = elementwise_launch(plan, cfg, settings, has_x=True, has_dy=False, from_moving=False)
-        apply(x, x, y_kernel, coef, center, center, center, center, center, invstd_acc, x, x)
+        apply(x, x if addend is None else addend, y_kernel, coef, center, center, center, center, center, invstd_acc,
+              x, x)
         if y_kernel is not y:
             y.copy_(y_kernel)
         return y, x, center, invstd_acc
@@ -1017,8 +1051,16 @@ class ReferenceBackend:
 
     def fused_backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
                        mask=None) -> FusedBackwardResult:
-        """``backward`` of the gated dy (``torch_fused_backward``)."""
-        return torch_fused_backward(self, dy, x, gamma, center, invstd, settings, beta_dtype, mask)
+        """``backward`` of the gated dy (``cpu_backend.torch_fused_backward``)."""
+        return FusedBackwardResult(*torch_fused_backward(self, dy, x, gamma, center, invstd, settings, beta_dtype,
+                                                         mask))
+
+    @staticmethod
+    def fused_state_like(x: torch.Tensor, settings: Settings, addend: torch.Tensor | None
+                         ) -> tuple[int, torch.Tensor | None]:
+        """``TritonBackend.fused_state_like`` of the torch paths: center [2, C], a bool mask of
+        y's layout with a ReLU."""
+        return torch_fused_state_like(x, settings)
 
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype):
         mean = center[0].double() + center[1].double()
@@ -1032,9 +1074,11 @@ class ReferenceBackend:
         return reference.moments(x, axis)
 
     def normalize(self, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, g: torch.Tensor,
-                  beta: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  beta: torch.Tensor, axis: int, addend: torch.Tensor | None = None, relu: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y, x, center [2, C], invstd [C]) as ``TritonBackend.normalize``."""
-        y = reference.normalize(x, mean, invstd, g, beta, axis=axis, out=empty_like_layout(x))
+        y = reference.normalize(x, mean, invstd, g, beta, axis=axis, out=empty_like_layout(x), addend=addend,
+                                relu=relu)
         acc = reference.stat_dtype(x.dtype)
         return y, x, center_pair(mean, acc), invstd.to(acc)
 
@@ -1050,16 +1094,6 @@ class ReferenceBackend:
         mean = center[0].double() + center[1].double()
         return reference.input_grad(dy, x, mean, invstd, g, axis=settings.axis,
                                     sums=None if sums is None else tuple(sums.double()), count=count)
-
-
-def torch_fused_backward(backend: Any, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
-                         mask) -> FusedBackwardResult:
-    """A torch path's fused backward: dy gated by the forward's ``mask`` (bool: where its output
-    was positive) under a ReLU, then the plain backward; daddend is that gated dy."""
-    if settings.relu and mask is not None:
-        dy = reference.gate(dy, mask)
-    dx, dgamma, dbeta = backend.backward(dy, x, gamma, center, invstd, settings, beta_dtype)
-    return FusedBackwardResult(dx, dgamma, dbeta, dy if settings.addend else None)
 
 
 BACKEND_ENV = "TRITONBN_BACKEND"  # auto (default), triton or reference: forces the dispatch
@@ -1164,7 +1198,8 @@ class FusedBatchNormFunction(torch.autograd.Function):
                 daddend if needs[3] else None, None)
 
 
-def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (None entries ignored)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -1174,7 +1209,7 @@ def apply_fused_forward(data: torch.Tensor, gamma: torch.Tensor, beta: torch.Ten
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd) of the fused forward (``settings.relu`` / ``settings.addend``), through
     ``FusedBatchNormFunction`` when a gradient is wanted."""
-    if out is None and _wants_grad(data, gamma, beta, addend):
+    if out is None and wants_grad(data, gamma, beta, addend):
         return FusedBatchNormFunction.apply(data, gamma, beta, addend, (moving_mean, moving_var, settings, backend))
     y, mean, invstd, *_ = backend.fused_forward(data, gamma, beta, moving_mean, moving_var, settings, out, addend,
                                                 keep_stats=keep_stats, keep_mask=False)
@@ -1266,7 +1301,7 @@ def batch_norm(
     backend = backend_for(data.device)
     if act_type is not None or addend is not None:
         settings = validate_fusion(settings, data, act_type, addend, out)
-        if out is not None and _wants_grad(data, gamma, beta, addend):
+        if out is not None and wants_grad(data, gamma, beta, addend):
             raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
         trace.record_path(backend.name)
         y, mean, invstd = apply_fused_forward(data, gamma, beta, addend, moving_mean, moving_var, settings, backend,

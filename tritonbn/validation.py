@@ -58,7 +58,7 @@ def validate_fusion(settings: Settings, data: torch.Tensor, act_type: object, ad
     if act_type not in ACT_TYPES:
         raise ValueError(f"act_type must be None or 'relu', got {act_type!r}")
     if addend is not None:
-        _check_like_data("addend", addend, data)
+        check_addend(addend, data)
         if out is not None and _overlaps(out, addend):
             raise ValueError("out overlaps addend in memory; pass a separate tensor")
     return settings._replace(relu=act_type == "relu", addend=addend is not None)
@@ -159,6 +159,11 @@ def _check_like_data(name: str, t: object, data: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but data has dtype {data.dtype}")
     if t.device != data.device:
         raise ValueError(f"{name} is on {t.device} but data is on {data.device}")
+
+
+def check_addend(addend: object, data: torch.Tensor) -> None:
+    """A fused addend is a tensor of data's shape, dtype and device (TypeError / ValueError)."""
+    _check_like_data("addend", addend, data)
 
 
 def _check_out(out: object, data: torch.Tensor) -> None:
