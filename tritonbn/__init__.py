@@ -2,7 +2,7 @@
 
 Public API: ``batch_norm`` (SPEC.md; fused with a ReLU and an addend by ``act_type`` and
 ``addend``), ``contrib.BatchNormWithReLU`` (MXNet's contrib op), ``trace`` (which path ran, which kernels launched),
-``KernelConfig``.  Importing tritonbn needs neither a GPU nor Triton; the kernels are imported
+``KernelConfig``; ``convert`` and ``fuse`` for torch models.  Importing tritonbn needs neither a GPU nor Triton; the kernels are imported
 on first use.
 """
 
@@ -10,6 +10,7 @@ from . import contrib, trace
 from .autotune import KernelConfig
 from .ops import batch_norm
 from .nn import convert  # torch.nn layers (tritonbn.nn), SyncBatchNorm, torch.compile op
+from .fuse import fuse  # BN -> ReLU and BN -> add -> ReLU chains of a model as fused layers (torch.fx)
 
-__all__ = ["batch_norm", "contrib", "convert", "trace", "KernelConfig"]
+__all__ = ["batch_norm", "contrib", "convert", "fuse", "trace", "KernelConfig"]
 __version__ = "0.1.0"
