@@ -263,3 +263,19 @@ def test_fuse_keeps_modes_and_unused_state_and_checks_its_argument():
     assert list(fused.state_dict()) == list(model.state_dict())
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         tritonbn.fuse(lambda x: x)
+
+
+def test_fused_resnet_compiles_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    theirs, ours = _models()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    compiled = torch.compile(ours, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    expected = theirs(x)
+    expected.sum().backward()
+    torch.testing.assert_close(y, expected, **F64_TOL)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m, n=name: f"{n}: {m}", **F64_TOL)
+    assert_same_state(ours, theirs, **F64_TOL)
+    torch._dynamo.reset()
