@@ -41,6 +41,7 @@ _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _IN_PLACE_ADDS = (operator.iadd, "add_")  # they write their first operand
+_BATCH_NORMS = (_TorchBatchNorm, GluonBatchNorm)  # the modules traced as leaves and fused
 
 
 def fuse(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,18 +67,18 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=(_bn_add_relu,))
 
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (_TorchBatchNorm, GluonBatchNorm)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, _BATCH_NORMS) or super().is_leaf_module(module, qualified_name)
 
 
 def _fuse(module: torch.nn.Module, name: str) -> torch.nn.Module:
     """``module`` fused as a whole where it traces, else its children (warning when the
     untraceable module itself holds batch norms that could not be fused)."""
-    if isinstance(module, (_TorchBatchNorm, GluonBatchNorm)) or not _has_batch_norm(module):
+    if isinstance(module, _BATCH_NORMS) or not _has_batch_norm(module):
         return module
     try:
         graph = _Tracer().trace(module)
     except Exception as error:  # torch.fx raises many types (TraceError, TypeError, ...)
-        if any(isinstance(child, (_TorchBatchNorm, GluonBatchNorm)) for child in module.children()):
+        if any(isinstance(child, _BATCH_NORMS) for child in module.children()):
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(f"tritonbn.fuse: {name} ({type(module).__name__}) is not traceable by torch.fx "
                           f"({reason}); its own chains are left unfused", stacklevel=3)
@@ -92,7 +93,7 @@ def _fuse(module: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def _has_batch_norm(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, (_TorchBatchNorm, GluonBatchNorm)) for m in module.modules())
+    return any(isinstance(m, _BATCH_NORMS) for m in module.modules())
 
 
 def _rewrite(root: torch.nn.Module, graph: fx.Graph) -> bool:
@@ -173,7 +174,7 @@ def _added(root: torch.nn.Module, node: fx.Node, source: fx.Node) -> Optional[fx
     if node.target in _IN_PLACE_ADDS and first is not source:
         return None
     if first is other and other.op == "call_module" and isinstance(
-            root.get_submodule(other.target), (_TorchBatchNorm, GluonBatchNorm)):
+            root.get_submodule(other.target), _BATCH_NORMS):
         return None  # bn_a(x) + bn_b(y) fuses bn_a, the main path of ``out += identity``
     return other
 
