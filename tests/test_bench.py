@@ -133,6 +133,69 @@ def test_timed_point_formulas_and_restored_statistics(monkeypatch):
     assert torch.equal(inp.moving_mean, torch.zeros(4)) and torch.equal(inp.moving_var, torch.ones(4))
 
 
+class ProviderTimer:
+    """Runs fn once (so every chain really executes) and times it by the provider whose row is
+    being timed, in ``time_point``'s order: tritonbn, torch, torch.compile, tritonbn-unfused."""
+
+    MS = {"tritonbn": 1.0, "torch": 2.0, "torch.compile": 4.0, bench.UNFUSED: 3.0}
+
+    def __init__(self, providers):
+        self.order = ["copy"] + list(providers) * len(sweeps.MODES)
+        self.calls = 0
+
+    def __call__(self, fn):
+        fn()
+        provider = self.order[self.calls]
+        self.calls += 1
+        ms = 0.5 if provider == "copy" else self.MS[provider]
+        return Timing(ms, ms, ms)
+
+
+@pytest.mark.parametrize("fusion", ["relu", "add", "add_relu"])
+def test_fused_timed_rows_carry_the_chain_and_its_minimal_bytes(fusion):
+    point = _point("NCHW")
+    rows = bench.time_point(point, torch.device("cpu"), ProviderTimer(bench.PROVIDERS), compile_fn=lambda fn: fn,
+                            fusions=(fusion,))
+    assert [r.provider for r in rows[:5]] == ["copy", *bench.PROVIDERS]
+    assert len(rows) == 1 + 4 * len(sweeps.MODES) and {r.fusion for r in rows[1:]} == {fusion}
+    for row in rows[1:]:
+        assert row.gbps == pytest.approx(sweeps.FUSED_MIN_PASSES[fusion][row.mode] * point.data_bytes / (row.ms * 1e6))
+        assert row.note == "", row.note
+    for row in (r for r in rows if r.provider == "tritonbn"):
+        assert (row.speedup_vs_torch, row.speedup_vs_compile, row.speedup_vs_unfused) == (2.0, 4.0, 3.0)
+
+
+def test_unfused_runs_only_for_fused_chains():
+    rows = bench.time_point(_point("NCHW"), torch.device("cpu"), StubTimer(), compile_fn=lambda fn: fn,
+                            modes=("inference",), fusions=("none", "relu"))
+    providers = {(r.fusion, r.provider) for r in rows}
+    assert ("none", bench.UNFUSED) not in providers and ("relu", bench.UNFUSED) in providers
+    assert [r.provider for r in rows].count("copy") == 1
+
+
+@pytest.mark.parametrize("mode", ["inference", "forward_backward"])
+@pytest.mark.parametrize("fusion", ["relu", "add", "add_relu"])
+def test_every_provider_computes_the_same_chain(fusion, mode):
+    point = _point("axis=-1", "fp32", (4, 3, 2, 5))
+    inp = bench._inputs(point, torch.device("cpu"))
+    results = {}
+    for provider in ("tritonbn", "torch", bench.UNFUSED):
+        with bench.restored(inp.moving_mean, inp.moving_var):
+            results[provider] = bench._mode_fn(provider, mode, inp, None, fusion)()
+    expected = results["torch"]
+    if mode == "inference":
+        expected = expected.movedim(1, point.axis)  # torch ran on the channel-at-1 view
+        if "relu" in fusion:
+            assert (results["tritonbn"] >= 0).all() and (results["tritonbn"] == 0).any()
+    else:
+        assert len(expected) == (4 if "add" in fusion else 3)  # dx, dgamma, dbeta (, daddend)
+    for provider in ("tritonbn", bench.UNFUSED):
+        got = results[provider]
+        for ours, theirs in zip(got if isinstance(got, tuple) else (got,),
+                                expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_a_failing_provider_is_a_note_not_a_crash():
     rows = bench.time_point(_point("NCHW"), torch.device("cpu"), StubTimer(fail_on=3), compile_fn=lambda fn: fn,
                             modes=("inference",))
@@ -149,6 +212,7 @@ def test_written_outputs_on_the_timed_path(tmp_path):
     written = report.write(rows, tmp_path, meta)
     names = sorted(p.name for p in written)
     assert names == sorted(["results.csv", "report.md", "speedup.png", *(f"{m}.png" for m in sweeps.MODES)])
+    assert {r.fusion for r in rows} == {"none"}
     with open(tmp_path / "results.csv") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == len(rows)
@@ -265,6 +329,7 @@ def test_subcommands_are_registered():
 @pytest.mark.parametrize("argv, message", [
     (["--dtypes", "fp8"], "--dtypes"),
     (["--layouts", "diagonal"], "--layouts"),
+    (["--fusions", "none,gelu"], "--fusions: unknown gelu"),
     (["--device", "mps"], "only cuda and cpu"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys, tmp_path):
@@ -294,17 +359,37 @@ def test_cpu_run_counts_and_models(tmp_path, capsys):
         table = list(csv.DictReader(handle))
     kinds = {(r["provider"], r["kind"]) for r in table}
     assert kinds == {("tritonbn", "counted"), ("torch", "modelled")}
+    assert {r["fusion"] for r in table} == set(bench.DEFAULT_FUSIONS)
     assert all(r["ms"] == "" for r in table)  # nothing is a time
     for r in table:
         if r["provider"] == "tritonbn":
-            assert float(r["bytes_per_s"]) >= sweeps.MIN_PASSES[r["mode"]]
+            assert float(r["bytes_per_s"]) >= sweeps.FUSED_MIN_PASSES[r["fusion"]][r["mode"]]
             assert int(r["launches"]) == len(r["programs_per_launch"].split("/"))
         else:
-            assert float(r["bytes_per_s"]) == sweeps.TORCH_PASSES[r["mode"]]
+            assert float(r["bytes_per_s"]) == sweeps.TORCH_CHAIN_PASSES[r["fusion"]][r["mode"]]
     text = (tmp_path / "report.md").read_text()
     assert "counted" in text and "modelled" in text and "nothing here is a time" in text
     assert "(forward.png)" in text and not (tmp_path / "speedup.png").exists()
+    for fusion in ("relu", "add_relu"):
+        assert f"## Fused: {sweeps.FUSION_TITLES[fusion]}" in text and f"](fused_{fusion}.png)" in text
+        assert 1000 < (tmp_path / f"fused_{fusion}.png").stat().st_size < 200_000
+    assert "torch's unfused chain** | any | any | (modelled) | 7 S | 8 S | 8 S | 16 S |" in text
     assert "counted (tritonbn" in capsys.readouterr().out
+
+
+# Each fused chain's counted traffic stays below torch's modelled unfused chain in every mode,
+# and the fused op keeps one launch inference and forward_backward at most 3 (8x2048 bf16 rows).
+@pytest.mark.parametrize("fusion", ["relu", "add", "add_relu"])
+def test_fused_counted_rows_beat_the_modelled_chain(fusion):
+    rows = bench.count_sweep([_point("NCHW", "bf16", (64, 16))], progress=False, fusions=(fusion,))
+    counted = {r.mode: r for r in rows if r.provider == "tritonbn"}
+    modelled = {r.mode: r for r in rows if r.provider == "torch"}
+    assert set(counted) == set(modelled) == set(sweeps.MODES)
+    assert {r.fusion for r in rows} == {fusion}
+    for mode, row in counted.items():
+        assert sweeps.FUSED_MIN_PASSES[fusion][mode] <= row.bytes_per_s < modelled[mode].bytes_per_s, mode
+        assert row.min_bytes_per_s == sweeps.FUSED_MIN_PASSES[fusion][mode]
+    assert counted["inference"].launches == 1 and counted["forward_backward"].launches <= 3
 
 
 def test_scripts_bench_runs_the_quick_sweep():

@@ -10,6 +10,14 @@ flushed before every run; median and quartiles) for four providers in one run:
   back to eager) is reported as failed instead of timing eager torch under this name;
 - ``copy``: a device-to-device copy of S bytes (reads S, writes S): the bandwidth reference.
 
+Fused chains (``--fusions``, ``sweeps.FUSIONS``): "relu", "add" and "add_relu" time
+``tritonbn.batch_norm(..., act_type=, addend=)`` against the same chain written as torchvision's
+blocks compute it (``relu(bn(x) + identity)``, out of place) in torch eager and through
+``torch.compile``, and against ``tritonbn-unfused``: tritonbn's plain batch norm followed by
+torch's add and ReLU.  Their rows carry the fusion; effective bandwidth counts the chain's
+minimal bytes (``sweeps.FUSED_MIN_PASSES``) and on a CPU torch's chain is modelled
+(``sweeps.TORCH_CHAIN_PASSES``).
+
 torch's batch_norm only takes the channel at axis 1: for another axis both torch providers get
 ``x.movedim(axis, 1)``, a view (no copy), and their gradient flows back through it.  Effective
 bandwidth counts the *minimal* bytes of a mode (``sweeps.MIN_PASSES``: 2 S inference and
@@ -51,15 +59,17 @@ import torch
 
 from . import sweeps, traffic
 from ..autotune.tuner import restored  # the moving statistics between measurements
-from .sweeps import MIN_PASSES, MODES, TORCH_PASSES, Point
+from .sweeps import FUSED_MIN_PASSES, FUSIONS, MIN_PASSES, MODES, TORCH_CHAIN_PASSES, Point
 
 __all__ = ["Row", "Timing", "CompiledBaseline", "EagerFallback", "compile_limits", "default_compile",
            "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "interleaved_timer", "cpu_points",
            "cpu_time_sweep", "write_cpu_timings", "add_arguments", "run"]
 
 MEASURED, COUNTED, MODELLED = "measured", "counted", "modelled"
-PROVIDERS = ("tritonbn", "torch", "torch.compile")
+UNFUSED = "tritonbn-unfused"  # fused chains only: tritonbn's batch norm, then torch's add and ReLU
+PROVIDERS = ("tritonbn", "torch", "torch.compile", UNFUSED)
 COPY = "copy"
+DEFAULT_FUSIONS = ("none", "relu", "add_relu")  # "add" alone follows no BatchNorm in ResNets
 MXNET_MOMENTUM = 0.9
 EPS = 1e-3
 
@@ -71,6 +81,7 @@ class Row:
     provider: str
     kind: str  # measured | counted | modelled
     mode: str
+    fusion: str  # sweeps.FUSIONS: "none" (BatchNorm alone) or the chain that follows it
     family: str
     case: str
     layout: str
@@ -87,6 +98,7 @@ class Row:
     pct_copy: float = math.nan  # gbps / measured copy bandwidth, %
     speedup_vs_torch: float = math.nan  # torch eager ms / this ms
     speedup_vs_compile: float = math.nan  # torch.compile ms / this ms
+    speedup_vs_unfused: float = math.nan  # tritonbn-unfused ms / this ms (fused chains)
     bytes_moved: float = math.nan
     bytes_per_s: float = math.nan
     data_bytes_per_s: float = math.nan  # x/y/dy/dx only (counted)
@@ -104,11 +116,11 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def _base(point: Point, provider: str, kind: str, mode: str) -> Row:
-    return Row(provider=provider, kind=kind, mode=mode, family=point.case.family, case=point.case.label,
-               layout=point.layout, dtype=point.dtype, shape=_shape_text(point.shape), axis=point.axis,
-               logical_shape=_shape_text(point.case.logical), data_bytes=point.data_bytes,
-               min_bytes_per_s=MIN_PASSES.get(mode, 2))
+def _base(point: Point, provider: str, kind: str, mode: str, fusion: str = "none") -> Row:
+    return Row(provider=provider, kind=kind, mode=mode, fusion=fusion, family=point.case.family,
+               case=point.case.label, layout=point.layout, dtype=point.dtype, shape=_shape_text(point.shape),
+               axis=point.axis, logical_shape=_shape_text(point.case.logical), data_bytes=point.data_bytes,
+               min_bytes_per_s=FUSED_MIN_PASSES[fusion].get(mode, 2))
 
 
 def _progress(items: Sequence, desc: str, enabled: bool) -> Iterable:
@@ -122,16 +134,24 @@ def _progress(items: Sequence, desc: str, enabled: bool) -> Iterable:
 # ----------------------------------------------------------------------------- counting (no GPU)
 
 
-def count_point(point: Point) -> list[Row]:
-    """tritonbn's counted traffic of every mode at ``point``, and torch's modelled passes."""
+def count_point(point: Point, fusions: Sequence[str] = ("none",)) -> list[Row]:
+    """tritonbn's counted traffic of every mode and fusion at ``point``, and torch's modelled passes."""
+    rows = []
+    for fusion in fusions:
+        rows.extend(_count_fusion(point, fusion))
+    return rows
+
+
+def _count_fusion(point: Point, fusion: str) -> list[Row]:
     import numpy as np
 
     with np.errstate(divide="ignore", invalid="ignore"):  # the interpreter's numpy, e.g. 1/sqrt(0) under tl.where
-        results = traffic.measure("all", point.shape, point.memory, point.torch_dtype, point.axis)
+        results = traffic.measure("all", point.shape, point.memory, point.torch_dtype, point.axis,
+                                  fusion=None if fusion == "none" else fusion)
     rows = []
     for mode in MODES:
         result = results[mode]
-        row = _base(point, "tritonbn", COUNTED, mode)
+        row = _base(point, "tritonbn", COUNTED, mode, fusion)
         row.bytes_moved = result.total
         row.bytes_per_s = result.per_s
         row.data_bytes_per_s = result.data_per_s
@@ -140,21 +160,22 @@ def count_point(point: Point) -> list[Row]:
         row.kernels = "/".join(launch.kernel for launch in result.launches)
         row.torch_copies = len(result.copies)
         rows.append(row)
-        model = _base(point, "torch", MODELLED, mode)
-        model.bytes_per_s = TORCH_PASSES[mode]
-        model.data_bytes_per_s = TORCH_PASSES[mode]
-        model.bytes_moved = TORCH_PASSES[mode] * point.data_bytes
-        model.note = "passes of torch's CUDA design (stats + elementwise; reduce + elementwise)"
+        passes = TORCH_CHAIN_PASSES[fusion][mode]
+        model = _base(point, "torch", MODELLED, mode, fusion)
+        model.bytes_per_s = model.data_bytes_per_s = passes
+        model.bytes_moved = passes * point.data_bytes
+        model.note = "passes of torch's CUDA design (stats + elementwise; reduce + elementwise)" + (
+            "" if fusion == "none" else "; the add and the ReLU as separate ops")
         rows.append(model)
     return rows
 
 
-def count_sweep(points: Sequence[Point], progress: bool = True) -> list[Row]:
-    """Counted (tritonbn) and modelled (torch) rows of every point, under the interpreter."""
+def count_sweep(points: Sequence[Point], progress: bool = True, fusions: Sequence[str] = ("none",)) -> list[Row]:
+    """Counted (tritonbn) and modelled (torch) rows of every point and fusion, under the interpreter."""
     traffic.ensure_interpreter()
     rows: list[Row] = []
     for point in _progress(points, "counting", progress):
-        rows.extend(count_point(point))
+        rows.extend(count_point(point, fusions))
     return rows
 
 
@@ -301,17 +322,21 @@ class _Inputs:
     moving_mean: torch.Tensor
     moving_var: torch.Tensor
     axis: int
+    addend: torch.Tensor  # the residual of the "add" fusions, x's shape and layout (no grad)
+    addend_g: torch.Tensor  # the same as a leaf with grad (training)
 
 
 def _inputs(point: Point, device: torch.device) -> _Inputs:
     x = traffic.make_data(point.shape, point.memory, point.torch_dtype, seed=0, device=device)
     dy = traffic.make_data(point.shape, point.memory, point.torch_dtype, seed=1, device=device)
+    addend = traffic.make_data(point.shape, point.memory, point.torch_dtype, seed=2, device=device)
     channels = point.shape[point.axis]
     gamma = torch.rand(channels, device=device) + 0.5
     beta = torch.randn(channels, device=device)
     return _Inputs(x, x.detach().clone().requires_grad_(True), dy, gamma, beta,
                    gamma.clone().requires_grad_(True), beta.clone().requires_grad_(True),
-                   torch.zeros(channels, device=device), torch.ones(channels, device=device), point.axis)
+                   torch.zeros(channels, device=device), torch.ones(channels, device=device), point.axis,
+                   addend, addend.detach().clone().requires_grad_(True))
 
 
 def _torch_batch_norm(x, gamma, beta, moving_mean, moving_var, training: bool):
@@ -320,26 +345,53 @@ def _torch_batch_norm(x, gamma, beta, moving_mean, moving_var, training: bool):
                                           1.0 - MXNET_MOMENTUM, EPS)
 
 
-def _forward(provider: str, inp: _Inputs, training: bool, compiled: Callable | None) -> Callable[[], torch.Tensor]:
-    """A call of ``provider``'s forward (training with grad-requiring inputs, else without)."""
+def _chain_tail(y: torch.Tensor, addend: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """What follows the batch norm in an unfused chain: ``+ addend`` then ReLU, as separate ops."""
+    if addend is not None:
+        y = y + addend
+    return torch.relu(y) if relu else y
+
+
+def _torch_chain(x, addend, gamma, beta, moving_mean, moving_var, training: bool, relu: bool):
+    """torch's batch norm, then the add of ``addend`` (None: no add) and the ReLU (``relu``)."""
+    return _chain_tail(_torch_batch_norm(x, gamma, beta, moving_mean, moving_var, training), addend, relu)
+
+
+def _fusion_parts(fusion: str) -> tuple[bool, bool]:
+    """(ReLU?, addend?) of a fusion of ``sweeps.FUSIONS``."""
+    return fusion in ("relu", "add_relu"), fusion in ("add", "add_relu")
+
+
+def _forward(provider: str, inp: _Inputs, training: bool, compiled: Callable | None,
+             fusion: str = "none") -> Callable[[], torch.Tensor]:
+    """A call of ``provider``'s forward of the chain ``fusion`` (training with grad-requiring
+    inputs, else without)."""
     x = inp.xg if training else inp.x
     gamma, beta = (inp.gamma_g, inp.beta_g) if training else (inp.gamma, inp.beta)
-    if provider == "tritonbn":
+    relu, with_addend = _fusion_parts(fusion)
+    addend = (inp.addend_g if training else inp.addend) if with_addend else None
+    if provider in ("tritonbn", UNFUSED):
         import tritonbn
 
-        return lambda: tritonbn.batch_norm(x, gamma, beta, inp.moving_mean, inp.moving_var, eps=EPS,
-                                           momentum=MXNET_MOMENTUM, fix_gamma=False, axis=inp.axis,
-                                           training=training)
-    fn = _torch_batch_norm if provider == "torch" else compiled
-    return lambda: fn(torch_view(x, inp.axis), gamma, beta, inp.moving_mean, inp.moving_var, training)
+        fused = provider == "tritonbn"
+        call = functools.partial(tritonbn.batch_norm, x, gamma, beta, inp.moving_mean, inp.moving_var, eps=EPS,
+                                 momentum=MXNET_MOMENTUM, fix_gamma=False, axis=inp.axis, training=training,
+                                 **(dict(act_type="relu" if relu else None, addend=addend) if fused else {}))
+        if fused or fusion == "none":
+            return call
+        return lambda: _chain_tail(call(), addend, relu)
+    fn = _torch_chain if provider == "torch" else compiled
+    view = torch_view(addend, inp.axis) if addend is not None else None
+    return lambda: fn(torch_view(x, inp.axis), view, gamma, beta, inp.moving_mean, inp.moving_var, training, relu)
 
 
-def _mode_fn(provider: str, mode: str, inp: _Inputs, compiled: Callable | None) -> Callable[[], Any]:
-    """The callable timed for (provider, mode); backward builds its graph once, here."""
+def _mode_fn(provider: str, mode: str, inp: _Inputs, compiled: Callable | None,
+             fusion: str = "none") -> Callable[[], Any]:
+    """The callable timed for (provider, mode, fusion); backward builds its graph once, here."""
     training = mode != "inference"
-    forward = _forward(provider, inp, training, compiled)
-    dy = inp.dy if provider == "tritonbn" else torch_view(inp.dy, inp.axis)
-    wrt = (inp.xg, inp.gamma_g, inp.beta_g)
+    forward = _forward(provider, inp, training, compiled, fusion)
+    dy = inp.dy if provider in ("tritonbn", UNFUSED) else torch_view(inp.dy, inp.axis)
+    wrt = (inp.xg, inp.gamma_g, inp.beta_g) + ((inp.addend_g,) if _fusion_parts(fusion)[1] else ())
     if mode in ("inference", "forward"):
         return forward
     if mode == "backward":
@@ -367,10 +419,13 @@ def _timed(row: Row, timer: Callable, fn_factory: Callable[[], Callable[[], Any]
 
 def time_point(point: Point, device: torch.device, timer: Callable[[Callable[[], Any]], Timing],
                compile_fn: Callable[[Callable], Callable] = default_compile,
-               providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES) -> list[Row]:
-    """Timed rows of every (provider, mode) at ``point``, plus the copy reference."""
+               providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
+               fusions: Sequence[str] = ("none",)) -> list[Row]:
+    """Timed rows of every (fusion, provider, mode) at ``point``, plus the copy reference (once).
+
+    ``tritonbn-unfused`` runs for the fused chains only: for "none" it would be ``tritonbn``.
+    """
     inp = _inputs(point, device)
-    compiled = compile_fn(_torch_batch_norm) if "torch.compile" in providers else None
     rows: list[Row] = []
     src = torch.empty(inp.x.numel(), dtype=inp.x.dtype, device=device).copy_(inp.x.reshape(-1))
     dst = torch.empty_like(src)
@@ -379,31 +434,40 @@ def time_point(point: Point, device: torch.device, timer: Callable[[Callable[[],
     _timed(copy, timer, lambda: (lambda: dst.copy_(src)), ())
     copy.gbps = 2 * point.data_bytes / (copy.ms * 1e6)
     rows.append(copy)
-    for mode in modes:
-        by_provider: dict[str, Row] = {}
-        for provider in providers:
-            row = _base(point, provider, MEASURED, mode)
-            if provider != "tritonbn" and point.axis != 1:
-                row.note = f"x.movedim({point.axis}, 1) (a view) for torch"
-            _timed(row, timer, lambda: _mode_fn(provider, mode, inp, compiled),
-                   (inp.moving_mean, inp.moving_var), compiled if provider == "torch.compile" else None)
-            row.gbps = MIN_PASSES[mode] * point.data_bytes / (row.ms * 1e6)
-            row.pct_copy = 100.0 * row.gbps / copy.gbps
-            by_provider[provider] = row
-        for row in by_provider.values():
-            if "torch" in by_provider:
-                row.speedup_vs_torch = by_provider["torch"].ms / row.ms
-            if "torch.compile" in by_provider:
-                row.speedup_vs_compile = by_provider["torch.compile"].ms / row.ms
-        rows.extend(by_provider.values())
+    for fusion in fusions:
+        chain_providers = [p for p in providers if fusion != "none" or p != UNFUSED]
+        compiled = compile_fn(_torch_chain) if "torch.compile" in chain_providers else None
+        for mode in modes:
+            rows.extend(_time_mode(point, inp, timer, compiled, chain_providers, mode, fusion, copy.gbps))
     return rows
+
+
+def _time_mode(point: Point, inp: _Inputs, timer: Callable, compiled: Any, providers: Sequence[str], mode: str,
+               fusion: str, copy_gbps: float) -> list[Row]:
+    """The rows of every provider for one (mode, fusion) at ``point``, with their speedups."""
+    by_provider: dict[str, Row] = {}
+    for provider in providers:
+        row = _base(point, provider, MEASURED, mode, fusion)
+        if provider not in ("tritonbn", UNFUSED) and point.axis != 1:
+            row.note = f"x.movedim({point.axis}, 1) (a view) for torch"
+        _timed(row, timer, lambda: _mode_fn(provider, mode, inp, compiled, fusion),
+               (inp.moving_mean, inp.moving_var), compiled if provider == "torch.compile" else None)
+        row.gbps = FUSED_MIN_PASSES[fusion][mode] * point.data_bytes / (row.ms * 1e6)
+        row.pct_copy = 100.0 * row.gbps / copy_gbps
+        by_provider[provider] = row
+    for row in by_provider.values():
+        for field, provider in (("speedup_vs_torch", "torch"), ("speedup_vs_compile", "torch.compile"),
+                                ("speedup_vs_unfused", UNFUSED)):
+            if provider in by_provider:
+                setattr(row, field, by_provider[provider].ms / row.ms)
+    return list(by_provider.values())
 
 
 def time_sweep(points: Sequence[Point], device: torch.device | str, timer: Callable[[Callable[[], Any]], Timing],
                compile_fn: Callable[[Callable], Callable] = default_compile,
                providers: Sequence[str] = PROVIDERS, modes: Sequence[str] = MODES,
-               progress: bool = True) -> list[Row]:
-    """Timed rows of every point (see ``time_point``); ``timer`` is injectable (tests stub it).
+               progress: bool = True, fusions: Sequence[str] = ("none",)) -> list[Row]:
+    """Timed rows of every point and fusion (see ``time_point``); ``timer`` is injectable (tests stub it).
 
     With the torch.compile provider, dynamo's recompile limits are raised for the whole sweep
     (``compile_limits``), so its rows stay compiled however many points there are.
@@ -413,7 +477,7 @@ def time_sweep(points: Sequence[Point], device: torch.device | str, timer: Calla
     limits = compile_limits() if "torch.compile" in providers else contextlib.nullcontext()
     with limits:  # the compiled baseline stays compiled over the whole sweep
         for point in _progress(points, "timing", progress):
-            rows.extend(time_point(point, device, timer, compile_fn, providers, modes))
+            rows.extend(time_point(point, device, timer, compile_fn, providers, modes, fusions))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -609,6 +673,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default=None, help=f"comma-separated subset of {','.join(sweeps.DTYPES)}")
     parser.add_argument("--layouts", default=None, help=f"comma-separated subset of {','.join(sweeps.LAYOUTS)}")
     parser.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--fusions", default=None,
+                        help=f"comma-separated subset of {','.join(FUSIONS)} (default {','.join(DEFAULT_FUSIONS)}): "
+                             "BatchNorm alone and the chains fused into it")
     parser.add_argument("--families", default=None, help="comma-separated case families (resnet50, small-C, ...)")
     parser.add_argument("--providers", default=None, help=f"GPU: comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--warmup", type=int, default=25, help="GPU: do_bench warmup, ms")
@@ -650,7 +717,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["tritonbn", "bench"]
     if args.quick:
         parts.append("--quick")
-    for name in ("device", "dtypes", "layouts", "modes", "families", "providers"):
+    for name in ("device", "dtypes", "layouts", "modes", "fusions", "families", "providers"):
         value = getattr(args, name)
         if value is not None:
             parts += [f"--{name}", str(value)]
@@ -716,6 +783,7 @@ def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Cal
         if device.type == "cpu":
             traffic.ensure_interpreter()  # before anything imports Triton: CPU tensors run interpreted
         points, modes = select_points(args, cpu=device.type == "cpu")
+        fusions = _subset(getattr(args, "fusions", None), list(FUSIONS), "fusions") or list(DEFAULT_FUSIONS)
         providers = _subset(args.providers, list(PROVIDERS), "providers") or list(PROVIDERS)
     except (ValueError, RuntimeError) as exc:
         print(f"tritonbn bench: {exc}", file=sys.stderr)
@@ -730,9 +798,10 @@ def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Cal
     if timed:
         timer = timer or (lambda fn: do_bench_timer(fn, warmup=args.warmup, rep=args.rep))
         rows = time_sweep(points, device, timer, compile_fn or default_compile, providers, modes,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, fusions=fusions)
     else:
-        rows = [row for row in count_sweep(points, progress=not args.no_progress) if row.mode in modes]
+        rows = [row for row in count_sweep(points, progress=not args.no_progress, fusions=fusions)
+                if row.mode in modes]
     cpu_rows = [] if timed else _cpu_timing_rows(args, modes, cpu_timer)
     meta = report.Meta(device=device_description(device), timed=timed,
                        date=now.strftime("%Y-%m-%d %H:%M"), command=_command(args))

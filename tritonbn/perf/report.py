@@ -1,8 +1,11 @@
-"""What a sweep writes: ``results.csv``, one PNG per mode (+ a speedup chart on GPU), ``report.md``.
+"""What a sweep writes: ``results.csv``, one PNG per mode (+ a speedup chart on GPU), one per
+fused chain (``fused_<fusion>.png``), ``report.md``.
 
 Plots use matplotlib's Agg backend (no display needed).  A figure per mode has one panel per
 dtype, the cases along x and one line per (layout, provider): effective GB/s on GPU, bytes
-moved / S on CPU.  ``report.md`` embeds the figures by relative path and says the device, the
+moved / S on CPU; those and their tables show BatchNorm alone (fusion "none").  A fused chain's
+figure has a panel per mode: tritonbn's speedups over torch's unfused chain, its compiled
+chain and tritonbn's own unfused chain on GPU, bytes moved / S on CPU.  ``report.md`` embeds the figures by relative path and says the device, the
 torch/Triton versions, the date and the command that reproduces it.
 """
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .sweeps import LAYOUTS, MIN_PASSES, MODE_TITLES, MODES, TORCH_PASSES
+from .sweeps import FUSED_MIN_PASSES, FUSION_TITLES, LAYOUTS, MODE_TITLES, MODES, TORCH_CHAIN_PASSES
 
 __all__ = ["Meta", "write", "write_csv", "console_summary"]
 
@@ -25,6 +28,7 @@ LAYOUT_COLORS = {"NCHW": "tab:blue", "channels_last": "tab:orange", "axis=-1": "
 LAYOUT_MARKERS = {"NCHW": "o", "channels_last": "s", "axis=-1": "^", "middle": "D"}
 LAYOUT_OFFSETS = {"NCHW": -0.15, "channels_last": -0.05, "axis=-1": 0.05, "middle": 0.15}
 PROVIDER_STYLES = {"tritonbn": "-", "torch": "--", "torch.compile": "-."}
+UNFUSED = "tritonbn-unfused"  # bench.UNFUSED: the report reads rows, it does not import the bench
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def _series(subset: Sequence, cases: Sequence[str], attr: str) -> list[float]:
     return [by_case.get(case, math.nan) for case in cases]
 
 
-def _cpu_lines(ax, subset: Sequence, cases: Sequence[str], mode: str) -> None:
+def _cpu_lines(ax, subset: Sequence, cases: Sequence[str], mode: str, fusion: str = "none") -> None:
     xs = list(range(len(cases)))
     for layout in LAYOUTS:
         counted = [r for r in subset if r.provider == "tritonbn" and r.layout == layout]
@@ -144,10 +148,12 @@ def _cpu_lines(ax, subset: Sequence, cases: Sequence[str], mode: str) -> None:
             ax.plot([x + LAYOUT_OFFSETS[layout] for x in xs], _series(counted, cases, "bytes_per_s"),
                      marker=LAYOUT_MARKERS[layout], color=LAYOUT_COLORS[layout], linewidth=1,
                      label=f"tritonbn {layout} (counted)")
-    ax.axhline(MIN_PASSES[mode], color="gray", linewidth=5, alpha=0.35, label="minimal bytes")
-    ax.axhline(TORCH_PASSES[mode], color="black", linestyle="--", label="torch native design (modelled)")
+    torch_passes = TORCH_CHAIN_PASSES[fusion][mode]
+    ax.axhline(FUSED_MIN_PASSES[fusion][mode], color="gray", linewidth=5, alpha=0.35, label="minimal bytes")
+    ax.axhline(torch_passes, color="black", linestyle="--",
+               label="torch native design (modelled)" if fusion == "none" else "torch's unfused chain (modelled)")
     counted = [r.bytes_per_s for r in subset if r.provider == "tritonbn" and not math.isnan(r.bytes_per_s)]
-    ax.set_ylim(top=max([TORCH_PASSES[mode] + 1.5] + [1.1 * v for v in counted]))
+    ax.set_ylim(top=max([torch_passes + 1.5] + [1.1 * v for v in counted]))
 
 
 def _gpu_lines(ax, rows: Sequence, subset: Sequence, cases: Sequence[str], dtype: str) -> None:
@@ -168,8 +174,9 @@ def _gpu_lines(ax, rows: Sequence, subset: Sequence, cases: Sequence[str], dtype
             label="copy of S bytes (2 S / time)")
 
 
-def _speedup_figure(rows: Sequence, path: Path) -> Path:
-    """tritonbn's speedup over torch eager (solid) and torch.compile (dashed), a panel per mode."""
+def _speedup_figure(rows: Sequence, path: Path, title: str = "tritonbn speedup") -> Path:
+    """tritonbn's speedup over torch eager (solid), torch.compile (dashed) and, in a fused chain's
+    rows, tritonbn's unfused chain (dotted), a panel per mode."""
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter
 
@@ -189,6 +196,9 @@ def _speedup_figure(rows: Sequence, path: Path) -> Path:
                     color=LAYOUT_COLORS[layout], linewidth=1, label=f"{layout} vs torch eager")
             ax.plot(shifted, _series(mine, cases, "speedup_vs_compile"), "--", marker=LAYOUT_MARKERS[layout],
                     markersize=3, color=LAYOUT_COLORS[layout], linewidth=1, label=f"{layout} vs torch.compile")
+            if any(r.provider == UNFUSED for r in rows):
+                ax.plot(shifted, _series(mine, cases, "speedup_vs_unfused"), ":", marker=LAYOUT_MARKERS[layout],
+                        markersize=3, color=LAYOUT_COLORS[layout], linewidth=1, label=f"{layout} vs {UNFUSED}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         times = FuncFormatter(lambda value, _: f"{value:g}×")
@@ -198,7 +208,24 @@ def _speedup_figure(rows: Sequence, path: Path) -> Path:
         ax.set_title(MODE_TITLES[mode], fontsize=10)
     axes[0].set_ylabel("speedup of tritonbn (baseline ms / tritonbn ms)")
     return _finish(plt, fig, axes, legend_ax, cases,
-                   f"tritonbn speedup, {dtype} (median times; > 1: tritonbn faster)", path)
+                   f"{title}, {dtype} (median times; > 1: tritonbn faster)", path)
+
+
+def _fused_counted_figure(rows: Sequence, fusion: str, path: Path) -> Path:
+    """A fused chain's counted bytes moved / S, a panel per mode (the first dtype), a line per layout."""
+    plt = _pyplot()
+    counted = [r for r in rows if r.provider == "tritonbn"]
+    modes = [m for m in MODES if any(r.mode == m for r in counted)]
+    cases = _ordered([r.case for r in counted])
+    dtype = _ordered([r.dtype for r in counted])[0]
+    fig, axes, legend_ax = _panels(plt, len(modes), 4.2)
+    for ax, mode in zip(axes, modes):
+        _cpu_lines(ax, [r for r in counted if r.mode == mode and r.dtype == dtype], cases, mode, fusion)
+        ax.set_ylim(bottom=0)
+        ax.set_title(MODE_TITLES[mode], fontsize=10)
+    axes[0].set_ylabel("global-memory bytes moved / S\n(S = bytes of the data tensor)")
+    return _finish(plt, fig, axes, legend_ax, cases,
+                   f"{FUSION_TITLES[fusion]}, {dtype}: tritonbn counted (one fused op), torch's chain modelled", path)
 
 
 # ----------------------------------------------------------------------------- report.md
@@ -208,7 +235,7 @@ def _fmt(value: float, spec: str = ".3f") -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def _cpu_table(rows: Sequence) -> list[str]:
+def _cpu_table(rows: Sequence, fusion: str = "none") -> list[str]:
     counted = [r for r in rows if r.provider == "tritonbn"]
     modes = [m for m in MODES if any(r.mode == m for r in counted)]
     head = "| case | layout | dtype | shape (axis) | " + " | ".join(MODE_TITLES[m] for m in modes) + " |"
@@ -224,27 +251,31 @@ def _cpu_table(rows: Sequence) -> list[str]:
                          f"{r.bytes_per_s:.3f} S, {int(r.launches)}× [{r.programs_per_launch}]"
                          + (f", {int(r.torch_copies)} copies" if r.torch_copies else ""))
         lines.append(f"| {case} | {layout} | {dtype} | {first.shape} ({first.axis}) | " + " | ".join(cells) + " |")
-    model = " | ".join(f"{TORCH_PASSES[m]} S" for m in modes)
-    minimal = " | ".join(f"{MIN_PASSES[m]} S" for m in modes)
-    lines.append(f"| **torch native design** | any | any | (modelled) | {model} |")
+    model = " | ".join(f"{TORCH_CHAIN_PASSES[fusion][m]} S" for m in modes)
+    minimal = " | ".join(f"{FUSED_MIN_PASSES[fusion][m]} S" for m in modes)
+    torch_name = "torch native design" if fusion == "none" else "torch's unfused chain"
+    lines.append(f"| **{torch_name}** | any | any | (modelled) | {model} |")
     lines.append(f"| **minimal** | | | | {minimal} |")
     return lines
 
 
 def _gpu_table(rows: Sequence, mode: str) -> list[str]:
+    unfused = any(r.provider == UNFUSED for r in rows)  # a fused chain's rows
+    extra = f" {UNFUSED} ms | × vs unfused |" if unfused else ""
     lines = ["| case | layout | dtype | shape (axis) | tritonbn ms (q25–q75) | GB/s | % copy | torch ms | torch.compile ms "
-             "| × vs torch | × vs compile | note |", "|" + "---|" * 12]
+             f"| × vs torch | × vs compile |{extra} note |", "|" + "---|" * (14 if unfused else 12)]
     mine = [r for r in rows if r.mode == mode and r.provider == "tritonbn"]
     others = {(r.case, r.layout, r.dtype, r.provider): r for r in rows if r.mode == mode}
     for r in mine:
-        eager = others.get((r.case, r.layout, r.dtype, "torch"))
-        comp = others.get((r.case, r.layout, r.dtype, "torch.compile"))
-        notes = "; ".join(_ordered([n for n in (r.note, eager.note if eager else "", comp.note if comp else "") if n]))
+        eager, comp, own = (others.get((r.case, r.layout, r.dtype, p)) for p in ("torch", "torch.compile", UNFUSED))
+        notes = "; ".join(_ordered([n for n in (r.note, *(o.note for o in (eager, comp, own) if o)) if n]))
+        cells = (f" {_fmt(own.ms if own else math.nan, '.4f')} | {_fmt(r.speedup_vs_unfused, '.2f')} |"
+                 if unfused else "")
         lines.append(
             f"| {r.case} | {r.layout} | {r.dtype} | {r.shape} ({r.axis}) | {_fmt(r.ms, '.4f')} ({_fmt(r.ms_q25, '.4f')}–{_fmt(r.ms_q75, '.4f')})"
             f" | {_fmt(r.gbps, '.0f')} | {_fmt(r.pct_copy, '.0f')} | {_fmt(eager.ms if eager else math.nan, '.4f')}"
             f" | {_fmt(comp.ms if comp else math.nan, '.4f')} | {_fmt(r.speedup_vs_torch, '.2f')}"
-            f" | {_fmt(r.speedup_vs_compile, '.2f')} | {notes} |")
+            f" | {_fmt(r.speedup_vs_compile, '.2f')} |{cells} {notes} |")
     return lines
 
 
@@ -274,7 +305,8 @@ def _markdown(rows: Sequence, meta: Meta, figures: dict[str, Path], csv_path: Pa
             "documented CUDA design (a statistics pass and an elementwise pass forward: 3 S; a reduce pass over",
             "x and dy and an elementwise pass backward: 5 S), not counted.", "",
             "Cells: bytes moved / S, launches × [programs per launch]" + ".", ""]
-        lines += _cpu_table(rows) + [""]
+        if any(r.provider == "tritonbn" for r in rows):
+            lines += _cpu_table(rows) + [""]
     for mode in MODES:
         if mode not in figures:
             continue
@@ -286,39 +318,76 @@ def _markdown(rows: Sequence, meta: Meta, figures: dict[str, Path], csv_path: Pa
     return "\n".join(lines)
 
 
+def _passes_text(passes: dict[str, int]) -> str:
+    return ", ".join(f"{passes[m]} S {MODE_TITLES[m]}" for m in MODES)
+
+
+def _fused_markdown(rows: Sequence, fusion: str, on_gpu: bool, figure: Path) -> list[str]:
+    """The report section of one fused chain (``rows``: its rows only)."""
+    title = FUSION_TITLES[fusion]
+    lines = [f"## Fused: {title}", "",
+             f"tritonbn runs the chain as one op (`tritonbn.batch_norm(..., act_type=, addend=)`); torch runs it "
+             "as separate ops. Minimal bytes of the chain: " + _passes_text(FUSED_MIN_PASSES[fusion]) + ".", ""]
+    if on_gpu:
+        lines += [f"Measured like BatchNorm alone. Baselines: torch eager's chain, the same chain through "
+                  f"`torch.compile` (Inductor may fuse the add and the ReLU itself) and `{UNFUSED}` (tritonbn's "
+                  "batch norm, then torch's add and ReLU). GB/s counts the chain's minimal bytes.", "",
+                  f"![{title}]({figure.name})", ""]
+        for mode in MODES:
+            if any(r.mode == mode and r.provider == "tritonbn" for r in rows):
+                lines += [f"### {title}: {MODE_TITLES[mode]}", "", *_gpu_table(rows, mode), ""]
+        return lines
+    lines += ["tritonbn **counted** as above; torch's chain **modelled**: its batch norm's passes, an add "
+              "(reads 2 S, writes S) and a ReLU (2 S forward; reads dy and its output, writes S backward): "
+              + _passes_text(TORCH_CHAIN_PASSES[fusion]) + ".", "",
+              *_cpu_table(rows, fusion), "", f"![{title}]({figure.name})", ""]
+    return lines
+
+
 def write(rows: Sequence, out: Path, meta: Meta) -> list[Path]:
     """results.csv, the figures and report.md under ``out`` (created); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     on_gpu = meta.timed
     csv_path = write_csv(rows, out / "results.csv")
+    alone = [r for r in rows if r.fusion == "none"]  # BatchNorm alone, and the copy reference
     figures: dict[str, Path] = {}
     for mode in MODES:
-        if any(r.mode == mode for r in rows):
-            figures[mode] = _mode_figure(rows, mode, on_gpu, out / f"{mode}.png")
-    if on_gpu and any(r.provider == "tritonbn" and r.kind == "measured" for r in rows):
-        figures["speedup"] = _speedup_figure(rows, out / "speedup.png")
+        if any(r.mode == mode for r in alone):
+            figures[mode] = _mode_figure(alone, mode, on_gpu, out / f"{mode}.png")
+    if on_gpu and any(r.provider == "tritonbn" and r.kind == "measured" for r in alone):
+        figures["speedup"] = _speedup_figure(alone, out / "speedup.png")
+    sections = []
+    for fusion in FUSION_TITLES:
+        chain = [r for r in rows if r.fusion == fusion]
+        if fusion == "none" or not any(r.provider == "tritonbn" for r in chain):
+            continue
+        path = out / f"fused_{fusion}.png"
+        figures[f"fused_{fusion}"] = (
+            _speedup_figure(chain, path, f"{FUSION_TITLES[fusion]}: fused tritonbn's speedup") if on_gpu
+            else _fused_counted_figure(chain, fusion, path))
+        sections += _fused_markdown(chain, fusion, on_gpu, path)
     report = out / "report.md"
-    report.write_text(_markdown(rows, meta, figures, csv_path) + "\n")
+    report.write_text("\n".join([_markdown(alone, meta, figures, csv_path), *sections]) + "\n")
     return [csv_path, *figures.values(), report]
 
 
 def console_summary(rows: Sequence, on_gpu: bool) -> str:
     """A short table for the terminal."""
     if on_gpu:
-        lines = [f"{'mode':17s} {'case':20s} {'layout':13s} {'dtype':5s} {'ms':>9s} {'GB/s':>7s} {'%copy':>6s} "
-                 f"{'x torch':>8s} {'x compile':>9s}"]
+        lines = [f"{'fusion':8s} {'mode':17s} {'case':20s} {'layout':13s} {'dtype':5s} {'ms':>9s} {'GB/s':>7s} "
+                 f"{'%copy':>6s} {'x torch':>8s} {'x compile':>9s}"]
         for r in rows:
             if r.provider == "tritonbn":
-                lines.append(f"{r.mode:17s} {r.case:20s} {r.layout:13s} {r.dtype:5s} {_fmt(r.ms, '9.4f')} "
+                lines.append(f"{r.fusion:8s} {r.mode:17s} {r.case:20s} {r.layout:13s} {r.dtype:5s} {_fmt(r.ms, '9.4f')} "
                              f"{_fmt(r.gbps, '7.0f')} {_fmt(r.pct_copy, '6.0f')} {_fmt(r.speedup_vs_torch, '8.2f')} "
                              f"{_fmt(r.speedup_vs_compile, '9.2f')}")
         return "\n".join(lines)
     lines = ["counted (tritonbn, Triton interpreter) vs modelled (torch native design): bytes moved / S, launches",
-             f"{'mode':17s} {'case':18s} {'layout':13s} {'dtype':5s} {'counted':>8s} {'launches':>8s}  "
+             f"{'fusion':8s} {'mode':17s} {'case':18s} {'layout':13s} {'dtype':5s} {'counted':>8s} {'launches':>8s}  "
              f"{'programs':18s} {'modelled':>8s}"]
     for r in rows:
         if r.provider == "tritonbn":
-            lines.append(f"{r.mode:17s} {r.case:18s} {r.layout:13s} {r.dtype:5s} {r.bytes_per_s:8.3f} "
-                         f"{int(r.launches):8d}  {r.programs_per_launch:18s} {TORCH_PASSES[r.mode]:8d}")
+            lines.append(f"{r.fusion:8s} {r.mode:17s} {r.case:18s} {r.layout:13s} {r.dtype:5s} {r.bytes_per_s:8.3f} "
+                         f"{int(r.launches):8d}  {r.programs_per_launch:18s} {TORCH_CHAIN_PASSES[r.fusion][r.mode]:8d}")
     return "\n".join(lines)

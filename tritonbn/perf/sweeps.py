@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 
 __all__ = [
-    "Case", "Layout", "Point", "LAYOUTS", "DTYPES", "MODES", "MIN_PASSES", "TORCH_PASSES",
+    "Case", "Layout", "Point", "LAYOUTS", "DTYPES", "MODES", "MIN_PASSES", "TORCH_PASSES", "FUSIONS",
+    "FUSION_TITLES", "FUSED_MIN_PASSES", "TORCH_CHAIN_PASSES",
     "FULL_CASES", "QUICK_CASES", "points", "dtype_name",
 ]
 
@@ -36,6 +37,29 @@ TORCH_PASSES = {"inference": 2, "forward": 3, "backward": 5, "forward_backward":
 MODES = tuple(MIN_PASSES)
 MODE_TITLES = {"inference": "inference forward", "forward": "training forward",
                "backward": "training backward", "forward_backward": "training forward + backward"}
+
+# The fused chains the sweep runs: "none" is BatchNorm alone; the others are the op with
+# act_type/addend (``traffic.FUSIONS``), against torch's chain of separate ops.
+FUSIONS = ("none", "relu", "add", "add_relu")
+FUSION_TITLES = {"none": "BatchNorm", "relu": "BatchNorm + ReLU", "add": "BatchNorm + add",
+                 "add_relu": "BatchNorm + add + ReLU"}
+# fusion -> mode -> minimal traffic / S: x (and the addend) read and y written forward; x and dy
+# read, dx (and daddend) written backward.  With an addend but no ReLU, daddend is dy itself.
+FUSED_MIN_PASSES = {
+    "none": MIN_PASSES,
+    "relu": MIN_PASSES,
+    "add": {"inference": 3, "forward": 3, "backward": 3, "forward_backward": 6},
+    "add_relu": {"inference": 3, "forward": 3, "backward": 4, "forward_backward": 7},
+}
+# fusion -> mode -> passes of torch's unfused chain on its CUDA design (*modelled*): the batch
+# norm's passes above, an add reads 2 S and writes S, a ReLU reads and writes S; backward a
+# ReLU reads dy and its output and writes S, an add passes its gradient on untouched.
+TORCH_CHAIN_PASSES = {
+    "none": TORCH_PASSES,
+    "relu": {"inference": 4, "forward": 5, "backward": 8, "forward_backward": 13},
+    "add": {"inference": 5, "forward": 6, "backward": 5, "forward_backward": 11},
+    "add_relu": {"inference": 7, "forward": 8, "backward": 8, "forward_backward": 16},
+}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
