@@ -59,14 +59,13 @@ import torch
 
 from . import sweeps, traffic
 from ..autotune.tuner import restored  # the moving statistics between measurements
-from .sweeps import FUSED_MIN_PASSES, FUSIONS, MIN_PASSES, MODES, TORCH_CHAIN_PASSES, Point
+from .sweeps import FUSED_MIN_PASSES, FUSIONS, MIN_PASSES, MODES, TORCH_CHAIN_PASSES, UNFUSED, Point
 
 __all__ = ["Row", "Timing", "CompiledBaseline", "EagerFallback", "compile_limits", "default_compile",
            "do_bench_timer", "count_sweep", "time_sweep", "torch_view", "interleaved_timer", "cpu_points",
            "cpu_time_sweep", "write_cpu_timings", "add_arguments", "run"]
 
 MEASURED, COUNTED, MODELLED = "measured", "counted", "modelled"
-UNFUSED = "tritonbn-unfused"  # fused chains only: tritonbn's batch norm, then torch's add and ReLU
 PROVIDERS = ("tritonbn", "torch", "torch.compile", UNFUSED)
 COPY = "copy"
 DEFAULT_FUSIONS = ("none", "relu", "add_relu")  # "add" alone follows no BatchNorm in ResNets
@@ -358,8 +357,9 @@ def _torch_chain(x, addend, gamma, beta, moving_mean, moving_var, training: bool
 
 
 def _fusion_parts(fusion: str) -> tuple[bool, bool]:
-    """(ReLU?, addend?) of a fusion of ``sweeps.FUSIONS``."""
-    return fusion in ("relu", "add_relu"), fusion in ("add", "add_relu")
+    """(ReLU?, addend?) of a fusion of ``sweeps.FUSIONS``, as ``traffic.FUSIONS`` defines them."""
+    act_type, with_addend = traffic.FUSIONS.get(fusion, (None, False))
+    return act_type == "relu", with_addend
 
 
 def _forward(provider: str, inp: _Inputs, training: bool, compiled: Callable | None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .sweeps import FUSED_MIN_PASSES, FUSION_TITLES, LAYOUTS, MODE_TITLES, MODES, TORCH_CHAIN_PASSES
+from .sweeps import FUSED_MIN_PASSES, FUSION_TITLES, LAYOUTS, MODE_TITLES, MODES, TORCH_CHAIN_PASSES, UNFUSED
 
 __all__ = ["Meta", "write", "write_csv", "console_summary"]
 
@@ -28,7 +28,6 @@ LAYOUT_COLORS = {"NCHW": "tab:blue", "channels_last": "tab:orange", "axis=-1": "
 LAYOUT_MARKERS = {"NCHW": "o", "channels_last": "s", "axis=-1": "^", "middle": "D"}
 LAYOUT_OFFSETS = {"NCHW": -0.15, "channels_last": -0.05, "axis=-1": 0.05, "middle": 0.15}
 PROVIDER_STYLES = {"tritonbn": "-", "torch": "--", "torch.compile": "-."}
-UNFUSED = "tritonbn-unfused"  # bench.UNFUSED: the report reads rows, it does not import the bench
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "Case", "Layout", "Point", "LAYOUTS", "DTYPES", "MODES", "MIN_PASSES", "TORCH_PASSES", "FUSIONS",
-    "FUSION_TITLES", "FUSED_MIN_PASSES", "TORCH_CHAIN_PASSES",
+    "FUSION_TITLES", "FUSED_MIN_PASSES", "TORCH_CHAIN_PASSES", "UNFUSED",
     "FULL_CASES", "QUICK_CASES", "points", "dtype_name",
 ]
 
@@ -43,6 +43,7 @@ MODE_TITLES = {"inference": "inference forward", "forward": "training forward",
 FUSIONS = ("none", "relu", "add", "add_relu")
 FUSION_TITLES = {"none": "BatchNorm", "relu": "BatchNorm + ReLU", "add": "BatchNorm + add",
                  "add_relu": "BatchNorm + add + ReLU"}
+UNFUSED = "tritonbn-unfused"  # the fused chains' provider: tritonbn's batch norm, then torch's add and ReLU
 # fusion -> mode -> minimal traffic / S: x (and the addend) read and y written forward; x and dy
 # read, dx (and daddend) written backward.  With an addend but no ReLU, daddend is dy itself.
 FUSED_MIN_PASSES = {
