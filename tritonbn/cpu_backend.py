@@ -843,9 +843,11 @@ class CpuBackend:
     name: str = "reference"
 
     @_ieee
-    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True):
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True,
+                keep_mean: bool = True):
         """(y, mean, invstd, center [2, C], x); updates the moving statistics in training
-        (``keep_stats`` is the Triton backend's allocation saving: the statistics come anyway)."""
+        (``keep_stats`` and ``keep_mean`` are the Triton backend's allocation savings: the
+        statistics come anyway)."""
         acc = reference.stat_dtype(x.dtype)
         if x.numel() == 0:
             return self._empty_forward(x, gamma, beta, moving_mean, moving_var, settings, out, acc)

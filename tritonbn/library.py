@@ -367,9 +367,9 @@ class _AutocastOff:
             raise AttributeError(name)
         return getattr(self.backend, name)
 
-    def forward(self, x: Tensor, *args: Any) -> Any:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(x.device.type, enabled=False):
-            return self.backend.forward(x, *args)
+            return self.backend.forward(x, *args, **kwargs)
 
     def backward(self, dy: Tensor, x: Tensor, *args: Any) -> Any:
         with torch.autocast(x.device.type, enabled=False):
@@ -385,17 +385,20 @@ class _AutocastOff:
 
 
 def _apply(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_var: Tensor, settings: Settings,
-           backend: Any, addend: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+           backend: Any, addend: Optional[Tensor], keep_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``ops.apply_forward`` or, fused (``settings.relu`` / ``settings.addend``), ``ops.apply_fused_forward``."""
     if settings.relu or settings.addend:
-        return apply_fused_forward(x, gamma, beta, addend, moving_mean, moving_var, settings, backend)
-    return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend)
+        return apply_fused_forward(x, gamma, beta, addend, moving_mean, moving_var, settings, backend,
+                                   keep_stats=keep_stats)
+    return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend, keep_stats)
 
 
 def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional[Tensor],
                    moving_var: Optional[Tensor], settings: Settings,
-                   average_count: Optional[Tensor], addend: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``batch_norm_forward`` and the buffer update without the custom op: (y, mean, invstd).
+                   average_count: Optional[Tensor], addend: Optional[Tensor] = None, keep_stats: bool = True
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch_norm_forward`` and the buffer update without the custom op: (y, mean, invstd);
+    with ``keep_stats`` False mean and invstd may be None.
 
     The backend calls ``batch_norm_forward`` makes, through ``ops.apply_forward`` or
     ``ops.apply_fused_forward`` (autograd when a gradient is wanted), but with the moving
@@ -411,10 +414,11 @@ def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional
             raise ValueError("moving_mean and moving_var are required unless batch statistics are used")
         moving_mean, moving_var, average_count = torch.zeros_like(gamma), torch.ones_like(gamma), None
     if average_count is None or not settings.batch_stats:
-        return _apply(x, gamma, beta, moving_mean, moving_var, settings, backend, addend)
+        return _apply(x, gamma, beta, moving_mean, moving_var, settings, backend, addend, keep_stats)
     # Cumulative average: the kernels leave the batch statistics in the scratch (momentum 0).
     batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
-    y, mean, invstd = _apply(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), backend, addend)
+    y, mean, invstd = _apply(x, gamma, beta, batch[0], batch[1], settings._replace(momentum=0.0), backend, addend,
+                             keep_stats)
     with torch.no_grad():
         weights = _average_weights(average_count)
         _average_in_place(moving_mean, batch[0], weights)
@@ -441,6 +445,7 @@ def batch_norm_op(
     average_count: Optional[Tensor] = None,
     relu: bool = False,
     addend: Optional[Tensor] = None,
+    keep_stats: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validate (SPEC "Bad input") and run the forward: (y, mean, invstd), y = bn(x), or
     ``relu(bn(x) [+ addend])`` fused; the moving statistics are updated in place when ``batch_stats``.
@@ -464,6 +469,8 @@ def batch_norm_op(
         average_count: one-element integer tensor (``num_batches_tracked``) or None.
         relu: a ReLU fused after the normalisation (and the addend).
         addend: x's shape and dtype, added to bn(x) before the ReLU; gradient flows to it.
+        keep_stats: False when the caller reads only y: eager calls then may return None for
+            mean and invstd (and need not allocate them).
     Returns:
         y (x's layout), mean [C] and invstd [C] in the accumulation dtype.
     """
@@ -481,7 +488,8 @@ def batch_norm_op(
         settings = validate_fusion(settings, x, "relu" if relu else None, addend, None)
     if not tracing:
         if _runs_eagerly(x, settings.axis):
-            return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count, addend)
+            return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count, addend,
+                                  keep_stats)
         eps, momentum = settings.eps, settings.momentum
     fused = {} if not (relu or addend is not None) else dict(
         addend=addend, relu=relu, keep_mask=wants_grad(x, gamma, beta, addend))

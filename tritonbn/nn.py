@@ -120,7 +120,8 @@ def torch_batch_norm(
     y, _, _ = batch_norm_op(
         input, gamma, beta, running_mean, running_var, axis=1, eps=eps,
         momentum=1.0 - (momentum if momentum is not None else 0.0), fix_gamma=fix_gamma,
-        batch_stats=training, unbiased_update=True, average_count=average_count, relu=relu, addend=addend)
+        batch_stats=training, unbiased_update=True, average_count=average_count, relu=relu, addend=addend,
+        keep_stats=False)
     return y
 
 
@@ -364,7 +365,8 @@ class BatchNorm(LazyModuleMixin, torch.nn.Module):
         y, _, _ = batch_norm_op(
             x, self.gamma, beta, self.running_mean, self.running_var, axis=self.axis, eps=self.epsilon,
             momentum=self.momentum, fix_gamma=not self.scale,
-            batch_stats=self.training and not self.use_global_stats, relu=self.fuse_relu)
+            batch_stats=self.training and not self.use_global_stats, relu=self.fuse_relu,
+            keep_stats=False)
         return y
 
     def extra_repr(self) -> str:

@@ -384,6 +384,13 @@ class CallPlan:
             ReLU's recompute.
         center_rows: (forward) rows of the center it writes: 2, or 6 with a fused ReLU (the
             coefficients the backward recomputes the ReLU's decisions with).
+        channel_like: (forward) an accumulation-dtype [C] tensor: ``torch.empty_like`` of it
+            allocates mean and invstd (cheaper than ``torch.empty`` with a shape, dtype and device).
+        rows_like: (forward) likewise for the rows the path writes: center [center_rows, C], on
+            the split path the coefficients [6, C] (whose rows 0-1 are the center).
+        scratch: (forward) ``scratch`` of the path's per-channel outputs (see there).
+        dx_like_x: (backward) dx has the strides of x as read: ``torch.empty_like`` allocates it.
+        dgamma_like, dbeta_like: (backward) [C] tensors of gamma's and beta's dtypes, likewise.
     """
 
     path: str
@@ -400,6 +407,12 @@ class CallPlan:
     mask_bytes: int = 0
     reads_x: bool = True
     center_rows: int = 2
+    channel_like: torch.Tensor | None = None
+    rows_like: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    dx_like_x: bool = False
+    dgamma_like: torch.Tensor | None = None
+    dbeta_like: torch.Tensor | None = None
 
 
 MAX_CALL_PLANS = 4096  # distinct signatures kept; the cache is emptied past that
@@ -425,7 +438,9 @@ _MISSING: Any = object()
 
 def _alignment(*tensors: torch.Tensor) -> int:
     """A bit per pointer: set where it is 16-byte aligned (Triton compiles aligned pointers apart;
-    divisibility by 16 is all it specialises a pointer on)."""
+    divisibility by 16 is all it specialises a pointer on).  Callers first test the OR of the
+    pointers and key -1 where all are aligned (almost every call: the allocator aligns to 512
+    bytes), which is cheaper than this loop."""
     mask = 0
     for t in tensors:
         mask = (mask << 1) | (t.data_ptr() & 15 == 0)
@@ -531,23 +546,37 @@ def _forward_plan(x: torch.Tensor, out_strides: tuple[int, ...] | None, settings
         apply = elementwise_config(view, profile, op=INFERENCE, dtype=dtype)
         apply = bitmask_elementwise(view, apply) if bits else apply
         launch = elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=True, bits=bits)
-        return CallPlan(INFERENCE_PATH, view, (launch,), acc, **layout)
+        return CallPlan(INFERENCE_PATH, view, (launch,), acc, **layout,
+                        **_output_templates(view.channels, layout["center_rows"], acc, x.device))
     single_pass = persistent_config(view, FORWARD, profile, x.element_size(), dtype=dtype)
     if settings.relu or settings.addend:
         single_pass = fused_persistent(view, FORWARD, x.element_size(), single_pass, bits)
     if single_pass is not None:
         return CallPlan(PERSISTENT_PATH, view, (persistent_forward_launch(view, single_pass, settings, bits),), acc,
-                        **layout)
+                        **layout, **_output_templates(view.channels, layout["center_rows"], acc, x.device))
     reduce = reduce_config(view, profile, op=FORWARD, dtype=dtype)
     apply = elementwise_config(view, profile, op=FORWARD, dtype=dtype)
     apply = bitmask_elementwise(view, apply) if bits else apply
     launches = (statistics_launch(view, reduce, settings),
                 elementwise_launch(view, apply, settings, has_x=True, has_dy=False, from_moving=False, bits=bits))
-    return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout)
+    return CallPlan(SPLIT_PATH, view, launches, acc, reduce.splits, **layout,
+                    **_output_templates(view.channels, COEFFICIENT_ROWS, acc, x.device))
 
 
-def _backward_plan(x: torch.Tensor, dy: torch.Tensor, settings: Settings) -> CallPlan | None:
-    """The call plan of a backward (None: no elements)."""
+COEFFICIENT_ROWS = 6  # the split path's [6, C] coefficients: center (rows 0-1), then the elementwise rows
+
+
+def _output_templates(channels: int, rows: int, acc: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """A forward plan's ``channel_like``, ``rows_like`` ([rows, C]) and ``scratch``."""
+    return dict(channel_like=torch.empty(channels, dtype=acc, device=device),
+                rows_like=torch.empty((rows, channels), dtype=acc, device=device),
+                scratch=scratch(device, acc, max(rows, COEFFICIENT_ROWS) * channels))
+
+
+def _backward_plan(x: torch.Tensor, dy: torch.Tensor, settings: Settings, gamma_dtype: torch.dtype,
+                   beta_dtype: torch.dtype) -> CallPlan | None:
+    """The call plan of a backward (None: no elements); dgamma and dbeta in ``gamma_dtype`` and
+    ``beta_dtype``."""
     shape = tuple(x.shape)
     view, dense_x, dense_dy = _backward_layout(shape, settings.axis, x.stride(), dy.stride())
     bits = settings.relu and settings.addend
@@ -558,7 +587,11 @@ def _backward_plan(x: torch.Tensor, dy: torch.Tensor, settings: Settings) -> Cal
         return None
     acc = reference.stat_dtype(x.dtype)
     profile, dtype = device_profile(x.device), x.dtype
-    layout = dict(dense_x=dense_x, dense_dy=dense_dy, mask_bytes=bitmask_bytes(view) if bits else 0)
+    x_strides = view_x_strides(x, dense_x)
+    layout = dict(dense_x=dense_x, dense_dy=dense_dy, mask_bytes=bitmask_bytes(view) if bits else 0,
+                  dx_like_x=layout_strides(shape, x_strides) == x_strides,
+                  dgamma_like=torch.empty(view.channels, dtype=gamma_dtype, device=x.device),
+                  dbeta_like=torch.empty(view.channels, dtype=beta_dtype, device=x.device))
     single_pass = persistent_config(view, BACKWARD, profile, x.element_size(), dtype=dtype)
     if single_pass is not None:
         return CallPlan(PERSISTENT_PATH, view, (persistent_backward_launch(view, single_pass, settings),), acc,
@@ -611,46 +644,42 @@ def _backward_copies(x: torch.Tensor, dy: torch.Tensor, dense_x: bool, dense_dy:
 
 def _run_forward(call: CallPlan, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                  moving_mean: torch.Tensor, moving_var: torch.Tensor, keep_stats: bool,
-                 addend: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> tuple[Any, Any, Any]:
+                 addend: torch.Tensor | None = None, mask: torch.Tensor | None = None, keep_mean: bool = True
+                 ) -> tuple[Any, Any, Any]:
     """Run a forward call plan: returns (mean, invstd, center [2 or 6, C]) and writes y (and, fused,
-    the ReLU's bits into ``mask``); with ``keep_stats`` False the kernels write the statistics
-    into ``scratch`` and this returns Nones (the allocations cost more host time than the launch)."""
-    channels, acc, device = call.view.channels, call.acc, x.device
+    the ReLU's bits into ``mask``).  Statistics nobody reads go to the plan's ``scratch`` and come
+    back as None (an allocation costs more host time than a launch): all three with
+    ``keep_stats`` False, the mean with ``keep_mean`` False (what autograd saves: invstd, center)."""
     if addend is None:
         addend = x  # (not read)
     if mask is None:
         mask = x  # (not written)
-    if call.path == SPLIT_PATH:
-        statistics, apply = call.launches
-        partial = workspace(device, acc, 5 * channels * call.partials)
-        coef = torch.empty((6, channels), dtype=acc, device=device)
-        if keep_stats:
-            mean, invstd = torch.empty(channels, dtype=acc, device=device), torch.empty(channels, dtype=acc, device=device)
-        else:
-            mean = invstd = scratch(device, acc, channels)
-        statistics(x, partial, tickets(device, channels), gamma, beta, moving_mean, moving_var, mean, invstd, coef)
-        # coef's first two rows are the center: coef stands in for the unused [C] tensors, and is
-        # the center the backward reads (its rows 0-1; a view [:2] would cost as much as the launch;
-        # a fused ReLU's recompute reads its rows 2, 3, 5 too)
-        apply(x, addend, y, coef, coef, coef, coef, coef, coef, invstd, mask, x)
-        return (mean, invstd, coef) if keep_stats else (None, None, None)
-    rows = call.center_rows
-    if call.path == PERSISTENT_PATH:
-        if keep_stats:
-            mean, invstd = torch.empty(channels, dtype=acc, device=device), torch.empty(channels, dtype=acc, device=device)
-            center = torch.empty((rows, channels), dtype=acc, device=device)
-        else:
-            mean = invstd = center = scratch(device, acc, rows * channels)
-        call.launches[0](x, y, gamma, beta, moving_mean, moving_var, mean, invstd, center, addend, mask)
-        return (mean, invstd, center) if keep_stats else (None, None, None)
+    path = call.path
     if keep_stats:
-        center, invstd = torch.empty((rows, channels), dtype=acc, device=device), torch.empty(channels, dtype=acc,
-                                                                                                device=device)
+        invstd, rows = torch.empty_like(call.channel_like), torch.empty_like(call.rows_like)
+        mean = torch.empty_like(call.channel_like) if keep_mean and path != INFERENCE_PATH else call.scratch
     else:
-        center = invstd = scratch(device, acc, rows * channels)
-    call.launches[0](x, addend, y, center, moving_mean, moving_var, gamma, beta, center, invstd, mask, x)
-    # inference: the mean is the moving mean (shifted part 0)
-    return (center[0], invstd, center) if keep_stats else (None, None, None)
+        mean = invstd = rows = call.scratch
+    if path == SPLIT_PATH:
+        statistics, apply = call.launches
+        channels, acc, device = call.view.channels, call.acc, x.device
+        if not keep_stats:  # the elementwise launch reads them: not the shared scratch
+            rows = workspace(device, acc, COEFFICIENT_ROWS * channels, COEFFICIENTS)
+        partial = workspace(device, acc, 5 * channels * call.partials)
+        statistics(x, partial, tickets(device, channels), gamma, beta, moving_mean, moving_var, mean, invstd, rows)
+        # rows are the [6, C] coefficients; the first two are the center: they stand in for the
+        # unused [C] tensors, and are the center the backward reads (its rows 0-1; a view [:2]
+        # would cost as much as the launch; a fused ReLU's recompute reads its rows 2, 3, 5 too)
+        apply(x, addend, y, rows, rows, rows, rows, rows, rows, invstd, mask, x)
+    elif path == PERSISTENT_PATH:
+        call.launches[0](x, y, gamma, beta, moving_mean, moving_var, mean, invstd, rows, addend, mask)
+    else:
+        call.launches[0](x, addend, y, rows, moving_mean, moving_var, gamma, beta, rows, invstd, mask, x)
+        # inference: the mean is the moving mean (shifted part 0)
+        mean = rows[0] if keep_stats and keep_mean else mean
+    if not keep_stats:
+        return None, None, None
+    return (mean if keep_mean else None), invstd, rows
 
 
 # ----------------------------------------------------------------------------- backends
@@ -749,9 +778,10 @@ class TritonBackend:
 
     @on_data_device
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
-                keep_stats: bool = True) -> ForwardResult:
+                keep_stats: bool = True, keep_mean: bool = True) -> ForwardResult:
         """``keep_stats`` False: the caller reads only y (and the moving statistics); the result's
-        mean, invstd and center are None."""
+        mean, invstd and center are None.  ``keep_mean`` False: the mean is None (autograd keeps
+        only invstd and center)."""
         # The kernels index parameters as ptr + c: strided views go through contiguous copies,
         # and the moving statistics are copied back after the update.
         gamma, beta = gamma.contiguous(), beta.contiguous()
@@ -759,7 +789,7 @@ class TritonBackend:
         if settings.batch_stats and not kernel_momentum(settings.momentum):
             result = self._forward_updating_on_host(x, gamma, beta, mean_arg, var_arg, settings, out)
         else:
-            result = self._forward(x, gamma, beta, mean_arg, var_arg, settings, out, keep_stats)
+            result = self._forward(x, gamma, beta, mean_arg, var_arg, settings, out, keep_stats, keep_mean=keep_mean)
         if mean_arg is not moving_mean:
             moving_mean.copy_(mean_arg)
         if var_arg is not moving_var:
@@ -781,14 +811,16 @@ class TritonBackend:
 
     def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
                  keep_stats: bool = True, addend: torch.Tensor | None = None,
-                 mask_box: list | None = None) -> ForwardResult:
+                 mask_box: list | None = None, keep_mean: bool = True) -> ForwardResult:
         """``addend`` (settings.addend): fused into y; a fused ReLU's bit mask, where the plan has
         one, is appended to ``mask_box``."""
         out_strides = None if out is None else out.stride()
         y_ptr = x if out is None else out  # y is allocated aligned; out's pointer is the caller's
+        pointer_bits = (x.data_ptr() | y_ptr.data_ptr() | gamma.data_ptr() | beta.data_ptr() | moving_mean.data_ptr()
+                        | moving_var.data_ptr())
+        alignment = -1 if not pointer_bits & 15 else _alignment(x, y_ptr, gamma, beta, moving_mean, moving_var)
         key = (x.shape, x.stride(), x.dtype, x.device, out_strides, gamma.dtype, beta.dtype, moving_mean.dtype,
-               moving_var.dtype, settings, _alignment(x, y_ptr, gamma, beta, moving_mean, moving_var),
-               decision_context(), force_int64_enabled())
+               moving_var.dtype, settings, alignment, decision_context(), force_int64_enabled())
         keep_mask = mask_box is not None
         if addend is not None:
             key += (addend.stride(), addend.data_ptr() & 15 == 0, keep_mask)
@@ -813,7 +845,7 @@ class TritonBackend:
                 mask = torch.empty(call.mask_bytes, dtype=torch.uint8, device=x.device)
                 mask_box.append(mask)
         mean, invstd, center = _run_forward(call, x, y_kernel, gamma, beta, moving_mean, moving_var, keep_stats,
-                                            addend, mask)
+                                            addend, mask, keep_mean)
         if y_kernel is not y:
             y.copy_(y_kernel)
         return ForwardResult(y, mean, invstd, center, x)
@@ -882,9 +914,11 @@ class TritonBackend:
 
     def _backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask) -> FusedBackwardResult:
         gamma = gamma.contiguous()
+        pointer_bits = x.data_ptr() | dy.data_ptr() | gamma.data_ptr() | center.data_ptr() | invstd.data_ptr()
+        alignment = -1 if not pointer_bits & 15 else _alignment(x, dy, gamma, center, invstd)
         key = (x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, gamma.dtype, center.dtype, beta_dtype,
-               settings, _alignment(x, dy, gamma, center, invstd), decision_context(), force_int64_enabled())
-        call = _cached_plan(key, lambda: _backward_plan(x, dy, settings))
+               settings, alignment, decision_context(), force_int64_enabled())
+        call = _cached_plan(key, lambda: _backward_plan(x, dy, settings, gamma.dtype, beta_dtype))
         plain_addend = dy if settings.addend and not settings.relu else None
         if call is None:
             channels = x.shape[settings.axis]
@@ -893,9 +927,8 @@ class TritonBackend:
             return FusedBackwardResult(empty_like_layout(x), dgamma,
                                        torch.zeros(channels, dtype=beta_dtype, device=x.device), daddend)
         x, dy = _backward_copies(x, dy, call.dense_x, call.dense_dy)
-        dx = empty_like_layout(x)
-        dgamma = torch.empty(call.view.channels, dtype=gamma.dtype, device=x.device)
-        dbeta = torch.empty(call.view.channels, dtype=beta_dtype, device=x.device)
+        dx = torch.empty_like(x) if call.dx_like_x else empty_like_layout(x)
+        dgamma, dbeta = torch.empty_like(call.dgamma_like), torch.empty_like(call.dbeta_like)
         daddend = empty_like_layout(x) if call.mask_bytes else None
         bits = mask if mask is not None else x
         if call.path == PERSISTENT_PATH:
@@ -904,7 +937,7 @@ class TritonBackend:
         reduce, apply = call.launches
         channels = call.view.channels
         partial = workspace(x.device, center.dtype, 2 * channels * call.partials)
-        coef = workspace(x.device, center.dtype, 6 * channels, COEFFICIENTS)
+        coef = workspace(x.device, center.dtype, COEFFICIENT_ROWS * channels, COEFFICIENTS)
         reduce(x, dy, center, partial, tickets(x.device, channels), invstd, gamma, dgamma, dbeta, coef, bits)
         # without batch statistics (and a ReLU to recompute) dx does not read x: dx stands in for it
         apply(x if call.reads_x else dx, dy, dx, coef, center, center, center, center, center, invstd, bits,
@@ -1022,8 +1055,9 @@ class ReferenceBackend:
 
     name: str = REFERENCE
 
-    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True):
-        del keep_stats  # the statistics cost no allocation worth saving here
+    def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True,
+                keep_mean: bool = True):
+        del keep_stats, keep_mean  # the statistics cost no allocation worth saving here
         y, mean64, invstd64 = reference.forward(
             x, gamma, beta, moving_mean, moving_var, axis=settings.axis, eps=settings.eps,
             momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
@@ -1141,26 +1175,31 @@ def _choose_backend(device: torch.device, forced: str | None, interpreted: bool)
 class BatchNormFunction(torch.autograd.Function):
     """Autograd binding shared by the backends; gradient flows to data, gamma and beta only.
 
-    ``apply(x, gamma, beta, rest)``, ``rest`` = (moving_mean, moving_var, settings, backend): the
-    arguments autograd never differentiates travel as one, since each argument of ``apply``
-    costs host time (autograd inspects every one).
+    ``apply(x, gamma, beta, rest)``, ``rest`` = (moving_mean, moving_var, settings, backend,
+    keep_stats): the arguments autograd never differentiates travel as one, since each argument
+    of ``apply`` costs host time (autograd inspects every one).  Returns (y, mean, invstd), or y
+    alone with ``keep_stats`` False (each output costs autograd host time too, and the mean is
+    then never allocated).
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, rest):
-        moving_mean, moving_var, settings, backend = rest
-        y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None)
-        ctx.mark_non_differentiable(mean, invstd)
+        moving_mean, moving_var, settings, backend, keep_stats = rest
+        y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None,
+                                                          keep_mean=keep_stats)
         ctx.set_materialize_grads(False)  # mean and invstd get no gradient: no zero-filled [C] tensors
         ctx.save_for_backward(x_read, gamma, center, invstd)
         ctx.call = (settings, backend, beta.dtype)
+        if not keep_stats:
+            return y
+        ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        needs = ctx.needs_input_grad
+    def backward(ctx, grad_y, *_grad_stats):
         if grad_y is None:  # y took no part in the loss
             return None, None, None, None
+        needs = ctx.needs_input_grad
         x, gamma, center, invstd = ctx.saved_tensors
         settings, backend, beta_dtype = ctx.call
         trace.record_path(backend.name)
@@ -1229,13 +1268,15 @@ def apply_forward(data: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, m
                   moving_var: torch.Tensor, settings: Settings, backend: Any, keep_stats: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd) of ``backend``'s forward on validated arguments, through the autograd
-    Function only when a gradient is wanted (an autograd node costs several µs a call).  Without
-    a gradient and with ``keep_stats`` False, mean and invstd are None (not allocated)."""
+    Function only when a gradient is wanted (an autograd node costs several µs a call).  With
+    ``keep_stats`` False, mean and invstd are None (allocated only where the backward reads them)."""
     if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
-        rest = (moving_mean, moving_var, settings, backend)
+        rest = (moving_mean, moving_var, settings, backend, keep_stats)
         if _compiling() or _functorch_active():
-            return BatchNormFunction.apply(data, gamma, beta, rest)
-        return _function_apply(_unwrap_if_dead(data), _unwrap_if_dead(gamma), _unwrap_if_dead(beta), rest)
+            outputs = BatchNormFunction.apply(data, gamma, beta, rest)
+        else:
+            outputs = _function_apply(_unwrap_if_dead(data), _unwrap_if_dead(gamma), _unwrap_if_dead(beta), rest)
+        return outputs if keep_stats else (outputs, None, None)
     y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, None,
                                             keep_stats=keep_stats)
     return y, mean, invstd

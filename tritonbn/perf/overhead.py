@@ -541,8 +541,9 @@ class _DirectFunction:
 
     @staticmethod
     def apply(x, gamma, beta, rest):
-        moving_mean, moving_var, settings, backend = rest
-        return backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None)[:3]
+        moving_mean, moving_var, settings, backend, keep_stats = rest
+        result = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None, keep_mean=keep_stats)
+        return result[:3] if keep_stats else result.y
 
 
 def knockouts(op: str, records: Sequence[Recorded]) -> dict[str, Patch]:
