@@ -32,7 +32,7 @@ import torch
 
 import tritonbn
 from helpers import TOLERANCES, assert_close, make_inputs
-from tritonbn import validation
+from tritonbn import ops, validation
 from tritonbn.validation import Settings
 
 SHAPE = (2, 3, 4)
@@ -552,6 +552,28 @@ def test_cached_signature_still_raises_value_errors(fresh_cache, good, bad, exc,
         got = error_of(mutated(bad))
         assert (type(got), str(got)) == (type(want), str(want))
     assert len(fresh_cache) == 1
+
+
+def op_error_of(kw: dict) -> Exception:
+    with pytest.raises((TypeError, ValueError)) as info:
+        tritonbn.batch_norm(**kw)
+    return info.value
+
+
+@pytest.mark.parametrize("good, bad, exc, name", CACHED_THEN_BAD)
+def test_a_cached_op_entry_still_raises_what_validate_raises(fresh_cache, monkeypatch, good, bad, exc, name):
+    """The op's own entries (``ops.op_entry``: a repeated call runs no check but out's overlap)
+    keep that guarantee: after a good call through the op, the bad call raises what ``validate``
+    raises, on every repeat, and adds no entry."""
+    entries: dict = {}
+    monkeypatch.setattr(ops, "_op_entries", entries)
+    want = error_of(mutated(bad))
+    tritonbn.batch_norm(**mutated(good))
+    assert len(entries) == 1, "the good call made no op entry, so this row tests nothing"
+    for _ in range(2):
+        got = op_error_of(mutated(bad))
+        assert (type(got), str(got)) == (type(want), str(want))
+    assert len(entries) == 1
 
 
 def _cached_then_ok(first: Mutation, then: Mutation, id_: str):

@@ -844,10 +844,10 @@ class CpuBackend:
 
     @_ieee
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True,
-                keep_mean: bool = True):
+                keep_mean: bool = True, call: None = None):
         """(y, mean, invstd, center [2, C], x); updates the moving statistics in training
-        (``keep_stats`` and ``keep_mean`` are the Triton backend's allocation savings: the
-        statistics come anyway)."""
+        (``keep_stats``, ``keep_mean`` and ``call`` are the Triton backend's savings: the
+        statistics come anyway, and there is no plan)."""
         acc = reference.stat_dtype(x.dtype)
         if x.numel() == 0:
             return self._empty_forward(x, gamma, beta, moving_mean, moving_var, settings, out, acc)

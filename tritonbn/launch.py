@@ -102,10 +102,9 @@ def _launch_hook_installed() -> bool:
     ``kernel[grid]`` runs, which builds it.  Triton 3.6-3.9 keep the hooks in a ``HookChain``
     (never None; installed when it has calls), older ones as a callable or None."""
     runtime = _runtime_knobs[0]
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    # a HookChain's list of calls, or an older hook itself: either is installed when truthy
+    return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
 @dataclass(frozen=True, eq=False)

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import reference, trace
-from .ops import wants_grad, apply_forward, apply_fused_forward, backend_for
+from .ops import wants_grad, apply_forward, apply_fused_forward, backend_for, op_entry
 from .plan import MAX_REDUCED_GROUPS, empty_like_layout, layout_strides, plan_view
 from .validation import Settings, validate, validate_fusion
 
@@ -349,9 +349,10 @@ def _runs_eagerly(x: Tensor, axis: int) -> bool:
         return False
     if torch._C._are_functorch_transforms_active():
         return False
-    for key in _TRACING_MODES:
-        if torch._C._get_dispatch_mode(key) is not None:
-            return False
+    if torch._C._len_torch_dispatch_stack():  # (counts the infra modes too: none, nothing to look for)
+        for key in _TRACING_MODES:
+            if torch._C._get_dispatch_mode(key) is not None:
+                return False
     return not _needs_copy(x, axis)
 
 
@@ -371,9 +372,9 @@ class _AutocastOff:
         with torch.autocast(x.device.type, enabled=False):
             return self.backend.forward(x, *args, **kwargs)
 
-    def backward(self, dy: Tensor, x: Tensor, *args: Any) -> Any:
+    def backward(self, dy: Tensor, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(x.device.type, enabled=False):
-            return self.backend.backward(dy, x, *args)
+            return self.backend.backward(dy, x, *args, **kwargs)
 
     def fused_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(x.device.type, enabled=False):
@@ -393,27 +394,40 @@ def _apply(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Tensor, moving_v
     return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend, keep_stats)
 
 
+_device_types: dict[torch.device, str] = {}
+
+
+def _device_type(device: torch.device) -> str:
+    """``device.type``, looked up (it builds a new string each time, about 1 µs)."""
+    kind = _device_types.get(device)
+    if kind is None:
+        kind = _device_types[device] = device.type
+    return kind
+
+
 def _eager_forward(x: Tensor, gamma: Tensor, beta: Tensor, moving_mean: Optional[Tensor],
                    moving_var: Optional[Tensor], settings: Settings,
-                   average_count: Optional[Tensor], addend: Optional[Tensor] = None, keep_stats: bool = True
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   average_count: Optional[Tensor], addend: Optional[Tensor], keep_stats: bool, backend: Any,
+                   call: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``batch_norm_forward`` and the buffer update without the custom op: (y, mean, invstd);
-    with ``keep_stats`` False mean and invstd may be None.
+    with ``keep_stats`` False mean and invstd may be None.  ``backend`` and ``call`` come from the
+    call's ``ops.OpEntry`` (``call``: None unless its plan is of exactly this unfused call).
 
     The backend calls ``batch_norm_forward`` makes, through ``ops.apply_forward`` or
     ``ops.apply_fused_forward`` (autograd when a gradient is wanted), but with the moving
     statistics themselves as the kernels' targets (no clones, no copies back).  The cumulative
     average keeps its float64 [2, C] scratch and device-side count.
     """
-    backend = backend_for(x.device)
     trace.record_path(backend.name)
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(_device_type(x.device)):
         backend = _AutocastOff(backend)
     if moving_mean is None or moving_var is None:  # untracked: the kernels update throw-away scratch
         if not settings.batch_stats:
             raise ValueError("moving_mean and moving_var are required unless batch statistics are used")
         moving_mean, moving_var, average_count = torch.zeros_like(gamma), torch.ones_like(gamma), None
     if average_count is None or not settings.batch_stats:
+        if call is not None:
+            return apply_forward(x, gamma, beta, moving_mean, moving_var, settings, backend, keep_stats, call)
         return _apply(x, gamma, beta, moving_mean, moving_var, settings, backend, addend, keep_stats)
     # Cumulative average: the kernels leave the batch statistics in the scratch (momentum 0).
     batch = torch.zeros((2, x.shape[settings.axis]), dtype=torch.float64, device=x.device)
@@ -475,21 +489,28 @@ def batch_norm_op(
         y (x's layout), mean [C] and invstd [C] in the accumulation dtype.
     """
     tracked = (moving_mean, moving_var) if moving_mean is not None and moving_var is not None else (gamma, gamma)
+    unbiased_update = unbiased_update and moving_mean is not None
     # While Dynamo traces, eps and momentum may be symbolic floats (dynamic=True), which the
     # finiteness check cannot read: the trace checks only the sign of eps (eager checks all).
     tracing = torch.compiler.is_compiling()
-    if tracing and eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    settings = validate(x, (gamma, beta, *tracked), eps=1.0 if tracing else eps,
-                        momentum=0.5 if tracing else momentum, fix_gamma=fix_gamma,
-                        use_global_stats=not batch_stats, axis=axis, out=None, training=True,
-                        unbiased_update=unbiased_update and moving_mean is not None)
-    if relu or addend is not None:
+    if tracing:
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        settings = validate(x, (gamma, beta, *tracked), eps=1.0, momentum=0.5, fix_gamma=fix_gamma,
+                            use_global_stats=not batch_stats, axis=axis, out=None, training=True,
+                            unbiased_update=unbiased_update)
+    else:
+        settings, backend, call = op_entry(x, (gamma, beta, *tracked), eps, momentum, fix_gamma, not batch_stats, axis,
+                                           None, True, unbiased_update)
+    fused = relu or addend is not None
+    if fused:
         settings = validate_fusion(settings, x, "relu" if relu else None, addend, None)
     if not tracing:
         if _runs_eagerly(x, settings.axis):
+            # the entry's plan is of an unfused call on these very moving statistics
+            direct = not fused and moving_mean is not None and moving_var is not None and average_count is None
             return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count, addend,
-                                  keep_stats)
+                                  keep_stats, backend, call if direct else None)
         eps, momentum = settings.eps, settings.momentum
     fused = {} if not (relu or addend is not None) else dict(
         addend=addend, relu=relu, keep_mask=wants_grad(x, gamma, beta, addend))

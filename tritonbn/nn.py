@@ -65,6 +65,8 @@ def _verify_batch_size(x: Tensor) -> None:
 def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             running_mean: Optional[Tensor]) -> tuple[Tensor, Tensor, bool]:
     """(gamma, beta, fix_gamma) for torch's optional weight/bias (absent: ones / zeros)."""
+    if weight is not None and bias is not None:
+        return weight, bias, False
     like = next((t for t in (weight, bias, running_mean) if t is not None), None)
     dtype = like.dtype if like is not None else reference.stat_dtype(x.dtype)
     channels = x.shape[1]
@@ -162,17 +164,21 @@ class _BatchNorm(_TorchBatchNorm):
 
         Increments ``num_batches_tracked`` in training, as torch does.
         """
+        # (each buffer read once: a module's buffer is a Module.__getattr__ call, about 1 µs)
         average_count = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked
-                average_count = self.num_batches_tracked
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        training, momentum = self.training, self.momentum
+        if training and self.track_running_stats:
+            count = self.num_batches_tracked
+            if count is not None:
+                count.add_(1)
+                if momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked
+                    average_count = count
+        running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (running_mean is None and running_var is None)
         # Buffers are passed only when they are updated (training and tracked) or normalised with.
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        return running_mean, running_var, bn_training, self.momentum, average_count
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        return running_mean, running_var, bn_training, momentum, average_count
 
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)

@@ -25,6 +25,7 @@ import torch
 
 from . import reference, trace
 from .autotune.config import (
+    BACKEND_ENV,
     BACKWARD,
     BITMASK_GROUP,
     ELEMENTWISE,
@@ -49,7 +50,7 @@ from .cpu_backend import CpuBackend, torch_fused_backward, torch_fused_state_lik
 from .launch import CapturedLaunch, Launch, cdiv, dry_run, f32_ratio, f64_halves  # noqa: F401 (dry_run, CapturedLaunch: re-exported for the tools)
 from .plan import (CHANNEL_MAJOR, MAX_REDUCED_GROUPS, ViewPlan, empty_like_layout, force_int64_enabled, kernel_view,
                    layout_strides, plan_view)
-from .validation import Settings, validate, validate_fusion
+from .validation import Settings, check_out_apart, signature, validate, validate_fusion
 
 __all__ = ["batch_norm", "backend_for"]
 
@@ -298,8 +299,8 @@ def _is_cuda(device: torch.device) -> bool:
     return cuda
 
 
-def _cached_buffer(key: tuple, count: int, dtype: torch.dtype, device: torch.device, zeroed: bool) -> torch.Tensor:
-    capturing = _is_cuda(device) and torch.cuda.is_current_stream_capturing()
+def _cached_buffer(key: tuple, count: int, dtype: torch.dtype, device: torch.device, zeroed: bool,
+                  capturing: bool) -> torch.Tensor:
     buffer = None if capturing else _buffers.get(key)
     if buffer is not None and buffer.numel() >= count:
         return buffer
@@ -313,34 +314,64 @@ def _cached_buffer(key: tuple, count: int, dtype: torch.dtype, device: torch.dev
     return buffer
 
 
-def _stream_key(device: torch.device) -> int:
-    """What orders a call's kernels after the previous call's: the current CUDA stream; off CUDA
-    (the interpreter runs kernels on the calling thread) the thread."""
-    return torch._C._cuda_getCurrentRawStream(device.index) if _is_cuda(device) else threading.get_ident()
+def stream_state(device: torch.device) -> tuple[int, bool]:
+    """(what orders a call's kernels after the previous call's, whether a CUDA graph is being
+    captured): the current CUDA stream; off CUDA (the interpreter runs kernels on the calling
+    thread) the thread.  A call with several per-stream buffers looks it up once."""
+    if _is_cuda(device):
+        return torch._C._cuda_getCurrentRawStream(device.index), torch.cuda.is_current_stream_capturing()
+    return threading.get_ident(), False
 
 
-def tickets(device: torch.device, count: int) -> torch.Tensor:
+def tickets(device: torch.device, count: int, state: tuple[int, bool] | None = None) -> torch.Tensor:
     """At least ``count`` int32 tickets, zero, for a split-path reduction on ``device``'s current
-    stream (``kernels.common.last_to_arrive``).  Every launch leaves them zero; launches on one
-    stream run in order and share them, other streams get their own."""
-    return _cached_buffer(("tickets", device, _stream_key(device)), count, torch.int32, device, zeroed=True)
+    stream (``kernels.common.last_to_arrive``; ``state``: its ``stream_state``, if known).  Every
+    launch leaves them zero; launches on one stream run in order and share them, other streams
+    get their own."""
+    stream, capturing = state or stream_state(device)
+    return _cached_buffer(("tickets", device, stream), count, torch.int32, device, True, capturing)
 
 
 PARTIALS, COEFFICIENTS = "partials", "coefficients"  # the workspaces of a call
 
 
-def workspace(device: torch.device, dtype: torch.dtype, count: int, part: str = PARTIALS) -> torch.Tensor:
+def workspace(device: torch.device, dtype: torch.dtype, count: int, part: str = PARTIALS,
+              state: tuple[int, bool] | None = None) -> torch.Tensor:
     """At least ``count`` elements for what one call's kernels pass each other and the caller never
-    sees (``part``: the split path's partials, the backward's dx coefficients), per stream: the
-    next call on the stream runs after this one's kernels (cuDNN's workspace, likewise)."""
-    return _cached_buffer((part, device, _stream_key(device), dtype), count, dtype, device, zeroed=False)
+    sees (``part``: the split path's partials, the dx coefficients; ``state`` as ``tickets``'),
+    per stream: the next call on the stream runs after this one's kernels (cuDNN's workspace,
+    likewise)."""
+    stream, capturing = state or stream_state(device)
+    return _cached_buffer((part, device, stream, dtype), count, dtype, device, False, capturing)
+
+
+_split_sets: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def split_workspace(device: torch.device, dtype: torch.dtype, partials: int, channels: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(partials, coefficients, tickets) of one split-path call on ``device``'s current stream:
+    ``workspace`` of ``partials`` elements, ``workspace(COEFFICIENTS)`` of [6 C] and ``tickets``
+    for ``channels``, remembered together (one lookup a call instead of three)."""
+    state = stream_state(device)
+    key = (device, state[0], dtype)
+    buffers = None if state[1] else _split_sets.get(key)
+    if (buffers is not None and buffers[0].numel() >= partials and buffers[1].numel() >= COEFFICIENT_ROWS * channels
+            and buffers[2].numel() >= channels):
+        return buffers
+    buffers = (workspace(device, dtype, partials, PARTIALS, state),
+               workspace(device, dtype, COEFFICIENT_ROWS * channels, COEFFICIENTS, state), tickets(device, channels, state))
+    if not state[1]:
+        _split_sets[key] = buffers
+    return buffers
 
 
 def scratch(device: torch.device, dtype: torch.dtype, count: int) -> torch.Tensor:
     """At least ``count`` elements where kernels write per-channel outputs no caller asked for
     (mean, invstd without ``output_mean_var`` or autograd): shared by every call and stream, since
     nothing ever reads it."""
-    return _cached_buffer(("scratch", device, dtype), count, dtype, device, zeroed=False)
+    capturing = _is_cuda(device) and torch.cuda.is_current_stream_capturing()
+    return _cached_buffer(("scratch", device, dtype), count, dtype, device, False, capturing)
 
 
 def _stat_outputs(channels: int, acc: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -420,8 +451,9 @@ _call_plans: dict[tuple, CallPlan | None] = {}
 
 
 def clear_call_plans() -> None:
-    """Forget every cached call plan (with their direct launchers)."""
+    """Forget every cached call plan (with their direct launchers), and the op entries holding them."""
     _call_plans.clear()
+    _op_entries.clear()
 
 
 def _cached_plan(key: tuple, make: Callable[[], CallPlan | None]) -> CallPlan | None:
@@ -662,11 +694,13 @@ def _run_forward(call: CallPlan, x: torch.Tensor, y: torch.Tensor, gamma: torch.
         mean = invstd = rows = call.scratch
     if path == SPLIT_PATH:
         statistics, apply = call.launches
-        channels, acc, device = call.view.channels, call.acc, x.device
-        if not keep_stats:  # the elementwise launch reads them: not the shared scratch
-            rows = workspace(device, acc, COEFFICIENT_ROWS * channels, COEFFICIENTS)
-        partial = workspace(device, acc, 5 * channels * call.partials)
-        statistics(x, partial, tickets(device, channels), gamma, beta, moving_mean, moving_var, mean, invstd, rows)
+        channels = call.view.channels
+        # without keep_stats the coefficients come from the workspace: the elementwise launch
+        # reads them, so they cannot be the shared scratch
+        partial, coef, ticket = split_workspace(x.device, call.acc, 5 * channels * call.partials, channels)
+        if not keep_stats:
+            rows = coef
+        statistics(x, partial, ticket, gamma, beta, moving_mean, moving_var, mean, invstd, rows)
         # rows are the [6, C] coefficients; the first two are the center: they stand in for the
         # unused [C] tensors, and are the center the backward reads (its rows 0-1; a view [:2]
         # would cost as much as the launch; a fused ReLU's recompute reads its rows 2, 3, 5 too)
@@ -778,10 +812,13 @@ class TritonBackend:
 
     @on_data_device
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
-                keep_stats: bool = True, keep_mean: bool = True) -> ForwardResult:
+                keep_stats: bool = True, keep_mean: bool = True, call: CallPlan | None = None) -> ForwardResult:
         """``keep_stats`` False: the caller reads only y (and the moving statistics); the result's
         mean, invstd and center are None.  ``keep_mean`` False: the mean is None (autograd keeps
-        only invstd and center)."""
+        only invstd and center).  ``call``: this signature's plan, from the op's entry
+        (``_direct_plan``), which also vouches for contiguous parameters and a kernel momentum."""
+        if call is not None:
+            return self._run(call, x, gamma, beta, moving_mean, moving_var, out, keep_stats, keep_mean)
         # The kernels index parameters as ptr + c: strided views go through contiguous copies,
         # and the moving statistics are copied back after the update.
         gamma, beta = gamma.contiguous(), beta.contiguous()
@@ -796,6 +833,16 @@ class TritonBackend:
             moving_var.copy_(var_arg)
         return result
 
+    def _direct_plan(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out) -> CallPlan | None:
+        """The plan ``forward(..., call=)`` may run this unfused call with, or None where
+        ``forward`` must decide for itself (strided parameters, a host-side moving update, no
+        elements)."""
+        if not all(t.is_contiguous() for t in (gamma, beta, moving_mean, moving_var)):
+            return None
+        if settings.batch_stats and not kernel_momentum(settings.momentum):
+            return None
+        return self._lookup_plan(x, gamma, beta, moving_mean, moving_var, settings, out)
+
     def _forward_updating_on_host(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
                                   addend=None, mask_box=None):
         """Training forward with a momentum outside [0, 1]: the kernels write the batch statistics
@@ -809,11 +856,10 @@ class TritonBackend:
             reference.moving_update(moving, batch_value, settings.momentum)
         return result
 
-    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
-                 keep_stats: bool = True, addend: torch.Tensor | None = None,
-                 mask_box: list | None = None, keep_mean: bool = True) -> ForwardResult:
-        """``addend`` (settings.addend): fused into y; a fused ReLU's bit mask, where the plan has
-        one, is appended to ``mask_box``."""
+    @staticmethod
+    def _lookup_plan(x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
+                     addend: torch.Tensor | None = None, keep_mask: bool = False) -> CallPlan | None:
+        """The cached call plan of this forward signature (None: no elements)."""
         out_strides = None if out is None else out.stride()
         y_ptr = x if out is None else out  # y is allocated aligned; out's pointer is the caller's
         pointer_bits = (x.data_ptr() | y_ptr.data_ptr() | gamma.data_ptr() | beta.data_ptr() | moving_mean.data_ptr()
@@ -821,21 +867,35 @@ class TritonBackend:
         alignment = -1 if not pointer_bits & 15 else _alignment(x, y_ptr, gamma, beta, moving_mean, moving_var)
         key = (x.shape, x.stride(), x.dtype, x.device, out_strides, gamma.dtype, beta.dtype, moving_mean.dtype,
                moving_var.dtype, settings, alignment, decision_context(), force_int64_enabled())
-        keep_mask = mask_box is not None
         if addend is not None:
             key += (addend.stride(), addend.data_ptr() & 15 == 0, keep_mask)
-        call = _cached_plan(key, lambda: _forward_plan(x, out_strides, settings,
+        return _cached_plan(key, lambda: _forward_plan(x, out_strides, settings,
                                                        None if addend is None else addend.stride(), keep_mask))
+
+    def _forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out,
+                 keep_stats: bool = True, addend: torch.Tensor | None = None,
+                 mask_box: list | None = None, keep_mean: bool = True) -> ForwardResult:
+        """``addend`` (settings.addend): fused into y; a fused ReLU's bit mask, where the plan has
+        one, is appended to ``mask_box``."""
+        call = self._lookup_plan(x, gamma, beta, moving_mean, moving_var, settings, out, addend, mask_box is not None)
         if call is None:
             y = out if out is not None else empty_like_layout(x)
             return self._empty_forward(x, y, gamma, beta, moving_mean, moving_var, settings)
+        return self._run(call, x, gamma, beta, moving_mean, moving_var, out, keep_stats, keep_mean, addend, mask_box)
+
+    @staticmethod
+    def _run(call: CallPlan, x, gamma, beta, moving_mean, moving_var, out, keep_stats: bool, keep_mean: bool,
+             addend: torch.Tensor | None = None, mask_box: list | None = None) -> ForwardResult:
+        """Allocate y (or write ``out``), make the plan's copies and run its launches."""
         if out is not None:
             y = out
         elif call.y_like_x:
             y = torch.empty_like(x)
         else:
             y = torch.empty_strided(x.shape, call.y_strides, dtype=x.dtype, device=x.device)
-        x, y_kernel = _forward_copies(x, y, call.dense_x, call.temp_output)
+        y_kernel = y
+        if call.dense_x or call.temp_output:
+            x, y_kernel = _forward_copies(x, y, call.dense_x, call.temp_output)
         mask = None
         if addend is not None:
             if call.dense_addend:
@@ -898,11 +958,13 @@ class TritonBackend:
 
     @on_data_device
     def backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype,
-                 mask: torch.Tensor | None = None) -> BackwardResult:
+                 mask: torch.Tensor | None = None, forward_call: CallPlan | None = None) -> BackwardResult:
         """Returns (dx, dgamma, dbeta); with a fused ReLU (``settings.relu``) dy counts where the
         forward's output was positive: from its bit ``mask`` (with an addend) or recomputed from x
-        and center [6, C].  ``fused_backward`` also returns daddend."""
-        dx, dgamma, dbeta, _ = self._backward(dy, x, gamma, center, invstd, settings, beta_dtype, mask)
+        and center [6, C].  ``fused_backward`` also returns daddend.  ``forward_call``: the plan
+        of the forward that returned x (as read), center and invstd for this gamma, settings and
+        beta dtype; it then stands for them in the plan key."""
+        dx, dgamma, dbeta, _ = self._backward(dy, x, gamma, center, invstd, settings, beta_dtype, mask, forward_call)
         return BackwardResult(dx, dgamma, dbeta)
 
     @on_data_device
@@ -912,13 +974,19 @@ class TritonBackend:
         ReLU passed it (written by the dx launch), dy itself without a ReLU, None without addend."""
         return self._backward(dy, x, gamma, center, invstd, settings, beta_dtype, mask)
 
-    def _backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask) -> FusedBackwardResult:
+    def _backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask,
+                  forward_call: CallPlan | None = None) -> FusedBackwardResult:
         gamma = gamma.contiguous()
         pointer_bits = x.data_ptr() | dy.data_ptr() | gamma.data_ptr() | center.data_ptr() | invstd.data_ptr()
         alignment = -1 if not pointer_bits & 15 else _alignment(x, dy, gamma, center, invstd)
-        key = (x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, gamma.dtype, center.dtype, beta_dtype,
-               settings, alignment, decision_context(), force_int64_enabled())
-        call = _cached_plan(key, lambda: _backward_plan(x, dy, settings, gamma.dtype, beta_dtype))
+        if forward_call is None:
+            key = (x.shape, x.stride(), dy.stride(), x.dtype, dy.dtype, x.device, gamma.dtype, center.dtype,
+                   beta_dtype, settings, alignment, decision_context(), force_int64_enabled())
+        else:  # (a CallPlan hashes by identity)
+            key = (forward_call, dy.stride(), dy.dtype, alignment, decision_context(), force_int64_enabled())
+        call = _call_plans.get(key, _MISSING)  # (the hit without the closure below)
+        if call is _MISSING:
+            call = _cached_plan(key, lambda: _backward_plan(x, dy, settings, gamma.dtype, beta_dtype))
         plain_addend = dy if settings.addend and not settings.relu else None
         if call is None:
             channels = x.shape[settings.axis]
@@ -926,7 +994,8 @@ class TritonBackend:
             daddend = empty_like_layout(x) if settings.addend else None
             return FusedBackwardResult(empty_like_layout(x), dgamma,
                                        torch.zeros(channels, dtype=beta_dtype, device=x.device), daddend)
-        x, dy = _backward_copies(x, dy, call.dense_x, call.dense_dy)
+        if call.dense_x or call.dense_dy:
+            x, dy = _backward_copies(x, dy, call.dense_x, call.dense_dy)
         dx = torch.empty_like(x) if call.dx_like_x else empty_like_layout(x)
         dgamma, dbeta = torch.empty_like(call.dgamma_like), torch.empty_like(call.dbeta_like)
         daddend = empty_like_layout(x) if call.mask_bytes else None
@@ -936,9 +1005,8 @@ class TritonBackend:
             return FusedBackwardResult(dx, dgamma, dbeta, plain_addend if daddend is None else daddend)
         reduce, apply = call.launches
         channels = call.view.channels
-        partial = workspace(x.device, center.dtype, 2 * channels * call.partials)
-        coef = workspace(x.device, center.dtype, COEFFICIENT_ROWS * channels, COEFFICIENTS)
-        reduce(x, dy, center, partial, tickets(x.device, channels), invstd, gamma, dgamma, dbeta, coef, bits)
+        partial, coef, ticket = split_workspace(x.device, center.dtype, 2 * channels * call.partials, channels)
+        reduce(x, dy, center, partial, ticket, invstd, gamma, dgamma, dbeta, coef, bits)
         # without batch statistics (and a ReLU to recompute) dx does not read x: dx stands in for it
         apply(x if call.reads_x else dx, dy, dx, coef, center, center, center, center, center, invstd, bits,
               dx if daddend is None else daddend)
@@ -1056,8 +1124,8 @@ class ReferenceBackend:
     name: str = REFERENCE
 
     def forward(self, x, gamma, beta, moving_mean, moving_var, settings: Settings, out, keep_stats: bool = True,
-                keep_mean: bool = True):
-        del keep_stats, keep_mean  # the statistics cost no allocation worth saving here
+                keep_mean: bool = True, call: None = None):
+        del keep_stats, keep_mean, call  # the statistics cost no allocation worth saving here
         y, mean64, invstd64 = reference.forward(
             x, gamma, beta, moving_mean, moving_var, axis=settings.axis, eps=settings.eps,
             momentum=settings.momentum, fix_gamma=settings.fix_gamma, batch_stats=settings.batch_stats,
@@ -1130,7 +1198,6 @@ class ReferenceBackend:
                                     sums=None if sums is None else tuple(sums.double()), count=count)
 
 
-BACKEND_ENV = "TRITONBN_BACKEND"  # auto (default), triton or reference: forces the dispatch
 _TRITON, _CPU, _REFERENCE = TritonBackend(), CpuBackend(), ReferenceBackend()
 
 
@@ -1176,20 +1243,21 @@ class BatchNormFunction(torch.autograd.Function):
     """Autograd binding shared by the backends; gradient flows to data, gamma and beta only.
 
     ``apply(x, gamma, beta, rest)``, ``rest`` = (moving_mean, moving_var, settings, backend,
-    keep_stats): the arguments autograd never differentiates travel as one, since each argument
-    of ``apply`` costs host time (autograd inspects every one).  Returns (y, mean, invstd), or y
-    alone with ``keep_stats`` False (each output costs autograd host time too, and the mean is
-    then never allocated).
+    keep_stats, call): the arguments autograd never differentiates travel as one, since each
+    argument of ``apply`` costs host time (autograd inspects every one); ``call`` is the op
+    entry's plan or None (``TritonBackend.forward``).  Returns (y, mean, invstd), or y alone with
+    ``keep_stats`` False (each output costs autograd host time too, and the mean is then never
+    allocated).
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, rest):
-        moving_mean, moving_var, settings, backend, keep_stats = rest
+        moving_mean, moving_var, settings, backend, keep_stats, call = rest
         y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None,
-                                                          keep_mean=keep_stats)
+                                                          keep_mean=keep_stats, call=call)
         ctx.set_materialize_grads(False)  # mean and invstd get no gradient: no zero-filled [C] tensors
         ctx.save_for_backward(x_read, gamma, center, invstd)
-        ctx.call = (settings, backend, beta.dtype)
+        ctx.call = (settings, backend, beta.dtype, call)
         if not keep_stats:
             return y
         ctx.mark_non_differentiable(mean, invstd)
@@ -1201,9 +1269,13 @@ class BatchNormFunction(torch.autograd.Function):
             return None, None, None, None
         needs = ctx.needs_input_grad
         x, gamma, center, invstd = ctx.saved_tensors
-        settings, backend, beta_dtype = ctx.call
+        settings, backend, beta_dtype, call = ctx.call
         trace.record_path(backend.name)
-        dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype)
+        if call is None:
+            dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype)
+        else:
+            dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype,
+                                                 forward_call=call)
         return dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None, None
 
 
@@ -1265,21 +1337,85 @@ _compiling = torch.compiler.is_dynamo_compiling  # (is_compiling also asks Torch
 
 
 def apply_forward(data: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, moving_mean: torch.Tensor,
-                  moving_var: torch.Tensor, settings: Settings, backend: Any, keep_stats: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  moving_var: torch.Tensor, settings: Settings, backend: Any, keep_stats: bool = True,
+                  call: CallPlan | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(y, mean, invstd) of ``backend``'s forward on validated arguments, through the autograd
     Function only when a gradient is wanted (an autograd node costs several µs a call).  With
-    ``keep_stats`` False, mean and invstd are None (allocated only where the backward reads them)."""
+    ``keep_stats`` False, mean and invstd are None (allocated only where the backward reads them).
+    ``call``: the plan of an ``OpEntry`` (Triton backend only)."""
     if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
-        rest = (moving_mean, moving_var, settings, backend, keep_stats)
+        rest = (moving_mean, moving_var, settings, backend, keep_stats, call)
         if _compiling() or _functorch_active():
             outputs = BatchNormFunction.apply(data, gamma, beta, rest)
         else:
             outputs = _function_apply(_unwrap_if_dead(data), _unwrap_if_dead(gamma), _unwrap_if_dead(beta), rest)
         return outputs if keep_stats else (outputs, None, None)
     y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, None,
-                                            keep_stats=keep_stats)
+                                            keep_stats=keep_stats, call=call)
     return y, mean, invstd
+
+
+# ----------------------------------------------------------------------------- op entries
+#
+# A repeated call of ``batch_norm`` needs neither the checks nor the dispatch again: one key, the
+# validation signature with everything the call plan adds (strides, pointer alignment, the
+# decision context, the forced backend), finds the settings, the backend and the plan at once.
+
+
+class OpEntry(NamedTuple):
+    """What ``batch_norm`` decided for one call signature: its validated ``settings``, its
+    ``backend`` and, for the Triton backend, the ``call`` plan ``TritonBackend.forward`` runs
+    directly (None: the backend decides per call, e.g. strided parameters)."""
+
+    settings: Settings
+    backend: Any
+    call: CallPlan | None
+
+
+_op_entries: dict[tuple, OpEntry] = {}
+
+
+def op_entry(data: Any, params: tuple, eps: Any, momentum: Any, fix_gamma: Any, use_global_stats: Any, axis: Any,
+             out: Any, training: Any, unbiased_update: Any) -> OpEntry:
+    """The entry of an unfused call: found by key (then only where ``out`` lies is checked), or
+    made by ``validate`` (every check, in its order), ``backend_for`` and the backend's plan."""
+    key = _op_key(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training, unbiased_update)
+    if key is not None:
+        entry = _op_entries.get(key)
+        if entry is not None:
+            if out is not None:
+                check_out_apart(out, data)
+            return entry
+    settings = validate(data, params, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
+                        use_global_stats=use_global_stats, axis=axis, out=out, training=training,
+                        unbiased_update=unbiased_update)
+    backend = backend_for(data.device)
+    if key is None:
+        return OpEntry(settings, backend, None)
+    entry = OpEntry(settings, backend, backend._direct_plan(data, *params, settings, out) if backend is _TRITON else None)
+    if len(_op_entries) >= MAX_CALL_PLANS:
+        _op_entries.clear()
+    _op_entries[key] = entry
+    return entry
+
+
+def _op_key(data: Any, params: tuple, eps: Any, momentum: Any, fix_gamma: Any, use_global_stats: Any, axis: Any,
+            out: Any, training: Any, unbiased_update: Any) -> tuple | None:
+    """The op entry key: the validation ``signature`` plus what the plan depends on beyond it;
+    None where either cannot be read (no signature; functorch-wrapped or storage-less tensors,
+    whose pointers cannot be read: those calls take every step)."""
+    valid = signature(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training, unbiased_update)
+    if valid is None or _functorch_active():
+        return None
+    gamma, beta, moving_mean, moving_var = params
+    y_ptr = data if out is None else out
+    try:
+        pointer_bits = (data.data_ptr() | y_ptr.data_ptr() | gamma.data_ptr() | beta.data_ptr()
+                        | moving_mean.data_ptr() | moving_var.data_ptr())
+    except RuntimeError:
+        return None
+    alignment = -1 if not pointer_bits & 15 else _alignment(data, y_ptr, gamma, beta, moving_mean, moving_var)
+    return valid, data.stride(), gamma.stride(), beta.stride(), alignment, decision_context(), force_int64_enabled()
 
 
 # ----------------------------------------------------------------------------- public op
@@ -1335,12 +1471,12 @@ def batch_norm(
         TypeError, ValueError: bad arguments (SPEC "Bad input"), before anything is modified.
     """
     del cudnn_off  # accepted for compatibility (SPEC)
-    settings = validate(
-        data, (gamma, beta, moving_mean, moving_var), eps=eps, momentum=momentum, fix_gamma=fix_gamma,
-        use_global_stats=use_global_stats, axis=axis, out=out, training=training,
-        unbiased_update=unbiased_update)
-    backend = backend_for(data.device)
+    params = (gamma, beta, moving_mean, moving_var)
     if act_type is not None or addend is not None:
+        settings = validate(data, params, eps=eps, momentum=momentum, fix_gamma=fix_gamma,
+                            use_global_stats=use_global_stats, axis=axis, out=out, training=training,
+                            unbiased_update=unbiased_update)
+        backend = backend_for(data.device)
         settings = validate_fusion(settings, data, act_type, addend, out)
         if out is not None and wants_grad(data, gamma, beta, addend):
             raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
@@ -1348,14 +1484,16 @@ def batch_norm(
         y, mean, invstd = apply_fused_forward(data, gamma, beta, addend, moving_mean, moving_var, settings, backend,
                                               out, keep_stats=output_mean_var)
         return (y, mean, invstd) if output_mean_var else y
+    settings, backend, call = op_entry(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training,
+                                       unbiased_update)
     if out is None:
         trace.record_path(backend.name)
         y, mean, invstd = apply_forward(data, gamma, beta, moving_mean, moving_var, settings, backend,
-                                        keep_stats=output_mean_var)
+                                        keep_stats=output_mean_var, call=call)
     else:
         if torch.is_grad_enabled() and (data.requires_grad or gamma.requires_grad or beta.requires_grad):
             raise ValueError("out= does not support autograd; call without out= (or under torch.no_grad())")
         trace.record_path(backend.name)
         y, mean, invstd, _, _ = backend.forward(data, gamma, beta, moving_mean, moving_var, settings, out,
-                                                keep_stats=output_mean_var)
+                                                keep_stats=output_mean_var, call=call)
     return (y, mean, invstd) if output_mean_var else y

@@ -6,9 +6,9 @@ the argument's name.
 
 Most calls repeat a signature (one layer, one batch shape), so ``validate`` remembers the
 ``Settings`` of every signature it accepted, keyed by what the checks read: dtypes, shapes, the
-device, the strides whose self-overlap is checked, axis, eps, momentum and the flags (no tensor
-is held).  A repeat call builds that key, comparing every tensor's device with data's as it goes,
-and then runs the one check no key can decide: whether ``out`` overlaps ``data`` in memory.  A
+devices, the strides whose self-overlap is checked, axis, eps, momentum and the flags (no tensor
+is held).  A repeat call builds that key (``signature``; the op's own entries are keyed by it
+too) and then runs the one check no key can decide: whether ``out`` overlaps ``data`` in memory.  A
 call the key cannot describe exactly (numpy scalars, tensor subclasses, -0.0, a Dynamo trace,
 ...) or whose key is new takes the full checks, in their usual order, so every error is the same.
 """
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Settings", "DATA_DTYPES", "validate", "validate_fusion"]
+__all__ = ["Settings", "DATA_DTYPES", "validate", "validate_fusion", "signature", "check_out_apart"]
 
 DATA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARAM_NAMES = ("gamma", "beta", "moving_mean", "moving_var")
@@ -143,7 +143,7 @@ def _self_overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-def _check_out_apart(out: torch.Tensor, data: torch.Tensor) -> None:
+def check_out_apart(out: torch.Tensor, data: torch.Tensor) -> None:
     """out must not share memory with data: the only check that reads addresses, not metadata."""
     if _overlaps(out, data):
         raise ValueError("out overlaps data in memory; pass a separate tensor")
@@ -168,7 +168,7 @@ def check_addend(addend: object, data: torch.Tensor) -> None:
 
 def _check_out(out: object, data: torch.Tensor) -> None:
     _check_like_data("out", out, data)
-    _check_out_apart(out, data)
+    check_out_apart(out, data)
     if _self_overlapping(out):
         raise ValueError("out has elements that share memory (an expanded view?); pass a dense tensor")
 
@@ -233,7 +233,7 @@ _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _copysign = math.copysign
 
 
-def _signature(
+def signature(
     data: object,
     params: object,
     eps: object,
@@ -266,19 +266,16 @@ def _signature(
             or (out is not None and type(out) not in tensor_types)):
         return None
     try:
-        # Devices are compared here, on every call: a mismatch is an error the full checks name.
-        device = data.device
-        if (gamma.device != device or beta.device != device or moving_mean.device != device
-                or moving_var.device != device or (out is not None and out.device != device)):
-            return None
+        # Every tensor's device is in the key (cheaper than comparing them): a key with mismatched
+        # devices never passed the full checks, so it is never found.
         key = (
-            data.dtype, data.shape, device, axis, eps, momentum, fix_gamma, use_global_stats, training,
-            unbiased_update, gamma.dtype, gamma.shape, beta.dtype, beta.shape,
+            data.dtype, data.shape, data.device, axis, eps, momentum, fix_gamma, use_global_stats, training,
+            unbiased_update, gamma.dtype, gamma.shape, gamma.device, beta.dtype, beta.shape, beta.device,
             # the moving statistics are updated in place: their strides decide _self_overlapping
-            moving_mean.dtype, moving_mean.shape, moving_mean.stride(),
-            moving_var.dtype, moving_var.shape, moving_var.stride(),
+            moving_mean.dtype, moving_mean.shape, moving_mean.stride(), moving_mean.device,
+            moving_var.dtype, moving_var.shape, moving_var.stride(), moving_var.device,
         )
-        return key if out is None else key + (out.dtype, out.shape, out.stride())
+        return key if out is None else key + (out.dtype, out.shape, out.stride(), out.device)
     except Exception:  # noqa: BLE001 - e.g. sparse or nested layouts: the full checks raise what they raise
         return None
 
@@ -309,7 +306,7 @@ def validate(
         TypeError: wrong type or dtype; the message names the argument.
         ValueError: wrong value, shape or device; the message names the argument.
     """
-    key = _signature(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training,
+    key = signature(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training,
                      unbiased_update)
     settings = _signatures.get(key) if key is not None else None
     if settings is None:
@@ -319,5 +316,5 @@ def validate(
             _remember(key, settings)
     elif out is not None:
         # A cached signature passed every other check; where out lies is new with each call.
-        _check_out_apart(out, data)
+        check_out_apart(out, data)
     return settings

@@ -929,16 +929,37 @@ def _environment_reader() -> Callable[[str], str | None]:
 
 environment = _environment_reader()
 
+BACKEND_ENV = "TRITONBN_BACKEND"  # auto (default), triton or reference: forces the dispatch (ops.backend_for)
+INTERPRET_ENV = "TRITON_INTERPRET"
+
 
 def interpreting() -> bool:
     """True when TRITON_INTERPRET=1 (CPU tensors then run the Triton kernels)."""
-    return environment("TRITON_INTERPRET") == "1"
+    return environment(INTERPRET_ENV) == "1"
+
+
+def _environment_state_reader(names: tuple[str, ...]) -> Callable[[], tuple]:
+    """A function returning the raw values of ``names`` in the environment as one tuple: a key
+    component (compared, never decoded), read as ``environment`` reads, in one call."""
+    data = getattr(os.environ, "_data", None)
+    if os.name != "posix" or not isinstance(data, dict):
+        return lambda: tuple(os.environ.get(name) for name in names)
+    get = data.get
+    first, second, third, fourth = (os.fsencode(name) for name in names)
+    return lambda: (get(first), get(second), get(third), get(fourth))
+
+
+# what the decisions and the dispatch read from the environment
+_decision_environment = _environment_state_reader((_store.CONFIG_DIR_ENV, _store.AUTOTUNE_ENV, BACKEND_ENV,
+                                                   INTERPRET_ENV))
 
 
 def decision_context() -> tuple:
-    """Everything besides the call's signature that the decisions above depend on (overrides,
-    a forced profile, the store settings, the store generation), as a hashable value: call plans
-    cached per signature are keyed by it too, so an override or a new store is never missed."""
+    """Everything besides the call's signature that the decisions above and the dispatch depend
+    on (overrides, a forced profile, the store settings, the store generation, the environment
+    variables of the stores and of the backend choice), as a hashable value: call plans and op
+    entries cached per signature are keyed by it too, so an override, a new store or a forced
+    backend is never missed."""
     overrides = _overrides.get()
     return (tuple(overrides.items()) if overrides else (), _profile_override.get(), _store_disabled.get(),
-            _generation, environment(_store.CONFIG_DIR_ENV), environment(_store.AUTOTUNE_ENV))
+            _generation, _decision_environment())

@@ -62,9 +62,11 @@ SM90_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_n
 # work removed, both timed in the same rounds: the layer's cost inside the call, cold caches and
 # all (a layer replayed alone in a loop runs warm, at a fraction of that).
 LAYER_METHODS = {
-    "validation": "knocked out: validate() answers with the Settings it returned",
-    "plan/config decisions": "knocked out: the call-plan lookup (its key: layout_strides, _alignment, "
-                             "decision_context; ops._cached_plan) answers with its recorded results",
+    "validation": "knocked out: the validation signature (the op entry's key; a repeated call runs no other "
+                  "check but out's overlap) and validate() answer with their recorded results",
+    "plan/config decisions": "knocked out: the rest of the op entry's and the call plans' keys (layout_strides, "
+                             "_alignment, decision_context, force_int64_enabled; ops._cached_plan) answers with "
+                             "its recorded results",
     "allocation": "knocked out: torch.empty/empty_strided/empty_like/zeros answer with the recorded tensors",
     "launches": "knocked out: Launch.__call__ a no-op (trace event, tensor arguments, Triton's launcher)",
     "  of which Triton run": "knocked out: Launch.__call__ stops before the compiled kernel's launcher (a no-op "
@@ -474,7 +476,7 @@ def _record_targets() -> list[tuple[str, Any, str]]:
     """(layer, owner, attribute) of every inner call a breakdown replays or memoises."""
     from .. import library, nn, ops
 
-    return ([("validation", ops, "validate"), ("validation", library, "validate"),
+    return ([("validation", ops, "signature"), ("validation", ops, "validate"), ("validation", library, "validate"),
              ("backend.backward", ops.TritonBackend, "backward"), ("op", nn, "batch_norm_op")]
             + [("plan/config decisions", ops, name) for name in DECISIONS]
             + [("allocation", torch, name) for name in ALLOCATIONS])
@@ -541,8 +543,9 @@ class _DirectFunction:
 
     @staticmethod
     def apply(x, gamma, beta, rest):
-        moving_mean, moving_var, settings, backend, keep_stats = rest
-        result = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None, keep_mean=keep_stats)
+        moving_mean, moving_var, settings, backend, keep_stats, call = rest
+        result = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None, keep_mean=keep_stats,
+                                 call=call)
         return result[:3] if keep_stats else result.y
 
 
