@@ -244,6 +244,7 @@ def fake_devices(monkeypatch) -> dict:
             state["current"] = previous
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(ops, "_current_cuda_device", lambda: state["current"])
     monkeypatch.setattr(torch.cuda, "device", device)
     return state
 
@@ -276,6 +277,7 @@ def test_launch_guard_does_nothing_for_cpu_tensors(monkeypatch):
         raise AssertionError("the guard asked torch.cuda about a CPU tensor")
 
     monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    monkeypatch.setattr(ops, "_current_cuda_device", no_cuda)
     monkeypatch.setattr(torch.cuda, "device", no_cuda)
     with tritonbn.trace.capture() as t:
         tritonbn.batch_norm(torch.randn(4, 3), torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3),

@@ -319,7 +319,8 @@ def stream_state(device: torch.device) -> tuple[int, bool]:
     captured): the current CUDA stream; off CUDA (the interpreter runs kernels on the calling
     thread) the thread.  A call with several per-stream buffers looks it up once."""
     if _is_cuda(device):
-        return torch._C._cuda_getCurrentRawStream(device.index), torch.cuda.is_current_stream_capturing()
+        # (torch.cuda's Python wrappers of these cost a µs more; CUDA is initialised: data is on it)
+        return torch._C._cuda_getCurrentRawStream(device.index), torch._C._cuda_isCurrentStreamCapturing()
     return threading.get_ident(), False
 
 
@@ -737,6 +738,12 @@ def _plan_for(tensors: list[torch.Tensor], axis: int) -> ViewPlan | None:
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
+def _current_cuda_device() -> int:
+    """``torch.cuda.current_device()`` without its lazy-initialisation check (a µs of Python):
+    asked only about data on CUDA, which is initialised then."""
+    return torch._C._cuda_getDevice()
+
+
 def on_data_device(method: _Method) -> _Method:
     """Run a backend method with its first argument's CUDA device current.
 
@@ -751,7 +758,7 @@ def on_data_device(method: _Method) -> _Method:
         if not data.is_cuda:
             return method(self, data, *args, **kwargs)
         index = data.get_device()
-        if index == torch.cuda.current_device():
+        if index == _current_cuda_device():
             return method(self, data, *args, **kwargs)
         with torch.cuda.device(index):
             return method(self, data, *args, **kwargs)
@@ -1253,9 +1260,12 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, rest):
         moving_mean, moving_var, settings, backend, keep_stats, call = rest
+        # (positional: out, keep_stats, keep_mean, call)
         y, mean, invstd, center, x_read = backend.forward(x, gamma, beta, moving_mean, moving_var, settings, None,
-                                                          keep_mean=keep_stats, call=call)
-        ctx.set_materialize_grads(False)  # mean and invstd get no gradient: no zero-filled [C] tensors
+                                                          True, keep_stats, call)
+        # mean and invstd get no gradient: no zero-filled [C] tensors (set_materialize_grads(False),
+        # without its Python frame)
+        ctx.materialize_grads = False
         ctx.save_for_backward(x_read, gamma, center, invstd)
         ctx.call = (settings, backend, beta.dtype, call)
         if not keep_stats:
