@@ -1,8 +1,9 @@
 """Launchers and the torch binding of the BatchNorm operator.
 
 Order of this file (as in Liger-Kernel's ops): launchers (tensors in, tensors out, one per
-kernel), the two backends (Triton kernels, plain-torch reference) behind one interface, the
-autograd Function that serves both, and the public ``batch_norm``.
+kernel), call plans, the backends (Triton kernels, plain torch) behind one interface, the
+autograd Function that serves them, the op entries (a repeated call's settings, backend and
+plan under one key) and the public ``batch_norm``.
 
 Launch counts per op (channel-major or channel-minor alike):
   inference forward: 1 (elementwise, coefficients from the moving statistics)
