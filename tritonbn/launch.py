@@ -27,7 +27,7 @@ import contextvars
 import fractions
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -126,7 +126,7 @@ class Launch:
     config: KernelConfig
     scalars: tuple
     constexprs: dict
-    _direct: list = field(default_factory=lambda: [None], repr=False)  # the direct launcher, once known
+    _direct: list = field(default_factory=lambda: [None], repr=False)  # _direct_launcher's tuple, once known
 
     def __call__(self, *tensors: Any) -> None:
         """Launch on ``tensors`` (the kernel's tensor arguments, in order)."""
@@ -138,7 +138,8 @@ class Launch:
             return
         direct = self._direct[0]
         if direct is not None and not _launch_hook_installed():
-            direct(tensors)
+            run, programs, get_stream, device, function, metadata, tail = direct
+            run(programs, 1, 1, get_stream(device), function, metadata, None, None, None, *tensors, *tail)
             return
         compiled = self.kernel[(self.programs,)](*tensors, *self.scalars, **self.constexprs,
                                                  num_warps=self.config.num_warps,
@@ -147,9 +148,11 @@ class Launch:
             self._direct[0] = _direct_launcher(self, compiled, len(tensors))
 
 
-def _direct_launcher(launch: Launch, compiled: Any, tensor_count: int) -> Callable[[tuple], None] | None:
-    """The compiled kernel's launcher bound to ``launch``'s grid, scalars and constexprs, or
-    None where only ``kernel[grid]`` is right (the interpreter returns no compiled kernel)."""
+def _direct_launcher(launch: Launch, compiled: Any, tensor_count: int) -> tuple | None:
+    """What ``Launch.__call__`` calls the compiled kernel's launcher with besides the tensors:
+    (launcher, grid, the stream getter and its device, the CUfunction, the packed metadata, the
+    arguments after the tensors), or None where only ``kernel[grid]`` is right (the interpreter
+    returns no compiled kernel).  A tuple, not a closure: one Python frame less a launch."""
     if compiled is None or not hasattr(compiled, "packed_metadata"):
         return None
     if hasattr(compiled, "result"):  # an asynchronously compiled kernel (a future)
@@ -166,9 +169,4 @@ def _direct_launcher(launch: Launch, compiled: Any, tensor_count: int) -> Callab
     run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
     active = driver.active
     get_stream, device = active.get_current_stream, active.get_current_device()
-    programs = launch.programs
-
-    def direct(tensors: tuple) -> None:
-        run(programs, 1, 1, get_stream(device), function, metadata, None, None, None, *tensors, *tail)
-
-    return direct
+    return run, launch.programs, get_stream, device, function, metadata, tail

@@ -984,7 +984,8 @@ class TritonBackend:
 
     def _backward(self, dy, x, gamma, center, invstd, settings: Settings, beta_dtype, mask,
                   forward_call: CallPlan | None = None) -> FusedBackwardResult:
-        gamma = gamma.contiguous()
+        if forward_call is None:  # (a forward plan of an op entry ran on this contiguous gamma)
+            gamma = gamma.contiguous()
         pointer_bits = x.data_ptr() | dy.data_ptr() | gamma.data_ptr() | center.data_ptr() | invstd.data_ptr()
         alignment = -1 if not pointer_bits & 15 else _alignment(x, dy, gamma, center, invstd)
         if forward_call is None:
@@ -1278,16 +1279,15 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, *_grad_stats):
         if grad_y is None:  # y took no part in the loss
             return None, None, None, None
-        needs = ctx.needs_input_grad
         x, gamma, center, invstd = ctx.saved_tensors
         settings, backend, beta_dtype, call = ctx.call
         trace.record_path(backend.name)
+        # (gradients of inputs that need none are dropped by autograd: no needs_input_grad checks)
         if call is None:
             dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype)
         else:
-            dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype,
-                                                 forward_call=call)
-        return dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None, None
+            dx, dgamma, dbeta = backend.backward(grad_y, x, gamma, center, invstd, settings, beta_dtype, None, call)
+        return dx, dgamma, dbeta, None
 
 
 class FusedBatchNormFunction(torch.autograd.Function):
