@@ -493,24 +493,27 @@ def batch_norm_op(
     # While Dynamo traces, eps and momentum may be symbolic floats (dynamic=True), which the
     # finiteness check cannot read: the trace checks only the sign of eps (eager checks all).
     tracing = torch.compiler.is_compiling()
-    if tracing:
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        settings = validate(x, (gamma, beta, *tracked), eps=1.0, momentum=0.5, fix_gamma=fix_gamma,
+    if tracing and eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    fused = relu or addend is not None
+    backend = call = None
+    if tracing or fused:  # (op entries are of unfused eager calls, as in ops.batch_norm)
+        settings = validate(x, (gamma, beta, *tracked), eps=1.0 if tracing else eps,
+                            momentum=0.5 if tracing else momentum, fix_gamma=fix_gamma,
                             use_global_stats=not batch_stats, axis=axis, out=None, training=True,
                             unbiased_update=unbiased_update)
     else:
         settings, backend, call = op_entry(x, (gamma, beta, *tracked), eps, momentum, fix_gamma, not batch_stats, axis,
                                            None, True, unbiased_update)
-    fused = relu or addend is not None
     if fused:
         settings = validate_fusion(settings, x, "relu" if relu else None, addend, None)
     if not tracing:
         if _runs_eagerly(x, settings.axis):
-            # the entry's plan is of an unfused call on these very moving statistics
-            direct = not fused and moving_mean is not None and moving_var is not None and average_count is None
+            # the entry's plan is of a call on these very moving statistics
+            direct = moving_mean is not None and moving_var is not None and average_count is None
             return _eager_forward(x, gamma, beta, moving_mean, moving_var, settings, average_count, addend,
-                                  keep_stats, backend, call if direct else None)
+                                  keep_stats, backend if backend is not None else backend_for(x.device),
+                                  call if direct else None)
         eps, momentum = settings.eps, settings.momentum
     fused = {} if not (relu or addend is not None) else dict(
         addend=addend, relu=relu, keep_mask=wants_grad(x, gamma, beta, addend))

@@ -372,8 +372,7 @@ def scratch(device: torch.device, dtype: torch.dtype, count: int) -> torch.Tenso
     """At least ``count`` elements where kernels write per-channel outputs no caller asked for
     (mean, invstd without ``output_mean_var`` or autograd): shared by every call and stream, since
     nothing ever reads it."""
-    capturing = _is_cuda(device) and torch.cuda.is_current_stream_capturing()
-    return _cached_buffer(("scratch", device, dtype), count, dtype, device, False, capturing)
+    return _cached_buffer(("scratch", device, dtype), count, dtype, device, False, stream_state(device)[1])
 
 
 def _stat_outputs(channels: int, acc: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -1388,7 +1387,7 @@ _op_entries: dict[tuple, OpEntry] = {}
 
 def op_entry(data: Any, params: tuple, eps: Any, momentum: Any, fix_gamma: Any, use_global_stats: Any, axis: Any,
              out: Any, training: Any, unbiased_update: Any) -> OpEntry:
-    """The entry of an unfused call: found by key (then only where ``out`` lies is checked), or
+    """The entry of an unfused eager call: found by key (then only where ``out`` lies is checked), or
     made by ``validate`` (every check, in its order), ``backend_for`` and the backend's plan."""
     key = _op_key(data, params, eps, momentum, fix_gamma, use_global_stats, axis, out, training, unbiased_update)
     if key is not None:
