@@ -1,7 +1,7 @@
 """The GPU code is real: every kernel compiles for sm_90 with the configs the library picks,
 without spills, with 128-bit global accesses where the data streams, and with correctly rounded
-arithmetic where the numerics rely on exact steps (no approximate division but the Welford
-update's, ``inspect.ALLOWED_APPROXIMATE``).
+arithmetic where the numerics rely on exact steps (no approximate division: the allowlist
+``inspect.ALLOWED_APPROXIMATE`` is empty).
 
 The compilation runs ``tritonbn inspect`` in a subprocess: this test process imported the
 kernels in interpreter mode (conftest), and Triton decides that at import.
@@ -102,14 +102,16 @@ def test_no_approximate_math_where_exactness_is_claimed(request, dtype):
     assert [entry for entry in unexpected if entry[2]] == []
 
 
-@pytest.mark.parametrize("dtype, approximate", [("fp16", {"div.full.f32 (inline asm)"}),
-                                                ("fp32", {"div.full.f32 (inline asm)"}), ("fp64", set())])
-def test_the_welford_update_is_the_one_approximate_division(request, dtype, approximate):
-    """The allowlist is not stale: the statistics kernels' per-element Welford division is the
-    inline div.full.f32 of ``common.count_divide`` (float64: div.rn.f64)."""
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "fp64"])
+def test_statistics_loops_divide_nothing(request, dtype):
+    """The statistics kernels' hot loops are shifted sums: no float division and no MUFU per
+    element (the per-lane Welford update they replaced divided by the count at every element).
+    Step-sliced views are the exception for MUFU: their rows' integer divisions (four reduced
+    groups) go through a MUFU.RCP each."""
     report = request.getfixturevalue(f"sm90_{dtype}_report")
     stats = [row for row in report if row["kernel"].endswith("_stats")]
-    assert stats and all(set(row["approximate"]) == approximate for row in stats)
+    assert stats and all(row["approximate"] == {} for row in stats)
+    assert all(row["sass"]["mufu_per_element"] == 0 for row in stats if row["layout"] != "stepped-5d")
 
 
 # A kernel of each kind of float32 division, compiled for sm_90 in a subprocess (as _inspect).

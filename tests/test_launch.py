@@ -126,3 +126,57 @@ def test_f32_ratio_is_the_correctly_rounded_float32_quotient(numerator, denomina
     for neighbour in (np.nextafter(value, np.float32(-np.inf)), np.nextafter(value, np.float32(np.inf))):
         other = abs(fractions.Fraction(float(neighbour)) - exact)
         assert error < other or (error == other and int(value.view(np.uint32)) % 2 == 0)
+
+
+# (shape, axis, memory format, config): channel-major splits short in rows and columns (and one
+# empty row split), and channel-minor splits with a short last one.
+SPLIT_CASES = [
+    pytest.param((7, 3, 10), 1, None, (2, 4, 3, 2), id="channel-major"),
+    pytest.param((5, 3, 4, 4), 1, "channels_last", (16, 4, 3, 1), id="channel-minor"),
+]
+
+
+@pytest.mark.parametrize("shape, axis, memory_format, config", SPLIT_CASES)
+def test_statistics_launch_passes_the_inverse_of_every_split_count(shape, axis, memory_format, config):
+    """The statistics kernels divide a split's sums by the host's correctly rounded 1 / count,
+    picked by whether the split's rows (and columns) are the full extent: for every split the
+    one picked is 1 / its element count.  (The interpreter divides instead, so only this checks
+    the values a compiled kernel uses.)"""
+    import torch
+
+    from tritonbn import ops
+    from tritonbn.autotune import KernelConfig
+    from tritonbn.launch import f32_ratio
+    from tritonbn.plan import CHANNEL_MAJOR, plan_view
+
+    x = torch.empty(shape)
+    if memory_format:
+        x = x.to(memory_format=torch.channels_last)
+    plan = ops.kernel_view(plan_view(shape, axis, [x.stride()]))
+    block_rows, block_cols, split_rows, split_cols = config
+    cfg = KernelConfig(block_rows, block_cols, split_rows=split_rows, split_cols=split_cols)
+    launch = ops.statistics_launch(plan, cfg)
+    rows_per_split, cols_per_split = ops._split_extents(plan, cfg)
+    major = plan.family == CHANNEL_MAJOR
+    rows, cols = (plan.outer, plan.inner) if major else (plan.m, 1)
+    cols_per_split, split_cols = (cols_per_split, split_cols) if major else (1, 1)
+    import inspect
+
+    names = [name for name, param in inspect.signature(launch.kernel.fn).parameters.items()
+             if param.annotation is inspect.Parameter.empty or "constexpr" not in str(param.annotation)]
+    scalars = dict(zip(names[-len(launch.scalars):], launch.scalars))
+    inverses = [scalars[name] for name in (("inverse_split", "inverse_short_cols", "inverse_short_rows",
+                                            "inverse_short_both") if major else ("inverse_split", "inverse_short"))]
+    checked = 0
+    for split_o in range(split_rows):
+        for split_i in range(split_cols):
+            o_extent = max(0, min(rows_per_split, rows - split_o * rows_per_split))
+            i_extent = max(0, min(cols_per_split, cols - split_i * cols_per_split))
+            if not o_extent * i_extent:
+                continue  # an empty split: its sums are 0, any inverse gives mean 0
+            full_rows, full_cols = o_extent == rows_per_split, i_extent == cols_per_split
+            picked = (inverses[(0 if full_rows else 2) + (0 if full_cols else 1)] if major
+                      else inverses[0 if full_rows else 1])
+            assert picked == f32_ratio(1, o_extent * i_extent), (split_o, split_i)
+            checked += 1
+    assert checked >= 3

@@ -58,6 +58,36 @@ def test_offset_mean_keeps_variance_accurate(shape, axis, layout, path):
 
 
 @on_every_path
+@pytest.mark.parametrize(
+    "shape, axis, layout",
+    [
+        pytest.param((16, 2, 256), 1, "contiguous", id="channel-major"),
+        pytest.param((16, 2, 16, 16), 1, "channels_last", id="channel-minor"),
+        pytest.param((4096, 2), -1, "contiguous", id="channel-minor-2d"),
+    ],
+)
+def test_outlier_pilot_keeps_variance_accurate(shape, axis, layout, path):
+    """Each channel's first element (the kernels' shift, ``kernels/common.py``) lies 4096 from
+    the rest, which have mean 4096 and std 1/8: invstd within 1e-5 of float64.
+
+    Sums of z = x - pilot would leave M2 = S2 - S1 * mean with ~1e-3 relative error here (S2 is
+    4096 times M2); the statistics kernels see the cancellation and sum their split again around
+    the mean.  A split that does not hold the pilot cancels worse still: its values are 4096 from
+    the shift, their spread 1/8.
+    """
+    gen = torch.Generator().manual_seed(3)
+    channels = shape[axis]
+    x = 4096 + torch.randn(shape, generator=gen, dtype=torch.float64) / 8
+    x.movedim(axis, 0)[(slice(None),) + (0,) * (len(shape) - 1)] = 0.0  # every channel's first element
+    x = apply_layout(x.float(), layout, axis % len(shape))
+    dy = torch.randn(shape, generator=gen)
+    got, want, _ = run_and_compare(Inputs(x, *_params(channels)), dy, path=path, split_configs=SPLIT, compare=(),
+                                   axis=axis)
+    assert ((got["invstd"].double() - want["invstd"]) / want["invstd"]).abs().max() < 1e-5
+    assert ((got["mean"].double() - want["mean"]) / want["mean"]).abs().max() < 1e-6
+
+
+@on_every_path
 @pytest.mark.parametrize("eps", [pytest.param(0.0, id="eps0"), pytest.param(1e-3, id="eps1e-3")])
 @pytest.mark.parametrize(
     "scale, offset",

@@ -89,11 +89,7 @@ APPROXIMATE_OP = re.compile(r"\b(?:div\.full|(?:div|rcp|rsqrt|sqrt|ex2|lg2|sin|c
 INLINE_ASM = re.compile(r"// begin inline asm(.*?)// end inline asm", re.S)
 # The approximations the kernels make on purpose, per kernel; any other is a bug (the numerics
 # rely on exact steps: common.exact_div, common.divide_by_count, common.unscale, common.safe_invstd).
-ALLOWED_APPROXIMATE = {
-    # common.count_divide: the per-element Welford update delta / count (2 ulp, hot loop)
-    "channel_major_stats": {"div.full.f32 (inline asm)"},
-    "channel_minor_stats": {"div.full.f32 (inline asm)"},
-}
+ALLOWED_APPROXIMATE: dict[str, set[str]] = {}
 
 
 @dataclass

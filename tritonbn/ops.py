@@ -80,6 +80,23 @@ def _split_extents(plan: ViewPlan, cfg: KernelConfig) -> tuple[int, int]:
     return rows_per_split, cols_per_split
 
 
+def _split_inverses(plan: ViewPlan, rows_per_split: int, cols_per_split: int) -> tuple[float, ...]:
+    """1 / (elements of a split), correctly rounded to float32, for each extent a split can have
+    (full, or the shorter last one): channel-major (full x full, full x short columns, short
+    rows x full, short x short), channel-minor (full, short).  The statistics kernels divide their
+    split's sums by these: no division instruction (its slow-path call made ptxas spill)."""
+    def short(extent: int, per_split: int) -> int:
+        return extent - (extent - 1) // per_split * per_split
+
+    def inverse(count: int) -> float:
+        return f32_ratio(1, int(np.float32(count)))
+
+    if plan.family != CHANNEL_MAJOR:
+        return inverse(rows_per_split), inverse(short(plan.m, rows_per_split))
+    rows, cols = (rows_per_split, short(plan.outer, rows_per_split)), (cols_per_split, short(plan.inner, cols_per_split))
+    return tuple(inverse(r * c) for r in rows for c in cols)
+
+
 def _finalize_tail(plan: ViewPlan, cfg: KernelConfig) -> dict[str, int]:
     """The constexprs of a reduction's finalize tail (its channel's, or channel block's, last
     program merges the partials): BLOCK_P >= the partials per channel and, channel-minor, TAIL_C
@@ -113,7 +130,7 @@ def _float64_bits(value: float) -> int:
 
 
 def statistics_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings | None = None) -> Launch:
-    """Shifted, scaled Welford partials of every (channel, split), finalized in the same launch
+    """Shifted, scaled (mean, M2, count) partials of every (channel, split), finalized in the same launch
     when ``settings`` are given (the split path), partials only without (SyncBatchNorm merges
     them across ranks first).
 
@@ -134,11 +151,12 @@ def statistics_launch(plan: ViewPlan, cfg: KernelConfig, settings: Settings | No
                  UNBIASED=finalize and settings.unbiased_update)
     if plan.family == CHANNEL_MAJOR:
         scalars = (plan.channels, plan.outer, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
-                   rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols, *numbers)
+                   rows_per_split, cols_per_split, cfg.split_rows, cfg.split_cols,
+                   *_split_inverses(plan, rows_per_split, cols_per_split), *numbers)
         return Launch(k.channel_major_stats_kernel, "channel_major_stats", programs, cfg, scalars,
                       dict(BLOCK_O=cfg.block_rows, BLOCK_I=cfg.block_cols, **flags, BLOCK_P=tail["BLOCK_P"]))
     scalars = (plan.channels, plan.inner, plan.m, plan.outer_mid, plan.outer_lo, *plan.strides[0],
-               rows_per_split, cfg.split_rows, *numbers)
+               rows_per_split, cfg.split_rows, *_split_inverses(plan, rows_per_split, cols_per_split), *numbers)
     return Launch(k.channel_minor_stats_kernel, "channel_minor_stats", programs, cfg, scalars,
                   dict(BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, **flags, **tail))
 

@@ -1,10 +1,14 @@
 """Small @triton.jit helpers shared by the kernels of every phase.
 
-Numerics: per-channel statistics are Welford sums kept per lane (no sums of squares of raw
-values, so a channel offset by 1e4 with std 1e-2 keeps its variance in float32), then merged
-across lanes and across programs with Chan's formula in its two-pass form: the merged mean is
-the count-weighted mean of the parts, and M2 = sum(M2_k + n_k * (mean_k - mean)^2), a sum of
-non-negative terms with no cancellation.
+Numerics: each lane of a statistics tile sums z and z^2 of the values below (shifted sums: two
+adds an element, no division), a program turns its split's totals into (mean, M2) with
+``shifted_moments``, and programs are merged with Chan's formula in its two-pass form: the
+merged mean is the count-weighted mean of the parts, and M2 = sum(M2_k + n_k * (mean_k -
+mean)^2), a sum of non-negative terms with no cancellation.  The shift keeps S2 - S1 * mean
+exact where it matters: z is centred on one of the channel's own values, so S2 is a few times
+M2 (a channel offset by 1e4 with std 1e-2 keeps its variance in float32); where the pilot is an
+outlier and the subtraction would cancel more than 4 bits (``cancelled``), the program sums its
+split again, shifted by the mean.
 
 Every program of a channel accumulates z = (x - pilot) * scale: the pilot (the channel's first
 element, or its last where the first is NaN/Inf) removes the offset, and the scale, a power of
@@ -14,8 +18,7 @@ exactly; the epilogues undo the scale, or normalise in z units where 1/std itsel
 
 Compiled float32 ``/`` is div.full.f32 (2 ulp), so divisions go through helpers: ``exact_div``,
 ``divide_by_count``, ``exact_inverse`` and ``unscale`` are correctly rounded, ``safe_invstd`` is
-sqrt.rn then div.rn; ``count_divide``, the per-element Welford update, is the one approximate
-division, on purpose (``inspect.ALLOWED_APPROXIMATE``, checked by tests/test_inspect.py).
+sqrt.rn then div.rn (tests/test_inspect.py checks that no approximate division is left).
 
 NaN/Inf: a finite pilot keeps one +-inf from turning every x - pilot into NaN, so mean =
 pilot + mean_z / scale is +-inf as sum(x) / m is (var is NaN, as the formula gives).
@@ -45,43 +48,34 @@ def range_bound(value):
 INTERPRETED = tl.constexpr(isinstance(range_bound, InterpretedFunction))
 
 
-@triton.jit
-def welford_update(mean, m2, count, x, mask):
-    """Fold one value per lane into per-lane (mean, M2, count); masked lanes are unchanged.
-
-    All arguments are tiles of one shape; ``x`` is already in the accumulation dtype.
-    """
-    count_new = count + tl.where(mask, 1.0, 0.0).to(count.dtype)
-    delta = x - mean
-    mean_new = mean + tl.where(mask, count_divide(delta, tl.maximum(count_new, 1.0)), 0.0)
-    m2_new = m2 + tl.where(mask, delta * (x - mean_new), 0.0)
-    return mean_new, m2_new, count_new
+# Shifted sums keep M2 = S2 - S1 * mean when it holds at least this fraction of S2 = sum(z^2):
+# then the subtraction cancels at most 4 bits.  Below it (z's mean more than ~3.9 standard
+# deviations from 0, i.e. the pilot an outlier of its channel), the kernels read the split again
+# with the mean as the shift (``stats.py``).
+KEPT_FRACTION = tl.constexpr(1.0 / 16.0)
 
 
 @triton.jit
-def count_divide(delta, count):
-    """delta / count of the per-element Welford update (count: the lane's count, 1 to 2^24),
-    with ``div.full.f32`` (within 2 ulp, PTX ISA): the one approximate division of the kernels,
-    by design.
+def shifted_moments(s1, s2, count, inverse):
+    """(mean, M2) of ``count`` >= 1 values (a scalar shared by every column) from their sum ``s1``
+    and sum of squares ``s2`` (tiles of one shape, or scalars); ``inverse``: 1 / count correctly
+    rounded to float32, computed by the host (a division instruction's slow-path call made ptxas
+    spill the statistics kernels; float64 and the interpreter divide).
 
-    It runs once per element in the statistics loops: ``div.rn.f32`` there measured 31 more
-    registers (56 -> 87, ``channel_major_stats``, fp16, sm_90: one program per SM instead of
-    two) and a slow-path branch per element; ``div.approx.f32`` (cheaper, as accurate for these
-    counts) made ptxas spill ``channel_minor_stats`` on sm_80.  The rounding only moves the
-    lane's mean, and M2 is updated with the mean actually kept, so the update stays a Welford
-    update.  Written as inline PTX, the instruction a plain ``/`` gives: ``inspect`` tells it
-    from an unintended ``/`` by the inline-asm markers around it, and ``tests/test_inspect.py``
-    allows it in the statistics kernels only.  float64 divides with ``div.rn.f64``; the
-    interpreter (no inline PTX) with numpy's IEEE division.
+    mean = s1 / count, correctly rounded (``divide_by_count``), and +-inf or NaN where s1 is;
+    M2 = s2 - s1 * mean with one rounding (an FMA), 0 where rounding left it below 0; NaN where
+    s1 is not finite (infinite data: the variance is NaN, as the formula gives).
     """
-    if INTERPRETED:
-        quotient = delta / count
-    elif delta.dtype == tl.float64:
-        quotient = delta / count
-    else:
-        quotient = tl.inline_asm_elementwise("div.full.f32 $0, $1, $2;", "=r,r,r", [delta, count],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-    return quotient
+    mean = tl.where(tl.abs(s1) < float("inf"), divide_by_count(s1, count, inverse), s1)
+    m2 = tl.fma(-s1, mean, s2)
+    return mean, tl.where(m2 < 0, 0.0, m2)
+
+
+@triton.jit
+def cancelled(mean, m2, s2):
+    """Whether ``shifted_moments``' M2 lost more than 4 bits to cancellation (or s2 overflowed)
+    while the mean is finite: then the values are to be summed again, shifted by the mean."""
+    return (tl.abs(mean) < float("inf")) & ((m2 < s2 * KEPT_FRACTION) | (s2 == float("inf")))
 
 
 @triton.jit

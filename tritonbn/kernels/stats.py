@@ -1,7 +1,7 @@
 """Training-forward statistics: per-channel (mean, M2, count) partials and their finalize, in one launch.
 
 Each program of ``*_stats_kernel`` reduces one channel (channel-major) or a block of channels
-(channel-minor) over one split of the reduced range, and writes a Welford partial.  Splitting
+(channel-minor) over one split of the reduced range, and writes its (mean, M2, count) partial.  Splitting
 lets C * splits programs fill the GPU when C alone cannot.  With FINALIZE, the last program of a
 channel (block) to store its partial (``common.last_to_arrive``: an atomic ticket per channel
 (block), reset by that program) merges the channel's partials in a fixed order (deterministic:
@@ -19,10 +19,12 @@ the std, or the data 1e30 or 1e-30.  The mean is carried as the pair (pilot, shi
 the apply and backward kernels, which compute x - mean as (x - pilot) - shifted_mean: exact
 where it matters.
 
-Infinite data: a Welford lane that has seen +-inf and then a finite value holds mean
-inf + (-inf) / n = NaN, where sum(x) / m is +-inf.  A program whose merged mean comes out NaN
-(never, for finite data) takes it again as a plain sum of z over its split, which is +-inf,
-or NaN where the data holds NaN or both infinities; its M2 is NaN either way.
+Sums: each lane sums z and z^2 (``common.shifted_moments`` turns the split's totals into mean
+and M2).  Where that M2 would have cancelled more than 4 bits (``common.cancelled``: the pilot
+is an outlier of its channel), the program reads its split again and sums z - mean: one more
+read of that split, for data whose first element lies ~4 standard deviations or more from the
+mean.  Infinite data needs no second look: the sum of z is +-inf as sum(x) is, or NaN where the
+data holds NaN or both infinities, and M2 is NaN either way.
 """
 
 import triton
@@ -30,41 +32,46 @@ import triton.language as tl
 
 from .common import (
     apply_coefficients,
+    cancelled,
     chan_merge_rows,
     channel_major_split,
     channel_minor_offsets,
     divide_by_count,
     element_offset,
-    exact_div,
     finish_statistics,
     finite_pilot,
     last_to_arrive,
     range_bound,
     row_offsets,
     scalar_offset,
+    shifted_moments,
     spread_scale,
-    welford_update,
 )
 
 
 @triton.jit
-def _channel_major_z(rows, o, i, o_end, i_end, stride_i, pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
+def _channel_major_z(rows, o, i, o_end, i_end, stride_i, pilot, scale, shift, ACC: tl.constexpr,
+                     INT64: tl.constexpr):
     """z = (x - pilot) * scale of one channel's [BLOCK_O, BLOCK_I] tile (rows o, columns i) of a
-    split ending at (o_end, i_end), and the tile's mask; ``rows``: [BLOCK_O] pointers to the rows."""
+    split ending at (o_end, i_end), 0 outside it, and the tile's mask; ``rows``: [BLOCK_O]
+    pointers to the rows.  One FMA, x * scale + shift with shift = -pilot * scale (exact: scale is
+    a power of two), which is (x - pilot) * scale rounded once; masked lanes load the pilot."""
     mask = (o < o_end)[:, None] & (i < i_end)[None, :]
     pointers = rows[:, None] + scalar_offset(i, stride_i, INT64)[None, :]
-    return (tl.load(pointers, mask=mask, other=0.0).to(ACC) - pilot) * scale, mask
+    return tl.fma(tl.load(pointers, mask=mask, other=pilot).to(ACC), scale, shift), mask
 
 
 @triton.jit
 def _channel_minor_z(x_ptr, r, c, c_mask, r_end, inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o,
-                     stride_c, stride_i, pilot, scale, ACC: tl.constexpr, INT64: tl.constexpr):
+                     stride_c, stride_i, pilot, scale, shift, ACC: tl.constexpr, INT64: tl.constexpr):
     """z = (x - pilot) * scale of a [BLOCK_R, BLOCK_C] tile (rows r of channels c) of a split
-    ending at row r_end, and the tile's mask; pilot, scale: [BLOCK_C]."""
+    ending at row r_end, 0 outside it, and the tile's mask; pilot, scale, shift: [BLOCK_C]
+    (as ``_channel_major_z``)."""
     mask = (r < r_end)[:, None] & c_mask[None, :]
     offsets = channel_minor_offsets(r, c, inner, outer_mid, outer_lo, stride_oh, stride_om, stride_o, stride_c,
                                     stride_i, INT64)
-    return (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - pilot[None, :]) * scale[None, :], mask
+    x = tl.load(x_ptr + offsets, mask=mask, other=pilot[None, :])
+    return tl.fma(x.to(ACC), scale[None, :], shift[None, :]), mask
 
 
 @triton.jit
@@ -79,11 +86,13 @@ def channel_major_stats_kernel(
     stride_oh, stride_om, stride_o, stride_c, stride_i,
     rows_per_split, cols_per_split,  # split extents (multiples of BLOCK_O / BLOCK_I)
     SPLIT_O, SPLIT_I,
+    # 1 / a split's element count (float32, host): full, short columns, short rows, both short
+    inverse_split, inverse_short_cols, inverse_short_rows, inverse_short_both,
     eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias,  # (FINALIZE) 1/m, m/(m-1): float32 (host)
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, INT64: tl.constexpr,
     FINALIZE: tl.constexpr, FIX_GAMMA: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Welford partial of one (channel, split), and with FINALIZE the channel's statistics:
+    """(mean, M2, count) partial of one (channel, split), and with FINALIZE the channel's statistics:
     grid = (C * SPLIT_O * SPLIT_I,).
 
     Program ``pid`` takes channel ``pid // P`` and split ``pid % P``; a split is a rectangle of
@@ -102,32 +111,46 @@ def channel_major_stats_kernel(
     pilot = finite_pilot(tl.load(base).to(ACC), last)
     scale = spread_scale(pilot, last)
 
-    mean = tl.zeros([BLOCK_O, BLOCK_I], ACC)
-    m2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
-    count = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    shift = -pilot * scale
+
+    s1 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    s2 = tl.zeros([BLOCK_O, BLOCK_I], ACC)
     for o0 in range(range_bound(o_begin), range_bound(o_end), BLOCK_O):
         o = o0 + tl.arange(0, BLOCK_O)
         rows = base + row_offsets(o, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
         for i0 in range(range_bound(i_begin), range_bound(i_end), BLOCK_I):
-            z, mask = _channel_major_z(rows, o, i0 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i, pilot, scale,
-                                       ACC, INT64)
-            mean, m2, count = welford_update(mean, m2, count, z, mask)
+            z, _ = _channel_major_z(rows, o, i0 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i, pilot, scale, shift,
+                                    ACC, INT64)
+            s1 += z
+            s2 = tl.fma(z, z, s2)
 
-    lanes: tl.constexpr = BLOCK_O * BLOCK_I
-    mean, m2, count = chan_merge_rows(
-        tl.reshape(mean, [lanes, 1]), tl.reshape(m2, [lanes, 1]), tl.reshape(count, [lanes, 1])
-    )
-    if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
-        total = tl.zeros([BLOCK_O, BLOCK_I], ACC)
+    count = tl.maximum(o_end - o_begin, 0).to(ACC) * tl.maximum(i_end - i_begin, 0).to(ACC)  # 0: an empty split
+    count_or_1 = tl.maximum(count, 1.0)
+    full_cols = i_end - i_begin == cols_per_split
+    inverse = tl.where(o_end - o_begin == rows_per_split, tl.where(full_cols, inverse_split, inverse_short_cols),
+                       tl.where(full_cols, inverse_short_rows, inverse_short_both))
+    total_sq = tl.sum(tl.sum(s2, 1), 0)
+    mean, m2 = shifted_moments(tl.sum(tl.sum(s1, 1), 0), total_sq, count_or_1, inverse)
+    if cancelled(mean, m2, total_sq):  # the pilot is an outlier (module docstring): sum z - mean
+        # quarter-width tiles: this rare pass must not raise the kernel's register peak (at the full
+        # width, or half, ptxas spilled 8-12 bytes on Triton 3.6: [16, 128] fp16, sm_80 or sm_90)
+        REDO_I: tl.constexpr = max(BLOCK_I // 4, 1)
+        d1 = tl.zeros([BLOCK_O, REDO_I], ACC)
+        d2 = tl.zeros([BLOCK_O, REDO_I], ACC)
         for o1 in range(range_bound(o_begin), range_bound(o_end), BLOCK_O):
             o_redo = o1 + tl.arange(0, BLOCK_O)
             rows_redo = base + row_offsets(o_redo, outer_mid, outer_lo, stride_oh, stride_om, stride_o, INT64)
-            for i1 in range(range_bound(i_begin), range_bound(i_end), BLOCK_I):
-                z, in_split = _channel_major_z(rows_redo, o_redo, i1 + tl.arange(0, BLOCK_I), o_end, i_end, stride_i,
-                                               pilot, scale, ACC, INT64)
-                total += tl.where(in_split, z, 0.0)
-        mean = exact_div(tl.sum(tl.reshape(total, [lanes, 1]), 0), tl.maximum(count, 1.0))
-        m2 = tl.full([1], float("nan"), ACC)
+            for i1 in range(range_bound(i_begin), range_bound(i_end), REDO_I):
+                z, in_split = _channel_major_z(rows_redo, o_redo, i1 + tl.arange(0, REDO_I), o_end, i_end, stride_i,
+                                               pilot, scale, shift, ACC, INT64)
+                d = tl.where(in_split, z - mean, 0.0)
+                d1 += d
+                d2 = tl.fma(d, d, d2)
+        correction, m2 = shifted_moments(tl.sum(tl.sum(d1, 1), 0), tl.sum(tl.sum(d2, 1), 0), count_or_1, inverse)
+        mean += correction
+    mean = mean + tl.zeros([1], ACC)
+    m2 = m2 + tl.zeros([1], ACC)
+    count = count + tl.zeros([1], ACC)
     slot = scalar_offset(c, num_splits, INT64) + split + tl.arange(0, 1)
     plane = C * num_splits
     tl.store(partial_ptr + slot, mean)
@@ -155,12 +178,13 @@ def channel_minor_stats_kernel(
     outer_mid, outer_lo,
     stride_oh, stride_om, stride_o, stride_c, stride_i,
     rows_per_split, SPLIT,
+    inverse_split, inverse_short,  # 1 / a split's row count (float32, host): a full split, the shorter last one
     eps_hi, eps_lo, momentum_hi, momentum_lo, inverse_m, unbias,  # (FINALIZE) 1/m, m/(m-1): float32 (host)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
     FINALIZE: tl.constexpr, FIX_GAMMA: tl.constexpr, UNBIASED: tl.constexpr, BLOCK_P: tl.constexpr,
     TAIL_C: tl.constexpr,
 ):
-    """Welford partials of a block of BLOCK_C channels over one split of the rows, and with
+    """(mean, M2, count) partials of a block of BLOCK_C channels over one split of the rows, and with
     FINALIZE the block's statistics.
 
     grid = (cdiv(C, BLOCK_C) * SPLIT,); program ``pid`` takes channel block ``pid // SPLIT``
@@ -182,26 +206,36 @@ def channel_minor_stats_kernel(
     pilot = finite_pilot(tl.load(x_ptr + channel_offsets, mask=c_mask, other=0.0).to(ACC), last)
     scale = spread_scale(pilot, last)
 
-    mean = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    count = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for r0 in range(range_bound(r_begin), range_bound(r_end), BLOCK_R):
-        z, mask = _channel_minor_z(x_ptr, r0 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid, outer_lo,
-                                   stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale, ACC, INT64)
-        mean, m2, count = welford_update(mean, m2, count, z, mask)
+    shift = -pilot * scale
 
-    split_count = tl.cast(r_end - r_begin, ACC)  # the rows of this split: each channel's count
-    mean, m2, count = chan_merge_rows(mean, m2, count, split_count)
-    if tl.max(tl.where(mean != mean, 1, 0), 0) > 0:  # NaN: maybe +-inf in the data (module docstring)
-        total = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    s1 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    s2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    for r0 in range(range_bound(r_begin), range_bound(r_end), BLOCK_R):
+        z, _ = _channel_minor_z(x_ptr, r0 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid, outer_lo,
+                                stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale, shift, ACC, INT64)
+        s1 += z
+        s2 = tl.fma(z, z, s2)
+
+    split_count = tl.cast(tl.maximum(r_end - r_begin, 0), ACC)  # each channel's count (0: an empty split)
+    count_or_1 = tl.maximum(split_count, 1.0)
+    inverse = tl.where(r_end - r_begin == rows_per_split, inverse_split, inverse_short)
+    total_sq = tl.sum(s2, 0)
+    mean, m2 = shifted_moments(tl.sum(s1, 0), total_sq, count_or_1, inverse)
+    redo = cancelled(mean, m2, total_sq)
+    if tl.max(redo.to(tl.int32), 0) > 0:  # a pilot is an outlier (module docstring): sum z - mean
+        d1 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+        d2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
         for r1 in range(range_bound(r_begin), range_bound(r_end), BLOCK_R):
             z, in_split = _channel_minor_z(x_ptr, r1 + tl.arange(0, BLOCK_R), c, c_mask, r_end, inner, outer_mid,
                                            outer_lo, stride_oh, stride_om, stride_o, stride_c, stride_i, pilot, scale,
-                                           ACC, INT64)
-            total += tl.where(in_split, z, 0.0)
-        redo = mean != mean
-        mean = tl.where(redo, divide_by_count(tl.sum(total, 0), tl.maximum(split_count, 1.0)), mean)
-        m2 = tl.where(redo, float("nan"), m2)
+                                           shift, ACC, INT64)
+            d = tl.where(in_split, z - mean[None, :], 0.0)
+            d1 += d
+            d2 = tl.fma(d, d, d2)
+        correction, m2_again = shifted_moments(tl.sum(d1, 0), tl.sum(d2, 0), count_or_1, inverse)
+        mean = tl.where(redo, mean + correction, mean)
+        m2 = tl.where(redo, m2_again, m2)
+    count = tl.zeros([BLOCK_C], ACC) + split_count
     slot = scalar_offset(c, SPLIT, INT64) + split
     plane = C * SPLIT
     tl.store(partial_ptr + slot, mean, mask=c_mask)
