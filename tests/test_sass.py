@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritonbn.inspect import OPS, STREAMING_CALLS, captured_launches
+from tritonbn.inspect import OPS, STREAMING_CALLS, CompiledKernel, captured_launches, format_budget
 from tritonbn.perf import sass
 
 from helpers import compiling_env
@@ -52,6 +52,37 @@ def test_parser_finds_the_streaming_inner_loop():
     assert len(parsed.instructions) == 13  # no NOP, nothing of the subroutine
     assert sorted(sass.loops(parsed)) == [(0x10, 0x90), (0x20, 0x70)]
     assert sass.hot_loop(parsed) == (0x20, 0x70)
+
+
+# A streaming loop (two 128-bit loads), a second pass over the same data (as many bits, longer)
+# and a finalize tail's loop over channels (five scalar loads: more loads, fewer bits).
+THREE_LOOPS = """
+.L_x_0:
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/              @!P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0050*/                   FADD R12, R4, -R13 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0070*/                   LDG.E.STRONG.GPU R4, desc[UR4][R2.64] ;
+        /*0080*/                   LDG.E.STRONG.GPU R5, desc[UR4][R2.64] ;
+        /*0090*/                   LDG.E R6, desc[UR4][R2.64] ;
+        /*00a0*/                   LDG.E R7, desc[UR4][R2.64] ;
+        /*00b0*/                   LDG.E R8, desc[UR4][R2.64] ;
+        /*00c0*/              @!P2 BRA `(.L_x_2) ;
+        /*00d0*/                   EXIT ;
+"""
+
+
+def test_the_hot_loop_is_the_one_loading_most_data_bits_first_of_equals():
+    """A finalize tail's many scalar loads do not make it the hot loop, nor does a rare second
+    pass over the data that is longer than the streaming one."""
+    parsed = sass.parse(THREE_LOOPS)
+    assert sorted(sass.loops(parsed)) == [(0x00, 0x20), (0x30, 0x60), (0x70, 0xc0)]
+    assert sass.hot_loop(parsed) == (0x00, 0x20)
 
 
 @pytest.mark.parametrize("opcode, bits", [("LDG.E.128", 128), ("LDG.E.64", 64), ("LDG.E", 32), ("LDG.E.U16", 16),
@@ -143,4 +174,26 @@ def test_streaming_calls_write_a_cubin_index():
             assert (loop is not None, len(region)) == (row["sass"]["in_loop"], row["sass"]["instructions"])
         assert {row["kernel"] for row in rows if row["op"] == "training_forward"} >= {"channel_minor_stats"}
         stats = [row["sass"] for row in rows if row["kernel"] == "channel_minor_stats"]
-        assert all(f["in_loop"] and f["instructions_per_element"] > 0 for f in stats)
+        assert all(f["in_loop"] and f["instructions_per_element"] > 0 and f["barriers"] == 0 for f in stats)
+        assert "issue 14's budget:" in result.stdout
+
+
+def _row(**facts) -> CompiledKernel:
+    sass_facts = dict(in_loop=True, barriers=0, issue_ceiling_tbs=10.0, active_lanes=1.0, ctas_per_sm=2, waves=0.5,
+                      last_wave_fill=0.5)
+    sass_facts.update(facts)
+    return CompiledKernel(kernel="k", role=sass_facts.pop("role", "stats"), dtype="bf16", layout="nchw",
+                          op="training_forward", config={}, arch="sm_90", registers=32, spills=0, shared=0,
+                          max_load_bits=128, max_store_bits=128, sass=sass_facts)
+
+
+def test_budget_counts_each_target_over_the_launches_it_applies_to():
+    """Barriers count in loops only, CTAs per SM on split-path launches, the last wave on
+    launches of 1-4 waves."""
+    rows = [_row(), _row(issue_ceiling_tbs=2.6, barriers=4, active_lanes=0.77),
+            _row(in_loop=False, barriers=3, role="persistent", ctas_per_sm=1, waves=1.2, last_wave_fill=0.2),
+            _row(waves=2.0, last_wave_fill=1.0)]
+    assert format_budget(rows).splitlines()[1:] == [
+        "  issue-rate ceiling >= 9.6 TB/s: 3 of 4", "  no barrier in a hot-loop iteration: 2 of 3",
+        "  active lanes >= 95%: 3 of 4", "  >= 2 CTAs per SM (split-path launches): 3 of 3",
+        "  last wave >= 75% full (launches of 1-4 waves): 1 of 2"]

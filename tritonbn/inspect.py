@@ -78,6 +78,15 @@ STREAMING_CALLS = {
     "axis-1": [((8, 2048, 1024), -1, None)],
 }
 STREAMING_DTYPES = ["bf16", "fp32"]
+# Issue 14's budget for every streaming launch: (what, which launches it applies to, the test).
+ISSUE_BUDGET = (
+    ("issue-rate ceiling >= 9.6 TB/s", lambda r: True, lambda r: r.sass["issue_ceiling_tbs"] >= 9.6),
+    ("no barrier in a hot-loop iteration", lambda r: r.sass["in_loop"], lambda r: r.sass["barriers"] == 0),
+    ("active lanes >= 95%", lambda r: True, lambda r: r.sass["active_lanes"] >= 0.95),
+    (">= 2 CTAs per SM (split-path launches)", lambda r: r.role != "persistent", lambda r: r.sass["ctas_per_sm"] >= 2),
+    ("last wave >= 75% full (launches of 1-4 waves)", lambda r: 1 <= r.sass["waves"] <= 4,
+     lambda r: r.sass["last_wave_fill"] >= 0.75),
+)
 CALL_SETS = {"representative": LAYOUTS, "streaming": STREAMING_CALLS}
 
 # PTX instructions whose result is not the correctly rounded one (PTX ISA): div.full.f32 (what a
@@ -426,6 +435,15 @@ def format_sass_table(rows: list[CompiledKernel]) -> str:
     return "\n".join(lines)
 
 
+def format_budget(rows: list[CompiledKernel]) -> str:
+    """How many of the launches each target of ``ISSUE_BUDGET`` applies to meet it."""
+    lines = ["issue 14's budget:"]
+    for what, applies, meets in ISSUE_BUDGET:
+        counted = [r for r in rows if applies(r)]
+        lines.append(f"  {what}: {sum(map(meets, counted))} of {len(counted)}")
+    return "\n".join(lines)
+
+
 def write_cubins(directory: str, rows: list[CompiledKernel], cubins: dict) -> str:
     """Write each distinct cubin once (named by kernel, arch and content hash) and ``index.json``
     with a row per launch: kernel, arch, dtype, layout, shape, op, config, programs, cubin."""
@@ -472,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
                            args.layout or list(calls), calls=calls, per_call=streaming, cubins=cubins,
                            fusions=args.fusion or ("none",),
                            progress=lambda text: print(f"compiling {text}", file=sys.stderr, flush=True))
-    print(format_sass_table(rows) if streaming else format_table(rows))
+    print(format_sass_table(rows) + "\n" + format_budget(rows) if streaming else format_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([asdict(r) for r in rows], handle, indent=1)

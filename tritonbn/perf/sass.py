@@ -111,19 +111,18 @@ def _in(region: tuple[int, int], sass: Sass) -> list[str]:
     return [op for address, op in sass.instructions if region[0] <= address <= region[1]]
 
 
-def _global_loads(opcodes: list[str]) -> int:
-    return sum(op.startswith("LDG") for op in opcodes)
-
-
 def hot_loop(sass: Sass) -> tuple[int, int] | None:
-    """The innermost loop with the most global loads (ties: the longest), None without one."""
+    """The innermost loop that loads the most bits of data (``_load_bits``; ties: the first),
+    None without one.  By bits, not loads: a finalize tail's loop over channels issues more
+    loads (scalar parameters) than the data loop's few vector ones; the first of equals: a
+    statistics kernel's rare second pass over its split comes after the streaming one."""
     found = loops(sass)
     innermost = [r for r in found if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in found)]
-    loads = {r: _global_loads(_in(r, sass)) for r in innermost}
+    loads = {r: _load_bits(_in(r, sass)) for r in innermost}
     streaming = [r for r in innermost if loads[r]]
     if not streaming:
         return None
-    return max(streaming, key=lambda r: (loads[r], r[1] - r[0]))
+    return max(streaming, key=lambda r: (loads[r], -r[0]))
 
 
 def hot_region(sass: Sass) -> tuple[tuple[int, int] | None, list[str]]:
