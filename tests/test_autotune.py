@@ -561,3 +561,20 @@ def test_cli_registers_tune():
     assert COMMANDS["tune"][0] == "tritonbn.autotune.tune"
     args = build_parser().parse_args(["tune", "--quick", "--out", "x"])
     assert args.quick and str(args.out) == "x"
+
+
+# (inner extent, channel-major elementwise columns): the widest power of two whose tiles keep 95%
+# of their lanes busy (56 x 56 rows: 98% at 128 instead of 77% at 2048 or 4096), not below 32;
+# odd extents no power of two divides keep the widest of the fullest.
+NARROWED_COLUMNS = [(3136, 128), (784, 32), (196, 32), (49, 64), (65536, 2048), (1024, 1024), (7, 8)]
+
+
+@pytest.mark.parametrize("inner, cols", NARROWED_COLUMNS, ids=[str(inner) for inner, _ in NARROWED_COLUMNS])
+def test_channel_major_elementwise_tiles_keep_their_lanes_busy(inner, cols):
+    """Elementwise tiles narrow their columns to the extent; reductions keep the widest columns
+    (narrowed [16, 128] statistics tiles spilled on sm_80)."""
+    plan = _plan((32, 4, inner))
+    elementwise = C.realize_elementwise(plan, 2048)
+    assert elementwise.block_cols == cols
+    assert elementwise.block_rows == C._pow2_cover(32, 2048 // cols)
+    assert C.realize_reduce(plan, 2048, 1).block_cols == C._pow2_cover(inner, 2048)

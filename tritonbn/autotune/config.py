@@ -198,11 +198,37 @@ def _is_pow2(n: Any) -> bool:
 BLOCK_C = 64  # channels per channel-minor tile (the heuristic's cap)
 
 
-def _tile(plan: ViewPlan, tile_elements: int, block_c: int = BLOCK_C) -> tuple[int, int]:
+# Channel-major elementwise tiles narrow their columns while that keeps the lanes busy: a row of
+# 3136 elements (56 x 56) fills 77% of 2048- or 4096-wide tiles and 98% of 128-wide ones.  Not
+# below MIN_TILE_COLS elements (64 bytes of half data, a 128-bit access for every thread of a
+# row).  Reductions keep their widest columns: [16, 128] statistics tiles (several rows a thread)
+# spilled 8-12 bytes at 56 registers (fp32 on sm_80 with Triton 3.8 and 3.9, fp16 on 3.6).
+ACTIVE_LANES = 0.95
+MIN_TILE_COLS = 32
+
+
+def _lane_fill(extent: int, block: int) -> float:
+    """Fraction of the lanes of ``block``-wide tiles that cover ``extent`` holding an element."""
+    return extent / (-(-extent // block) * block)
+
+
+def _channel_major_cols(inner: int, tile_elements: int) -> int:
+    """The widest power-of-two column block (at most ``tile_elements``, at least MIN_TILE_COLS
+    or the covering width) whose tiles keep ACTIVE_LANES of their lanes over ``inner``; where none
+    does, the widest of the fullest."""
+    widest = _pow2_cover(inner, tile_elements)
+    candidates = [widest >> k for k in range(widest.bit_length()) if widest >> k >= min(MIN_TILE_COLS, widest)]
+    busy = [cols for cols in candidates if _lane_fill(inner, cols) >= ACTIVE_LANES]
+    return busy[0] if busy else max(candidates, key=lambda cols: (_lane_fill(inner, cols), cols))
+
+
+def _tile(plan: ViewPlan, tile_elements: int, block_c: int = BLOCK_C, narrow: bool = False) -> tuple[int, int]:
     """(block_rows, block_cols) of a streaming tile of ``tile_elements`` for ``plan``'s family;
-    channel-minor tiles span at most ``block_c`` channels."""
+    channel-minor tiles span at most ``block_c`` channels; ``narrow``: channel-major columns
+    narrow to keep the lanes busy (``_channel_major_cols``; elementwise tiles)."""
     if plan.family == CHANNEL_MAJOR:
-        block_cols = _pow2_cover(plan.inner, tile_elements)
+        block_cols = (_channel_major_cols(plan.inner, tile_elements) if narrow
+                      else _pow2_cover(plan.inner, tile_elements))
         block_rows = _pow2_cover(plan.outer, max(1, tile_elements // block_cols))
     else:
         block_cols = _pow2_cover(plan.channels, block_c)
@@ -220,8 +246,9 @@ def _warps(tile_elements: int, per_thread: int = 16) -> int:
 # that the finalize tail reads back (40 bytes), at most 2% of what the split reads (1024 x 2 bytes).
 MIN_SPLIT_ELEMENTS = 1024
 MIN_TILE_ELEMENTS = 256
-# Reduction tiles (three Welford accumulators an element): at most 2048 elements, 16 a thread, so
-# 4 warps.  ptxas spills a 512-thread program to reach 64 registers (two programs an SM): the
+# Reduction tiles (two or three accumulators an element: shifted sums, dy sums): at most 2048
+# elements, 16 a thread, so 4 warps (measured when the statistics kept three Welford
+# accumulators; not re-probed since).  ptxas spills a 512-thread program to reach 64 registers (two programs an SM): the
 # statistics kernels at 4096 elements x 16 warps spilled 36-48 bytes on Triton 3.6 and 3.9
 # (sm_80; 3.6 sm_90 fp32 too), and 4096 x 8 warps spilled 68-80 bytes in fp32 on sm_80, while
 # 2048 x 4 warps compiles spill-free on 3.6, 3.8 and 3.9 for both archs (`tritonbn inspect`).
@@ -373,7 +400,7 @@ def reduce_config(plan: ViewPlan, profile: DeviceProfile, *, op: str | None = No
 def realize_elementwise(plan: ViewPlan, tile: int, block_c: int = BLOCK_C,
                         num_warps: int | None = None) -> KernelConfig:
     """One tile of ``tile`` elements per program; warps default to 16 elements per thread."""
-    block_rows, block_cols = _tile(plan, tile, block_c)
+    block_rows, block_cols = _tile(plan, tile, block_c, narrow=True)
     warps = num_warps if num_warps is not None else _warps(block_rows * block_cols)
     return KernelConfig(block_rows, block_cols, num_warps=warps)
 
@@ -854,7 +881,7 @@ def _from_knobs(role: str, plan: ViewPlan, op: str, element_size: int | None, kn
     return _INVALID if config is None else config
 
 
-# float64 Welford lanes take two registers per accumulator: reduction tiles of 2048 elements at
+# float64 lanes take two registers per accumulator: reduction tiles of 2048 elements at
 # 4 per thread (4096 at 8 spilled 24-120 bytes on sm_90).
 FLOAT64_REDUCE_TILE = 2048
 FLOAT64_REDUCE_PER_THREAD = 4

@@ -52,7 +52,7 @@ __all__ = [
 TILES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 WARPS = (1, 2, 4, 8, 16, 32)
 BLOCK_CS = (16, 32, 64, 128)
-# elements per thread a tile may hold, per role (the Welford reductions keep three accumulators)
+# elements per thread a tile may hold, per role (the reductions keep two or three accumulators)
 PER_THREAD = {C.REDUCE: (2, 32), C.ELEMENTWISE: (4, 64), C.PERSISTENT: (1, 64)}  # persistent: at most
 # config.persistent_max_per_thread(op, family) (the capacity over 16 warps)
 MAX_SPLIT_FACTOR = 8  # try splits up to this many times what fills the GPU twice
@@ -147,7 +147,7 @@ def elementwise_space(plan: ViewPlan, profile: C.DeviceProfile, element_size: in
     bounds = C.heuristic_elementwise_bounds(plan, profile, op)
     for block_c in block_c_choices(plan, element_size):
         for tile in tile_choices():
-            rows, cols = C._tile(plan, tile, block_c or C.BLOCK_C)
+            rows, cols = C._tile(plan, tile, block_c or C.BLOCK_C, narrow=True)
             for warps in warp_choices(rows * cols, C.ELEMENTWISE):
                 knobs = Knobs(tile=tile, block_c=block_c, num_warps=warps)
                 config = C.elementwise_from_knobs(plan, knobs, *bounds)
