@@ -345,7 +345,7 @@ def test_cuda_without_a_gpu_exits_2(capsys):
 
 def test_run_with_injected_timer_takes_the_timed_path(tmp_path, capsys):
     args = _args("--device", "cpu", "--families", "mlp", "--dtypes", "fp32", "--modes", "inference,backward",
-                 "--out", str(tmp_path), "--no-progress")
+                 "--out", str(tmp_path), "--no-progress", "--no-sass")
     assert bench.run(args, timer=StubTimer(), compile_fn=lambda fn: fn) == 0
     text = (tmp_path / "report.md").read_text()
     assert "--families mlp" in text and "measured" in text
@@ -375,6 +375,16 @@ def test_cpu_run_counts_and_models(tmp_path, capsys):
         assert 1000 < (tmp_path / f"fused_{fusion}.png").stat().st_size < 200_000
     assert "torch's unfused chain** | any | any | (modelled) | 7 S | 8 S | 8 S | 16 S |" in text
     assert "counted (tritonbn" in capsys.readouterr().out
+    # the compiled-code facts of every tritonbn row: sm_90's SASS, read against H200's specified peak
+    for r in table:
+        if r["provider"] == "tritonbn":
+            assert r["binding_kernel"] in r["kernels"].split("/"), r
+            assert float(r["inst_per_element"]) > 0 and float(r["issue_ceiling_tbs"]) > 0
+            assert 0 < float(r["active_lanes"]) <= 1
+            assert r["binds"] == ("instructions" if float(r["issue_ceiling_tbs"]) < 4.8 else "bytes")
+        else:
+            assert r["binds"] == "" and r["binding_kernel"] == ""
+    assert "## Compiled code (sm_90)" in text and "4.80 TB/s (specified peak)" in text
 
 
 # Each fused chain's counted traffic stays below torch's modelled unfused chain in every mode,
@@ -463,7 +473,7 @@ def test_interleaved_timer_alternates_and_takes_medians(monkeypatch):
 
 def test_cpu_run_writes_cpu_timings(tmp_path, capsys):
     args = _args("--device", "cpu", "--families", "mlp", "--dtypes", "fp32", "--modes", "inference",
-                 "--out", str(tmp_path), "--no-progress")
+                 "--out", str(tmp_path), "--no-progress", "--no-sass")
     assert bench.run(args, cpu_timer=StubCpuTimer()) == 0
     with open(tmp_path / "results.csv") as handle:
         table = list(csv.DictReader(handle))

@@ -144,15 +144,19 @@ FUSIONS = {"relu": ("relu", False), "add": (None, True), "add_relu": ("relu", Tr
 FUSION_CHOICES = ("none", *FUSIONS)
 
 
-def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str, fusion: str | None = None
-                      ) -> list[Any]:
+def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str, fusion: str | None = None,
+                      strides: tuple | None = None, keep_mask: bool | None = None) -> list[Any]:
     """The launches tritonbn would make for one call (dry run on meta tensors), fused with
-    ``fusion`` (a key of ``FUSIONS``: the addend in the data's layout) when given."""
+    ``fusion`` (a key of ``FUSIONS``: the addend in the data's layout) when given; ``strides``:
+    the data's, instead of ``memory_format``'s; ``keep_mask``: whether a fused training forward
+    writes the ReLU's bits for a backward (default: only when the backward runs too, op
+    "backward"; autograd's forward keeps them)."""
     from . import ops
     from .autotune.config import H100_PROFILE, override_profile
     from .validation import validate, validate_fusion
 
-    x = _meta_data(shape, memory_format, dtype)
+    x = (_meta_data(shape, memory_format, dtype) if strides is None
+         else torch.empty_strided(shape, strides, dtype=dtype, device="meta"))
     channels = shape[axis]
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     params = [torch.empty(channels, dtype=param_dtype, device="meta") for _ in range(4)]
@@ -169,7 +173,8 @@ def captured_launches(shape, axis, memory_format, dtype: torch.dtype, op: str, f
             addend = torch.empty_like(x) if with_addend else None
             settings = validate_fusion(settings, x, act_type, addend, None)
             y, _, invstd, center, x_read, mask = backend.fused_forward(x, *params, settings, None, addend,
-                                                                       keep_mask=op == "backward")
+                                                                       keep_mask=op == "backward" if keep_mask is None
+                                                                       else keep_mask)
         if op == "backward":
             launches.clear()
             run = backend.backward if fusion is None else backend.fused_backward
@@ -354,6 +359,37 @@ def inspect_launch(launch, arch: str, plan, element_size: int) -> tuple[dict, by
                              tile_elements=tile, element_size=element_size, reads=reads, writes=writes,
                              active_lanes=lanes)
     return dict(stats, programs=launch.programs, sass=asdict(facts)), cubin
+
+
+def call_issue_facts(calls: Iterable[dict], arch: str = "sm_90") -> list[dict]:
+    """For each call (a dict of shape, axis, strides, dtype: a ``DTYPES`` name, ops: ``OPS``
+    entries, fusion: "none" or a key of ``FUSIONS``, keep_mask: as ``captured_launches``), the SASS facts of its binding launch, the
+    one with the lowest issue-rate ceiling over the call's ops: kernel, instructions per element
+    and ceiling (TB/s, modelled: ``perf/sass.py``), and the lowest active-lane fraction of the
+    call's launches.  Launches that compile alike are compiled once (their per-element facts
+    depend on the compiled code and the tile only)."""
+    from .plan import plan_view
+
+    compiled: dict = {}
+    out = []
+    for call in calls:
+        shape, axis, strides, dtype = tuple(call["shape"]), call["axis"], tuple(call["strides"]), DTYPES[call["dtype"]]
+        fusion = None if call.get("fusion", "none") == "none" else call["fusion"]
+        plan = plan_view(shape, axis, [strides, strides])
+        launches = [launch for op in call["ops"]
+                    for launch in captured_launches(shape, axis, None, dtype, op, fusion, strides=strides,
+                                                    keep_mask=call.get("keep_mask"))]
+        facts = []
+        for launch in launches:
+            key = (launch.name, launch.config, repr(_specialise(launch.kernel, launch.args, launch.constexprs)))
+            if key not in compiled:
+                compiled[key] = inspect_launch(launch, arch, plan, dtype.itemsize)[0]["sass"]
+            facts.append((compiled[key], launch.name))
+        binding, kernel = min(facts, key=lambda fact: fact[0]["issue_ceiling_tbs"])
+        out.append(dict(kernel=kernel, arch=arch, instructions_per_element=binding["instructions_per_element"],
+                        issue_ceiling_tbs=binding["issue_ceiling_tbs"],
+                        active_lanes=min(launch_geometry(launch, plan)[1] for launch in launches)))
+    return out
 
 
 def inspect_kernels(archs: Iterable[str], dtypes: Iterable[str], layouts: Iterable[str],

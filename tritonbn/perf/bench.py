@@ -50,6 +50,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import sweeps, traffic
+from . import sass, sweeps, traffic
 from ..autotune.tuner import restored  # the moving statistics between measurements
 from .sweeps import FUSED_MIN_PASSES, FUSIONS, MIN_PASSES, MODES, TORCH_CHAIN_PASSES, UNFUSED, Point
 
@@ -105,6 +106,12 @@ class Row:
     programs_per_launch: str = ""
     kernels: str = ""
     torch_copies: float = math.nan  # copies torch made around tritonbn's kernels (counted)
+    # compiled code (perf/compiled_facts.py): the launch with the lowest issue-rate ceiling
+    binding_kernel: str = ""
+    inst_per_element: float = math.nan  # its SASS instructions per element (counted)
+    issue_ceiling_tbs: float = math.nan  # the bandwidth instruction issue allows it (modelled)
+    active_lanes: float = math.nan  # the lowest active-lane fraction of the row's launches
+    binds: str = ""  # "instructions" where the ceiling is below the memory bandwidth, else "bytes"
     note: str = ""
 
 
@@ -685,6 +692,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: skip timing the torch path against torch's F.batch_norm")
     parser.add_argument("--cpu-threads", type=int, default=2, help="CPU timings: torch threads")
     parser.add_argument("--cpu-repeats", type=int, default=7, help="CPU timings: interleaved rounds per point")
+    parser.add_argument("--no-sass", action="store_true",
+                        help="skip the compiled-code facts (SASS instructions per element, issue-rate ceiling) of each row")
 
 
 def _subset(text: str | None, allowed: Sequence[str], what: str) -> list[str] | None:
@@ -726,6 +735,8 @@ def _command(args: argparse.Namespace) -> str:
             parts += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if getattr(args, "no_cpu_timings", False):
         parts.append("--no-cpu-timings")
+    if getattr(args, "no_sass", False):
+        parts.append("--no-sass")
     if args.out is not None:
         parts += ["--out", str(args.out)]
     return " ".join(parts)
@@ -745,6 +756,35 @@ def select_points(args: argparse.Namespace, cpu: bool) -> tuple[list[Point], lis
     layouts = _subset(args.layouts, list(sweeps.LAYOUTS), "layouts") or list(sweeps.LAYOUTS)
     modes = _subset(args.modes, list(MODES), "modes") or list(MODES)
     return sweeps.points(cases, layouts, dtypes), modes
+
+
+def compiled_code_arch(device: torch.device) -> str:
+    """The arch whose compiled code a run reports: the GPU's (sm_80, sm_90), else sm_90."""
+    from ..inspect import ARCHS
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if f"sm_{major}{minor}" in ARCHS:
+            return f"sm_{major}{minor}"
+    return "sm_90"
+
+
+def add_compiled_facts(rows: list[Row], points: Sequence[Point], arch: str, bandwidth_tbs: float) -> None:
+    """Give every tritonbn row the SASS facts of its binding launch (``compiled_facts``) and
+    whether bytes or instructions bind against ``bandwidth_tbs``."""
+    from . import compiled_facts
+
+    by_key = {(p.case.label, p.layout, p.dtype): p for p in points}
+    mine = [r for r in rows if r.provider == "tritonbn" and (r.case, r.layout, r.dtype) in by_key]
+    calls = {(r.case, r.layout, r.dtype, r.mode, r.fusion): None for r in mine}
+    keys = list(calls)
+    facts = compiled_facts.facts_of([compiled_facts.point_call(by_key[k[:3]], k[3], k[4]) for k in keys], arch)
+    found = dict(zip(keys, facts))
+    for row in mine:
+        fact = found[(row.case, row.layout, row.dtype, row.mode, row.fusion)]
+        row.binding_kernel, row.inst_per_element = fact["kernel"], fact["instructions_per_element"]
+        row.issue_ceiling_tbs, row.active_lanes = fact["issue_ceiling_tbs"], fact["active_lanes"]
+        row.binds = compiled_facts.binds(row.issue_ceiling_tbs, bandwidth_tbs)
 
 
 def _cpu_timing_rows(args: argparse.Namespace, modes: Sequence[str], timer: Callable | None) -> list[Row]:
@@ -803,8 +843,19 @@ def run(args: argparse.Namespace, timer: Callable | None = None, compile_fn: Cal
         rows = [row for row in count_sweep(points, progress=not args.no_progress, fusions=fusions)
                 if row.mode in modes]
     cpu_rows = [] if timed else _cpu_timing_rows(args, modes, cpu_timer)
+    arch = compiled_code_arch(device)
+    copies = [r.gbps for r in rows if r.provider == COPY and not math.isnan(r.gbps)]
+    # the bar a ceiling is read against: the run's best measured copy, or the arch's specified peak
+    bandwidth = (max(copies) / 1000, "measured copy") if copies else (sass.GPUS[arch].dram_tbs, "specified peak")
+    compiled = None
+    if not getattr(args, "no_sass", False):
+        try:
+            add_compiled_facts(rows, points, arch, bandwidth[0])
+            compiled = (arch, *bandwidth)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:  # the measured rows still count
+            print(f"tritonbn bench: no compiled-code facts ({exc})", file=sys.stderr)
     meta = report.Meta(device=device_description(device), timed=timed,
-                       date=now.strftime("%Y-%m-%d %H:%M"), command=_command(args))
+                       date=now.strftime("%Y-%m-%d %H:%M"), command=_command(args), compiled=compiled)
     written = report.write(rows, out, meta)  # the counted figures and tables: counted rows only
     if cpu_rows:
         report.write_csv(rows + cpu_rows, Path(out) / "results.csv")  # one CSV with every row

@@ -38,6 +38,8 @@ class Meta:
     timed: bool  # True: times measured (GPU); False: traffic counted (CPU)
     date: str
     command: str
+    # (arch, bandwidth TB/s, its source) of the compiled-code facts on the rows; None: not reported
+    compiled: tuple | None = None
 
 
 def _versions() -> str:
@@ -317,6 +319,26 @@ def _markdown(rows: Sequence, meta: Meta, figures: dict[str, Path], csv_path: Pa
     return "\n".join(lines)
 
 
+def _compiled_table(rows: Sequence, compiled: tuple) -> list[str]:
+    """Per tritonbn row: the binding launch, its SASS instructions per element, the issue-rate
+    ceiling (modelled) and whether bytes or instructions bind (``perf/compiled_facts.py``)."""
+    arch, bandwidth, source = compiled
+    mine = [r for r in rows if r.provider == "tritonbn" and r.binding_kernel]
+    if not mine:
+        return []
+    lines = [f"## Compiled code ({arch})", "",
+             "Per row the launch with the lowest issue-rate ceiling: its SASS instructions per element of the",
+             "hot loop (counted from the cubin), the bandwidth instruction issue alone allows it (**modelled**:",
+             f"`perf/sass.py`), the lowest active-lane fraction of the row's launches, and what binds against",
+             f"{bandwidth:.2f} TB/s ({source}): instructions where the ceiling is lower, else bytes.", "",
+             "| case | layout | dtype | fusion | mode | kernel | inst/el | ceiling TB/s | lanes | binds |",
+             "|" + "---|" * 10]
+    for r in mine:
+        lines.append(f"| {r.case} | {r.layout} | {r.dtype} | {r.fusion} | {r.mode} | {r.binding_kernel} | "
+                     f"{r.inst_per_element:.2f} | {r.issue_ceiling_tbs:.2f} | {r.active_lanes:.0%} | {r.binds} |")
+    return lines + [""]
+
+
 def _passes_text(passes: dict[str, int]) -> str:
     return ", ".join(f"{passes[m]} S {MODE_TITLES[m]}" for m in MODES)
 
@@ -366,6 +388,8 @@ def write(rows: Sequence, out: Path, meta: Meta) -> list[Path]:
             _speedup_figure(chain, path, f"{FUSION_TITLES[fusion]}: fused tritonbn's speedup") if on_gpu
             else _fused_counted_figure(chain, fusion, path))
         sections += _fused_markdown(chain, fusion, on_gpu, path)
+    if meta.compiled:
+        sections += _compiled_table(rows, meta.compiled)
     report = out / "report.md"
     report.write_text("\n".join([_markdown(alone, meta, figures, csv_path), *sections]) + "\n")
     return [csv_path, *figures.values(), report]

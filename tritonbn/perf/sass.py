@@ -41,14 +41,15 @@ class Gpu:
     sms: int
     clock_ghz: float
     shared_per_sm: int  # bytes a CTA may get, summed over the SM's CTAs
+    dram_tbs: float  # the memory's peak bandwidth (vendor specification), the bar a ceiling is read against
     registers_per_sm: int = 65536
     threads_per_sm: int = 2048
     ctas_per_sm: int = 32
     reserved_shared_per_cta: int = 1024
 
 
-GPUS = {"sm_90": Gpu("H100/H200 SXM", sms=132, clock_ghz=1.98, shared_per_sm=233472),
-        "sm_80": Gpu("A100", sms=108, clock_ghz=1.41, shared_per_sm=167936)}
+GPUS = {"sm_90": Gpu("H100/H200 SXM", sms=132, clock_ghz=1.98, shared_per_sm=233472, dram_tbs=4.8),  # H200's
+        "sm_80": Gpu("A100", sms=108, clock_ghz=1.41, shared_per_sm=167936, dram_tbs=2.04)}
 
 # Root opcodes by issue rate (lanes per clock per SM: full 128, half 64, quarter 32, eighth 16).
 HALF_RATE = frozenset({

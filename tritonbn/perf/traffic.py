@@ -306,19 +306,21 @@ def make_data(shape: Sequence[int], layout: str, dtype: torch.dtype, seed: int =
     is already channel-fastest); "channels_last_3d" (5-D); "channels_last_1d" (3-D).
     """
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tuple(shape), generator=gen).to(dtype)
-    ndim = len(shape)
+    return in_layout(torch.randn(tuple(shape), generator=gen).to(dtype), layout).to(device)
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` stored in the memory layout ``layout`` (``make_data``'s names)."""
+    ndim = x.dim()
     if layout == "contiguous" or (layout == "channels_last" and ndim <= 2):
-        pass
-    elif layout == "channels_last" and ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout in ("channels_last", "channels_last_3d") and ndim == 5:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    elif layout in ("channels_last", "channels_last_1d") and ndim == 3:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    else:
-        raise ValueError(f"layout {layout!r} does not apply to a {ndim}-D shape (layouts: {', '.join(LAYOUTS)})")
-    return x.to(device)
+        return x
+    if layout == "channels_last" and ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout in ("channels_last", "channels_last_3d") and ndim == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if layout in ("channels_last", "channels_last_1d") and ndim == 3:
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    raise ValueError(f"layout {layout!r} does not apply to a {ndim}-D shape (layouts: {', '.join(LAYOUTS)})")
 
 
 @dataclass(frozen=True)
