@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fractions
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -56,10 +57,13 @@ def f64_halves(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
+@functools.lru_cache(maxsize=4096)
 def f32_ratio(numerator: int, denominator: int) -> float:
     """numerator / denominator rounded to the nearest float32 (ties to even), exactly: a kernel's
-    correctly rounded constant (1/m, m/(m-1)) computed once per plan instead of by a division
-    instruction.  (Rounding the float64 quotient again could round twice.)"""
+    correctly rounded constant (1/m, m/(m-1), 1/split count) computed on the host instead of by a
+    division instruction.  (Rounding the float64 quotient again could round twice.)  Cached: the
+    exact comparison costs ~50 µs, and launches built per call (SyncBatchNorm's statistics) ask
+    for the same counts every step."""
     exact = fractions.Fraction(numerator, denominator)
     guess = np.float32(numerator / denominator)
     candidates = [guess, np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))]

@@ -85,16 +85,21 @@ def _split_inverses(plan: ViewPlan, rows_per_split: int, cols_per_split: int) ->
     (full, or the shorter last one): channel-major (full x full, full x short columns, short
     rows x full, short x short), channel-minor (full, short).  The statistics kernels divide their
     split's sums by these: no division instruction (its slow-path call made ptxas spill)."""
+    if plan.family != CHANNEL_MAJOR:
+        full, _, short, _ = _split_count_inverses(plan.m, rows_per_split, 1, 1)
+        return full, short
+    return _split_count_inverses(plan.outer, rows_per_split, plan.inner, cols_per_split)
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_count_inverses(rows: int, rows_per_split: int, cols: int, cols_per_split: int) -> tuple[float, ...]:
+    """``_split_inverses`` of a rows x cols range in splits of rows_per_split x cols_per_split
+    (cached: SyncBatchNorm builds its statistics launch every call)."""
     def short(extent: int, per_split: int) -> int:
         return extent - (extent - 1) // per_split * per_split
 
-    def inverse(count: int) -> float:
-        return f32_ratio(1, int(np.float32(count)))
-
-    if plan.family != CHANNEL_MAJOR:
-        return inverse(rows_per_split), inverse(short(plan.m, rows_per_split))
-    rows, cols = (rows_per_split, short(plan.outer, rows_per_split)), (cols_per_split, short(plan.inner, cols_per_split))
-    return tuple(inverse(r * c) for r in rows for c in cols)
+    row_extents, col_extents = (rows_per_split, short(rows, rows_per_split)), (cols_per_split, short(cols, cols_per_split))
+    return tuple(f32_ratio(1, int(np.float32(r * c))) for r in row_extents for c in col_extents)
 
 
 def _finalize_tail(plan: ViewPlan, cfg: KernelConfig) -> dict[str, int]:
