@@ -79,19 +79,16 @@ def cancelled(mean, m2, s2):
 
 
 @triton.jit
-def chan_merge_rows(mean, m2, count, shared_count=None, shared_inverse=None):
-    """Merge per-row Welford states of [R, K] tiles along axis 0 into [K] (mean, M2, count).
+def chan_merge_rows(mean, m2, count, shared_count, shared_inverse):
+    """Merge per-row (mean, M2, count) states of [R, K] tiles along axis 0 into [K] (mean, M2,
+    count): the finalize tails' merge of a channel's split partials.
 
-    The merged mean's division by the count is correctly rounded: one ``exact_div`` per column,
-    or, given ``shared_count`` (the scalar count of every column that is stored: a statistics
-    kernel's channels all hold the rows of its split), ``divide_by_count`` (with
-    ``shared_inverse``, its correctly rounded inverse, when the host computed it).
+    ``shared_count``: the scalar count every column holds in total (a channel's m);
+    ``shared_inverse``: its correctly rounded inverse from the host.  The merged mean's division
+    is correctly rounded (``divide_by_count``).
     """
     total = tl.sum(count, 0)
-    if shared_count is None:
-        merged_mean = exact_div(tl.sum(count * mean, 0), tl.maximum(total, 1.0))
-    else:
-        merged_mean = divide_by_count(tl.sum(count * mean, 0), tl.maximum(shared_count, 1.0), shared_inverse)
+    merged_mean = divide_by_count(tl.sum(count * mean, 0), tl.maximum(shared_count, 1.0), shared_inverse)
     delta = mean - merged_mean[None, :]
     merged_m2 = tl.sum(m2 + count * delta * delta, 0)
     return merged_mean, merged_m2, total

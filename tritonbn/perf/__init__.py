@@ -11,3 +11,17 @@
 Nothing here imports Triton at module level: the interpreter must be chosen (the environment
 variable set) before Triton is first imported.
 """
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout tritonbn runs from
+
+
+def compiling_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a subprocess that compiles the kernels (never interprets them): without
+    ``TRITON_INTERPRET``, and with this checkout first on ``PYTHONPATH``."""
+    compiling = {name: value for name, value in env.items() if name != "TRITON_INTERPRET"}
+    compiling["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return compiling

@@ -776,8 +776,7 @@ def add_compiled_facts(rows: list[Row], points: Sequence[Point], arch: str, band
 
     by_key = {(p.case.label, p.layout, p.dtype): p for p in points}
     mine = [r for r in rows if r.provider == "tritonbn" and (r.case, r.layout, r.dtype) in by_key]
-    calls = {(r.case, r.layout, r.dtype, r.mode, r.fusion): None for r in mine}
-    keys = list(calls)
+    keys = list(dict.fromkeys((r.case, r.layout, r.dtype, r.mode, r.fusion) for r in mine))
     facts = compiled_facts.facts_of([compiled_facts.point_call(by_key[k[:3]], k[3], k[4]) for k in keys], arch)
     found = dict(zip(keys, facts))
     for row in mine:

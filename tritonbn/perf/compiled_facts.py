@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from . import traffic
+from . import compiling_env, traffic
 
 # bench mode -> the ops whose launches it runs (inspect.OPS)
 MODE_OPS = {"inference": ("inference",), "forward": ("training_forward",), "backward": ("backward",),
@@ -38,12 +38,9 @@ def point_call(point, mode: str, fusion: str) -> dict:
 
 def facts_of(calls: Sequence[dict], arch: str, timeout: float = 3600) -> list[dict]:
     """``inspect.call_issue_facts`` of ``calls`` for ``arch``, run in a compiling subprocess."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-m", "tritonbn.perf.compiled_facts"],
                             input=json.dumps(dict(arch=arch, calls=list(calls))), capture_output=True, text=True,
-                            env=env, timeout=timeout)
+                            env=compiling_env(os.environ), timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"compiled_facts failed: {result.stderr[-2000:]}")
     return json.loads(result.stdout)

@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
+from . import ROOT, compiling_env
+
 __all__ = ["Stage", "StageResult", "Verdict", "default_stages", "with_budgets", "parse_pytest_counts", "run_stage",
            "run_stages", "write_summary", "summary_markdown", "add_arguments", "run"]
 
-ROOT = Path(__file__).resolve().parents[2]
 PASSED, FAILED, TIMED_OUT, ERROR = "passed", "failed", "timed out", "error"
 TIME_LIMIT_S = 480  # the whole check, from cold caches, on one GPU
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this
@@ -219,10 +220,7 @@ def with_budgets(stages: Sequence[Stage], scale: float = 1.0, overrides: Mapping
 
 
 def _stage_env(stage: Stage) -> dict[str, str]:
-    env = {**os.environ, **stage.env}
-    env.pop("TRITON_INTERPRET", None)  # the kernels must be compiled for the GPU, never interpreted
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return env
+    return compiling_env({**os.environ, **stage.env})  # compiled for the GPU, never interpreted
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
